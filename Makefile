@@ -1,0 +1,32 @@
+# kiln: `make demo` and `make test` set up .venv from scratch and run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+JOBS ?= auto
+
+.PHONY: demo test test-fast lint venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/kiln demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n $(JOBS) -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info

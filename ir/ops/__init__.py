@@ -1,0 +1,8 @@
+"""Op families; importing this package registers every op."""
+
+from importlib import import_module
+
+FAMILIES = ("elementwise",)
+
+for _family in FAMILIES:
+    import_module(f"{__name__}.{_family}")

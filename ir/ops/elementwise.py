@@ -1,0 +1,253 @@
+"""Elementwise and broadcasting arithmetic, comparisons, activations and casts (ONNX semantics)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..registry import Attr, Attrs, FusionKind, OnnxSpec, OpTypeError, op
+from ..types import TensorType, to_numpy_dtype
+from .common import broadcast_infer, float_same_as, same_as, same_dtype
+
+EW, BC = FusionKind.ELEMENTWISE, FusionKind.BROADCAST
+
+
+def _like(x: np.ndarray, y: np.ndarray | float) -> np.ndarray:
+    return np.asarray(y).astype(x.dtype, copy=False)
+
+
+# ------------------------------------------------------------------ binary arithmetic
+
+@op("add", inputs=("a", "b"), infer=broadcast_infer(), fusion=BC, onnx="Add")
+def add(a, b):
+    """a + b with broadcasting."""
+    return _like(a, a + b)
+
+
+@op("sub", inputs=("a", "b"), infer=broadcast_infer(), fusion=BC, onnx="Sub")
+def sub(a, b):
+    """a - b with broadcasting."""
+    return _like(a, a - b)
+
+
+@op("mul", inputs=("a", "b"), infer=broadcast_infer(), fusion=BC, onnx="Mul")
+def mul(a, b):
+    """a * b with broadcasting."""
+    return _like(a, a * b)
+
+
+@op("div", inputs=("a", "b"), infer=broadcast_infer(), fusion=BC, onnx="Div")
+def div(a, b):
+    """a / b; integers truncate toward zero as in ONNX (and C), not floor as numpy's //."""
+    if a.dtype.kind in "iu":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.trunc(a.astype(np.float64) / b.astype(np.float64))
+        return _like(a, q)
+    return _like(a, a / b)
+
+
+@op("mod", inputs=("a", "b"), attrs={"fmod": Attr("int", 0)}, infer=broadcast_infer(),
+    fusion=BC, onnx="Mod")
+def mod(a, b, fmod):
+    """Remainder: fmod=0 takes the divisor's sign (integers only), fmod=1 the dividend's (C fmod)."""
+    return _like(a, np.fmod(a, b) if fmod else np.mod(a, b))
+
+
+@op("pow", inputs=("a", "b"), infer=lambda ts, at: [TensorType(ts[0].dtype, broadcast_infer()(
+    [ts[0], ts[1].with_dtype(ts[0].dtype)], at)[0].shape)], fusion=BC, onnx="Pow")
+def pow_(a, b):
+    """a ** b; the output takes a's dtype (b may differ, as in ONNX)."""
+    return _like(a, np.power(a.astype(np.float64) if a.dtype.kind == "f" else a, b))
+
+
+@op("max", inputs=("xs*",), infer=broadcast_infer(), fusion=BC, onnx="Max")
+def max_(*xs):
+    """Elementwise maximum of all operands (NaN propagates)."""
+    return _like(xs[0], np.maximum.reduce(np.broadcast_arrays(*xs)) if len(xs) > 1 else xs[0])
+
+
+@op("min", inputs=("xs*",), infer=broadcast_infer(), fusion=BC, onnx="Min")
+def min_(*xs):
+    """Elementwise minimum of all operands (NaN propagates)."""
+    return _like(xs[0], np.minimum.reduce(np.broadcast_arrays(*xs)) if len(xs) > 1 else xs[0])
+
+
+@op("sum", inputs=("xs*",), infer=broadcast_infer(), fusion=BC, onnx="Sum")
+def sum_(*xs):
+    """Elementwise sum of all operands."""
+    out = xs[0]
+    for x in xs[1:]:
+        out = out + x
+    return _like(xs[0], out)
+
+
+# ------------------------------------------------------------------ comparisons and logic
+
+def _cmp(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
+    return broadcast_infer("bool")(ts, attrs)
+
+
+@op("equal", inputs=("a", "b"), infer=_cmp, fusion=BC, onnx="Equal")
+def equal(a, b):
+    """a == b."""
+    return np.equal(a, b)
+
+
+@op("less", inputs=("a", "b"), infer=_cmp, fusion=BC, onnx="Less")
+def less(a, b):
+    """a < b."""
+    return np.less(a, b)
+
+
+@op("less_equal", inputs=("a", "b"), infer=_cmp, fusion=BC, onnx="LessOrEqual")
+def less_equal(a, b):
+    """a <= b."""
+    return np.less_equal(a, b)
+
+
+@op("greater", inputs=("a", "b"), infer=_cmp, fusion=BC, onnx="Greater")
+def greater(a, b):
+    """a > b."""
+    return np.greater(a, b)
+
+
+@op("greater_equal", inputs=("a", "b"), infer=_cmp, fusion=BC, onnx="GreaterOrEqual")
+def greater_equal(a, b):
+    """a >= b."""
+    return np.greater_equal(a, b)
+
+
+def _bool_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
+    if same_dtype(ts) != "bool":
+        raise OpTypeError("logical ops take bool operands")
+    return broadcast_infer()(ts, attrs)
+
+
+@op("and", inputs=("a", "b"), infer=_bool_infer, fusion=BC, onnx="And")
+def and_(a, b):
+    """Logical and."""
+    return np.logical_and(a, b)
+
+
+@op("or", inputs=("a", "b"), infer=_bool_infer, fusion=BC, onnx="Or")
+def or_(a, b):
+    """Logical or."""
+    return np.logical_or(a, b)
+
+
+@op("not", inputs=("x",), infer=_bool_infer, fusion=EW, onnx="Not")
+def not_(x):
+    """Logical not."""
+    return np.logical_not(x)
+
+
+def _where_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
+    c, a, b = ts
+    if c.dtype != "bool":
+        raise OpTypeError(f"where: condition must be bool, got {c.dtype}")
+    dtype = same_dtype([a, b], "where's branches")
+    from .common import broadcast_shapes
+    return [TensorType(dtype, broadcast_shapes(c.shape, a.shape, b.shape))]
+
+
+@op("where", inputs=("cond", "a", "b"), infer=_where_infer, fusion=BC, onnx="Where")
+def where(cond, a, b):
+    """cond ? a : b with broadcasting."""
+    return np.where(cond, a, b)
+
+
+# ------------------------------------------------------------------ unary math
+
+def _unary(name: str, onnx: str | None, fn, doc: str, *, float_only: bool = True,
+           decompose=None) -> None:
+    def ref(x):
+        with np.errstate(all="ignore"):
+            return _like(x, fn(x))
+    ref.__doc__ = doc
+    op(name, inputs=("x",), infer=float_same_as() if float_only else same_as(), fusion=EW,
+       onnx=onnx, decompose=decompose)(ref)
+
+
+def _silu_decompose(g, node):
+    x = node.inputs[0]
+    return [g.op("mul", x, g.op("sigmoid", x, before=node), before=node)]
+
+
+_unary("neg", "Neg", np.negative, "-x.", float_only=False)
+_unary("abs", "Abs", np.abs, "|x|.", float_only=False)
+_unary("sign", "Sign", np.sign, "Sign of x (-1, 0, 1).", float_only=False)
+_unary("exp", "Exp", np.exp, "e**x.")
+_unary("log", "Log", np.log, "Natural log.")
+_unary("sqrt", "Sqrt", np.sqrt, "Square root.")
+_unary("reciprocal", "Reciprocal", np.reciprocal, "1/x.")
+_unary("floor", "Floor", np.floor, "Round down.")
+_unary("ceil", "Ceil", np.ceil, "Round up.")
+_unary("round", "Round", np.round, "Round half to even, as ONNX Round.")
+_unary("tanh", "Tanh", np.tanh, "Hyperbolic tangent.")
+_unary("sin", "Sin", np.sin, "Sine.")
+_unary("cos", "Cos", np.cos, "Cosine.")
+_unary("erf", "Erf", np.vectorize(math.erf, otypes=[np.float64]), "Error function.")
+_unary("relu", "Relu", lambda x: np.maximum(x, 0), "max(x, 0).", float_only=False)
+_unary("sigmoid", "Sigmoid", lambda x: 1.0 / (1.0 + np.exp(-x.astype(np.float64))), "1/(1+e**-x).")
+_unary("softplus", "Softplus", lambda x: np.logaddexp(0.0, x.astype(np.float64)), "log(1+e**x).")
+_unary("silu", None, lambda x: x / (1.0 + np.exp(-x.astype(np.float64))),
+       "x*sigmoid(x) (SiLU/Swish); lowered to ONNX as Mul(x, Sigmoid(x)).",
+       decompose=_silu_decompose)
+_unary("identity", "Identity", lambda x: x, "x.", float_only=False)
+
+
+@op("gelu", inputs=("x",), attrs={"approximate": Attr("str", "none")}, infer=float_same_as(),
+    fusion=EW, onnx="Gelu")
+def gelu(x, approximate):
+    """GELU: x*Phi(x) exactly ("none", erf form) or its tanh approximation ("tanh")."""
+    x64 = x.astype(np.float64)
+    if approximate == "tanh":
+        y = 0.5 * x64 * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x64 + 0.044715 * x64 ** 3)))
+    elif approximate == "none":
+        y = 0.5 * x64 * (1.0 + np.vectorize(math.erf, otypes=[np.float64])(x64 / math.sqrt(2.0)))
+    else:
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _like(x, y)
+
+
+@op("leaky_relu", inputs=("x",), attrs={"alpha": Attr("float", 0.01)}, infer=float_same_as(),
+    fusion=EW, onnx="LeakyRelu")
+def leaky_relu(x, alpha):
+    """x if x >= 0 else alpha*x."""
+    return _like(x, np.where(x >= 0, x, x * alpha))
+
+
+@op("hard_sigmoid", inputs=("x",), attrs={"alpha": Attr("float", 0.2), "beta": Attr("float", 0.5)},
+    infer=float_same_as(), fusion=EW, onnx="HardSigmoid")
+def hard_sigmoid(x, alpha, beta):
+    """clip(alpha*x + beta, 0, 1)."""
+    return _like(x, np.clip(alpha * x.astype(np.float64) + beta, 0.0, 1.0))
+
+
+@op("clip", inputs=("x",), attrs={"min": Attr("float", None), "max": Attr("float", None)},
+    infer=same_as(), fusion=EW, onnx=OnnxSpec("Clip", attr_inputs={1: "min", 2: "max"}))
+def clip(x, min=None, max=None):
+    """Clamp to [min, max]; an absent bound is unbounded."""
+    lo = -np.inf if min is None else min
+    hi = np.inf if max is None else max
+    return _like(x, np.minimum(np.maximum(x, lo), hi))
+
+
+def _cast_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
+    return [ts[0].with_dtype(attrs["to"])]
+
+
+@op("cast", inputs=("x",), attrs={"to": Attr("dtype")}, infer=_cast_infer, fusion=EW,
+    onnx=OnnxSpec("Cast"))
+def cast(x, to):
+    """Convert to dtype ``to``: float->int truncates toward zero, anything->bool is x != 0."""
+    dt = to_numpy_dtype(to)
+    if to == "bool":
+        return x != 0
+    if x.dtype.kind == "f" and dt.kind in "iu":
+        with np.errstate(invalid="ignore"):
+            return np.trunc(x).astype(dt)
+    return x.astype(dt)
+
+

@@ -213,7 +213,9 @@ def infer_types(name: str, in_types: list[TensorType | None], attrs: Attrs) -> l
             raise OpTypeError(f"{name}: input {i} is required")
     try:
         return list(opdef.infer(in_types, attrs))
-    except OpTypeError:
-        raise
+    except OpTypeError as e:
+        if str(e).startswith(f"{name}:"):
+            raise
+        raise OpTypeError(f"{name}: {e}") from e
     except (ValueError, IndexError, KeyError, TypeError, ZeroDivisionError) as e:
         raise OpTypeError(f"{name}: {e}") from e

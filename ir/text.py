@@ -73,7 +73,8 @@ def _short_float(x: np.generic) -> str:
 
 
 def _const_data(a: np.ndarray, elide: bool) -> str:
-    if a.size <= LITERAL_MAX:
+    exact_literal = a.dtype.kind != "f" and str(a.dtype) != "bfloat16" or not np.isnan(a.astype(np.float64)).any()
+    if a.size <= LITERAL_MAX and exact_literal:
         flat = a.reshape(-1)
         if a.dtype.kind == "b" or a.dtype.kind in "iu" or str(a.dtype) in ("int4", "uint4"):
             return "[" + ", ".join(str(int(x)) for x in flat) + "]"
@@ -112,8 +113,8 @@ def print_graph(g: Graph, *, elide_constants: bool = False) -> str:
 _TOKEN = re.compile(r"""
     (?P<ws>[ \t\r\n]+|//[^\n]*)
   | (?P<str>"(?:[^"\\]|\\.)*")
-  | (?P<num>-?(?:inf|nan)\b|-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|-?\.\d+(?:[eE][-+]?\d+)?)
   | (?P<dim>[A-Za-z_][A-Za-z0-9_]*(?:\*(?:[A-Za-z_][A-Za-z0-9_]*|\d+))+|\d+(?:\*(?:[A-Za-z_][A-Za-z0-9_]*|\d+))+)
+  | (?P<num>-?(?:inf|nan)\b|-?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|-?\.\d+(?:[eE][-+]?\d+)?)
   | (?P<ident>[A-Za-z_$][A-Za-z0-9_.$]*)
   | (?P<punct>->|[%@(){}\[\],:=<>])
 """, re.VERBOSE)

@@ -140,8 +140,14 @@ class Graph:
         node.attrs = opdef.complete_attrs(node.attrs)
         if out_types is None:
             out_types = infer_types(op, [None if v is None else v.type for v in inputs], node.attrs)
-        if out_names is None:
-            out_names = [self.fresh_name(f"{op}") for _ in out_types]
+        if out_names is None:  # distinct among themselves too: names are claimed only below
+            out_names = []
+            for _ in out_types:
+                nm, i = self.fresh_name(op), 0
+                while nm in out_names:
+                    i += 1
+                    nm = self.fresh_name(f"{op}_{i}")
+                out_names.append(nm)
         for i, v in enumerate(inputs):
             node._inputs.append(v)
             if v is not None:

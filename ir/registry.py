@@ -212,6 +212,7 @@ def infer_types(name: str, in_types: list[TensorType | None], attrs: Attrs) -> l
         if t is None and not opdef.optional_input(i):
             raise OpTypeError(f"{name}: input {i} is required")
     try:
+        attrs = opdef.complete_attrs(attrs)  # type rules see the defaults, as nodes' attrs have them
         return list(opdef.infer(in_types, attrs))
     except OpTypeError as e:
         if str(e).startswith(f"{name}:"):

@@ -2,7 +2,7 @@
 
 from importlib import import_module
 
-FAMILIES = ("elementwise",)
+FAMILIES = ("elementwise", "nn", "tensor", "reduce", "quant")
 
 for _family in FAMILIES:
     import_module(f"{__name__}.{_family}")

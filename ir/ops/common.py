@@ -103,3 +103,47 @@ def resolve_reshape(in_shape: Sequence[Dim], target: Sequence[int], allowzero: i
     elif dim_mul(*out) != total:
         raise OpTypeError(f"cannot reshape {tuple(in_shape)} ({total} elements) to {list(target)}")
     return tuple(out)
+
+
+def dim_add(*dims: Dim) -> Dim | None:
+    """Sum of dims when it is a single product term (all static, or k1*S + k2*S = (k1+k2)*S); else None."""
+    from ..types import _factors, _make
+
+    coef, syms = 0, None
+    for d in dims:
+        c, s = _factors(d)
+        if c == 0:
+            continue
+        if syms is None:
+            syms = s
+        elif s != syms:
+            return None
+        coef += c
+    if syms is None:
+        return 0
+    return _make(coef, syms)
+
+
+def static_dims(shape: Sequence[Dim], what: str) -> tuple[int, ...]:
+    """The shape as ints, or OpTypeError saying which dim is symbolic and why that matters."""
+    for i, d in enumerate(shape):
+        if not isinstance(d, int):
+            raise OpTypeError(f"{what} needs static dims, but dim {i} is symbolic ({d})")
+    return tuple(shape)
+
+
+def norm_axes(axes: Sequence[int], rank: int, what: str = "axes") -> list[int]:
+    """Axes normalized to [0, rank); OpTypeError on out-of-range or repeated axes."""
+    out = []
+    for a in axes:
+        if not -rank <= a < rank:
+            raise OpTypeError(f"{what} {list(axes)}: axis {a} is out of range for rank {rank}")
+        out.append(a % rank)
+    if len(set(out)) != len(out):
+        raise OpTypeError(f"{what} {list(axes)} repeat an axis")
+    return out
+
+
+def require_dtype(t: TensorType, allowed: Sequence[str], what: str = "input") -> None:
+    if t.dtype not in allowed:
+        raise OpTypeError(f"{what} has dtype {t.dtype}; expected one of {sorted(allowed)}")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from ..registry import Attr, Attrs, FusionKind, OnnxSpec, OpTypeError, op
-from ..types import TensorType, to_numpy_dtype
+from ..types import FLOAT_DTYPES, TensorType, to_numpy_dtype
 from .common import broadcast_infer, float_same_as, same_as, same_dtype
 
 EW, BC = FusionKind.ELEMENTWISE, FusionKind.BROADCAST
@@ -41,13 +41,24 @@ def mul(a, b):
 def div(a, b):
     """a / b; integers truncate toward zero as in ONNX (and C), not floor as numpy's //."""
     if a.dtype.kind in "iu":
+        # exact integer arithmetic (a float64 detour loses precision beyond 2**53)
         with np.errstate(divide="ignore", invalid="ignore"):
-            q = np.trunc(a.astype(np.float64) / b.astype(np.float64))
+            q = np.floor_divide(a, b)
+            q = q + ((np.remainder(a, b) != 0) & ((a < 0) != (b < 0)))
         return _like(a, q)
     return _like(a, a / b)
 
 
-@op("mod", inputs=("a", "b"), attrs={"fmod": Attr("int", 0)}, infer=broadcast_infer(),
+def _mod_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
+    out = broadcast_infer()(ts, attrs)
+    if out[0].dtype in FLOAT_DTYPES and not attrs.get("fmod", 0):
+        raise OpTypeError(f"mod: float operands ({out[0].dtype}) need fmod=1, as ONNX requires")
+    if out[0].dtype == "bool":
+        raise OpTypeError("mod: bool operands are not supported")
+    return out
+
+
+@op("mod", inputs=("a", "b"), attrs={"fmod": Attr("int", 0)}, infer=_mod_infer,
     fusion=BC, onnx="Mod")
 def mod(a, b, fmod):
     """Remainder: fmod=0 takes the divisor's sign (integers only), fmod=1 the dividend's (C fmod)."""
@@ -73,9 +84,16 @@ def min_(*xs):
     return _like(xs[0], np.minimum.reduce(np.broadcast_arrays(*xs)) if len(xs) > 1 else xs[0])
 
 
-@op("sum", inputs=("xs*",), infer=broadcast_infer(), fusion=BC, onnx="Sum")
+def _float_broadcast(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
+    out = broadcast_infer()(ts, attrs)
+    if out[0].dtype not in FLOAT_DTYPES:
+        raise OpTypeError(f"operands must be float (as ONNX Sum requires), got {out[0].dtype}")
+    return out
+
+
+@op("sum", inputs=("xs*",), infer=_float_broadcast, fusion=BC, onnx="Sum")
 def sum_(*xs):
-    """Elementwise sum of all operands."""
+    """Elementwise sum of all (float) operands."""
     out = xs[0]
     for x in xs[1:]:
         out = out + x
@@ -245,9 +263,9 @@ def cast(x, to):
     dt = to_numpy_dtype(to)
     if to == "bool":
         return x != 0
-    if x.dtype.kind == "f" and dt.kind in "iu":
-        with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):
+        if x.dtype.kind == "f" and dt.kind in "iu":
             return np.trunc(x).astype(dt)
-    return x.astype(dt)
+        return x.astype(dt)
 
 

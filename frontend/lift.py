@@ -1,0 +1,1487 @@
+"""ONNX -> kiln IR: ``lift(model)``.
+
+How a model is lifted
+---------------------
+1. ``load_model`` parses the file or bytes (a parser error names the file) and
+   loads external data next to a path.
+2. The default-domain opset must be in ``MIN_OPSET..MAX_OPSET``; model-local
+   functions are inlined; the node list is checked for dangling inputs,
+   undefined graph outputs and double definitions, and put in topological order.
+3. Graph inputs become kiln inputs (``dim_param`` -> a symbol such as ``N``; a
+   dim with neither value nor param gets a fresh symbol ``d0``, ``d1``...;
+   ``input_shapes`` overrides a declared shape). Initializers, including graph
+   inputs that old exporters list beside their initializer, become constants.
+4. Each node is converted, in order, by a special converter (``_SPECIAL``:
+   Gemm, Constant, ConstantOfShape, Dropout, Identity, Conv/ConvTranspose/pool
+   ``auto_pad``, BatchNormalization, LayerNormalization, Softmax before opset
+   13, Split, Squeeze, Reduce*, Pad, Shape, Reshape/Expand with symbolic
+   targets, Quantize/DequantizeLinear, and small decompositions: Mean, PRelu,
+   Elu, HardSwish, CastLike, ReduceL1/LogSum/LogSumExp) or else generically
+   from the registry: the kiln op whose ``OnnxSpec.op_type`` is the node's,
+   ONNX attributes mapped by name (``attr_names`` for renames, ONNX schema
+   defaults filled in, so kiln sees ONNX semantics), and the inputs listed in
+   ``attr_inputs`` turned into attributes. Such an input must be a constant
+   after folding (or a shape expression kiln can resolve, see below);
+   otherwise the node is refused as a dynamic shape.
+5. Folding: a kiln op whose operands are all constants is evaluated at once
+   by its numpy reference when its result is small (``LIFT_FOLD_LIMIT``
+   elements; bigger ones are left to ``canonicalize``, which folds them only
+   when that duplicates no weight). A standard ONNX op that kiln does not
+   have (Range, Size, NonZero...) is folded with ``onnx.reference`` when all of
+   its inputs are constant. ``Shape`` of a static value is a constant.
+   ``ConstantOfShape`` results are read-only broadcast views, so a model whose
+   weights are ``ConstantOfShape`` outputs costs no memory for them.
+6. Symbolic shapes: ``Shape`` of a value with symbolic dims stays a kiln
+   ``shape`` op; ``Gather``/``Slice``/``Concat``/``Unsqueeze``/``Squeeze``/
+   ``Cast``/``Mul``/``Div`` of such shape vectors are tracked symbolically, so a
+   ``Reshape`` to ``[N, -1]`` computed from ``x.shape`` becomes
+   ``reshape{shape=[0, -1]}`` (or ``-1`` where one dim is unknown) and an
+   ``Expand`` to the input's own symbolic dims uses ``1`` there. Anything
+   else that needs a run-time shape is refused, naming the node.
+7. Every refusal (op kiln lacks, custom domain, training-mode use, dynamic
+   shape, attribute value kiln cannot express) is collected; after the last
+   node one ``UnsupportedOpsError`` lists all of them.
+8. Dead code is removed, ``canonicalize`` runs (unless disabled) and the
+   result is checked with ``ir.verify``.
+
+Graph inputs that are also initializers are treated as constants: kiln
+compiles inference graphs, and these are the weights of old exporters.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.inliner
+from kiln.ir.graph import Graph, Node, Value
+from kiln.ir.interpret import run_node
+from kiln.ir.registry import OpDef, OpTypeError, all_ops, get_op, infer_types
+from kiln.ir.types import Dim, TensorType, dim_div, dim_mul
+from onnx import helper, numpy_helper
+
+from kiln import ir
+
+from .dtypes import kiln_dtype
+from .errors import (
+    DanglingInputError,
+    DynamicShapeError,
+    FrontendError,
+    InvalidModelError,
+    OpsetError,
+    Unsupported,
+    UnsupportedOpsError,
+)
+
+MIN_OPSET = 7
+MAX_OPSET = 23
+LIFT_FOLD_LIMIT = 1 << 16
+NONDETERMINISTIC = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
+                              "Multinomial", "Bernoulli", "Dropout"})
+# ONNX attributes that do not change the result of kiln's lifting (whatever their value).
+_IGNORED_ATTRS = {
+    ("Conv", "kernel_shape"), ("ConvTranspose", "kernel_shape"),  # checked against the weight
+    ("MaxPool", "storage_order"),  # only affects the Indices output, which is refused if used
+    ("BatchNormalization", "momentum"),  # training only
+    ("LayerNormalization", "stash_type"), ("RMSNormalization", "stash_type"),  # kiln computes wider
+    ("Cast", "saturate"), ("QuantizeLinear", "saturate"),  # float8 only
+    ("Dropout", "seed"), ("Dropout", "ratio"),
+}
+ModelSource = onnx.ModelProto | str | os.PathLike | bytes | bytearray | memoryview
+
+
+# ====================================================================== loading
+
+def load_model(source: ModelSource) -> onnx.ModelProto:
+    """An ``onnx.ModelProto`` from a ModelProto, a path or the serialized bytes.
+
+    ``InvalidModelError`` says ``"<path> is not a valid ONNX model: <why>"`` for
+    files that do not parse (not protobuf, truncated) or parse into no graph.
+    External data next to a path is loaded.
+    """
+    if isinstance(source, onnx.ModelProto):
+        return source
+    base_dir: str | None = None
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data, label = bytes(source), "the given bytes"
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        label = os.fspath(source)
+        if not path.exists():
+            raise FrontendError(f"{label}: no such file")
+        if path.is_dir():
+            raise InvalidModelError(f"{label} is a directory, not an ONNX model file")
+        data, base_dir = path.read_bytes(), str(path.parent)
+    else:
+        raise TypeError(f"lift() takes an onnx.ModelProto, a path or bytes, not {type(source).__name__}")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise InvalidModelError(f"{label} is not a valid ONNX model: {e} "
+                                f"({len(data)} bytes; is the file truncated or not ONNX?)") from None
+    problem = None
+    if not data:
+        problem = "the file is empty"
+    elif not model.HasField("graph"):
+        problem = "it parses as protobuf but has no graph (is it an ONNX model file?)"
+    elif model.ir_version <= 0:
+        problem = "it has no ir_version"
+    elif not model.opset_import:
+        problem = "it declares no opset_import (the file may be truncated)"
+    if problem:
+        raise InvalidModelError(f"{label} is not a valid ONNX model: {problem}")
+    if base_dir is not None and _has_external_data(model):
+        try:
+            from onnx.external_data_helper import load_external_data_for_model
+            load_external_data_for_model(model, base_dir)
+        except (OSError, ValueError) as e:
+            raise InvalidModelError(f"{label}: cannot load its external data: {e}") from None
+    return model
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def _label(source: ModelSource, model: onnx.ModelProto) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return f"model {model.graph.name!r}" if model.graph.name else "the model"
+
+
+# ====================================================================== public entry points
+
+def lift(model: ModelSource, *, canonicalize: bool = True,
+         input_shapes: dict[str, Sequence[int | str]] | None = None) -> Graph:
+    """ONNX -> kiln IR (see the module docstring); the result is verified.
+
+    ``input_shapes`` overrides the declared shape of graph inputs by name
+    (ints and symbol names), e.g. to make a dynamic batch static.
+    """
+    proto = load_model(model)
+    label = _label(model, proto)
+    graph = _Lifter(proto, label, input_shapes or {}).run()
+    graph.dce()
+    if canonicalize:
+        from .canonicalize import canonicalize as canon
+        canon(graph)
+    return ir.verify(graph)
+
+
+def supported_ops() -> list[str]:
+    """The ONNX op types (default domain) that lift converts, sorted.
+
+    Any other standard op is still lifted when all of its inputs are constant
+    (it is folded with ``onnx.reference``).
+    """
+    return sorted(_converters())
+
+
+# ====================================================================== converter tables
+
+@dataclass(frozen=True)
+class _Special:
+    fn: Callable[[_Ctx], list[Value | None]]
+    needs: tuple[str, ...]
+
+
+_SPECIAL: dict[str, _Special] = {}
+
+
+def _special(*op_types: str, needs: Sequence[str] = ()) -> Callable:
+    def deco(fn: Callable) -> Callable:
+        for t in op_types:
+            _SPECIAL[t] = _Special(fn, tuple(needs))
+        return fn
+    return deco
+
+
+def _generic_table() -> dict[str, OpDef]:
+    table: dict[str, OpDef] = {}
+    for opdef in all_ops().values():
+        if opdef.onnx is not None and opdef.onnx.domain in ("", "ai.onnx"):
+            table.setdefault(opdef.onnx.op_type, opdef)
+    return table
+
+
+def _converters() -> dict[str, Callable[[_Ctx], list[Value | None]]]:
+    """ONNX op type -> converter, for the ops whose kiln ops are registered now."""
+    ops = all_ops()
+    table: dict[str, Callable] = {t: _make_generic(d) for t, d in _generic_table().items()}
+    for t, spec in _SPECIAL.items():
+        if all(n in ops for n in spec.needs):
+            table[t] = spec.fn
+        else:
+            table.pop(t, None)
+    return table
+
+
+def _make_generic(opdef: OpDef) -> Callable:
+    def convert(ctx: _Ctx) -> list[Value | None]:
+        return ctx.generic(opdef)
+    return convert
+
+
+@cache
+def _schema_defaults(op_type: str, opset: int) -> dict[str, Any]:
+    try:
+        schema = onnx.defs.get_schema(op_type, opset, "")
+    except Exception:  # noqa: BLE001 - not a standard op at this opset
+        return {}
+    out = {}
+    for name, a in schema.attributes.items():
+        if a.default_value.name:
+            out[name] = _attr_value(a.default_value)
+    return out
+
+
+def _attr_value(a: onnx.AttributeProto) -> Any:
+    v = helper.get_attribute_value(a)
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, list) and v and isinstance(v[0], bytes):
+        return [x.decode("utf-8", "replace") for x in v]
+    if isinstance(v, onnx.TensorProto):
+        return numpy_helper.to_array(v)
+    return v
+
+
+def _to_kind(kind: str, v: Any, what: str) -> Any:
+    """An ONNX attribute value (or constant array) as a kiln attribute of ``kind``."""
+    if isinstance(v, np.ndarray):
+        if kind in ("ints", "floats"):
+            return [int(x) if kind == "ints" else float(x) for x in v.reshape(-1).tolist()]
+        if v.size != 1:
+            raise _Refuse(f"{what} must be a single value, got shape {list(v.shape)}")
+        v = v.reshape(-1)[0].item()
+    if kind == "dtype":
+        try:
+            return kiln_dtype(int(v))
+        except ValueError as e:
+            raise _Refuse(f"{what}: {e}") from None
+    if kind == "int":
+        return int(v)
+    if kind == "float":
+        return float(v)
+    if kind == "ints":
+        return [int(x) for x in v]
+    if kind == "floats":
+        return [float(x) for x in v]
+    return v
+
+
+class _Refuse(Exception):
+    """A node kiln cannot convert; collected into UnsupportedOpsError."""
+
+    def __init__(self, reason: str = "", *, dynamic: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.dynamic = dynamic
+
+
+# ====================================================================== the lifter
+
+class _Lifter:
+    def __init__(self, model: onnx.ModelProto, label: str, input_shapes: dict[str, Sequence[int | str]]):
+        self.model = model
+        self.label = label
+        self.input_shapes = dict(input_shapes)
+        self.opsets = {("" if o.domain == "ai.onnx" else o.domain): int(o.version) for o in model.opset_import}
+        self.g = Graph(_graph_name(model.graph.name))
+        self.env: dict[str, Value | None] = {"": None}
+        self.poisoned: set[str] = set()
+        self.refusals: dict[tuple, Unsupported] = {}
+        self.rename: dict[str, str] = {}
+        self.skip: set[int] = set()
+        self.symbols = 0
+        self.converters = _converters()
+
+    # ------------------------------------------------------------ driver
+    def run(self) -> Graph:
+        opset = self._check_opset()
+        self.opset = opset
+        if self.model.functions:
+            try:
+                self.model = onnx.inliner.inline_local_functions(self.model)
+            except Exception as e:  # noqa: BLE001
+                raise InvalidModelError(f"{self.label}: cannot inline its local functions: {e}") from None
+        gp = self.model.graph
+        if not gp.output:
+            raise InvalidModelError(f"{self.label} has no graph outputs")
+        self.onnx_names = _all_names(gp)
+        nodes = self._ordered_nodes(gp)
+        self.graph_outputs = {o.name for o in gp.output}
+        self._plan_aliases(nodes)
+        self.uses = Counter(self._nm(n) for k, node in enumerate(nodes) if k not in self.skip
+                            for n in node.input if n)
+        self.uses.update(o.name for o in gp.output)
+        self._inputs(gp)
+        for idx, node in enumerate(nodes):
+            if idx in self.skip:
+                continue
+            self._node(node)
+        if self.refusals:
+            items = list(self.refusals.values())
+            cls = DynamicShapeError if all(i.dynamic for i in items) else UnsupportedOpsError
+            raise cls(items, self.label)
+        outs = []
+        for o in gp.output:
+            v = self.env.get(self._nm(o.name))
+            if v is None:
+                raise InvalidModelError(f"{self.label}: graph output {o.name!r} is not computed by the graph")
+            self._check_declared(o, v)
+            outs.append(v)
+        self.g.set_outputs(outs)
+        return self.g
+
+    def _check_opset(self) -> int:
+        opset = self.opsets.get("")
+        if opset is None:
+            if any(n.domain in ("", "ai.onnx") for n in self.model.graph.node):
+                raise InvalidModelError(f"{self.label} uses standard ONNX ops but declares no ai.onnx opset")
+            return MAX_OPSET
+        if opset < MIN_OPSET:
+            raise OpsetError(
+                f"{self.label} uses ONNX opset {opset}, which is older than kiln supports "
+                f"(opsets {MIN_OPSET}..{MAX_OPSET}); convert it first, e.g. "
+                f"onnx.version_converter.convert_version(model, 13), or re-export it with a newer opset")
+        if opset > MAX_OPSET:
+            raise OpsetError(
+                f"{self.label} uses ONNX opset {opset}, which is newer than kiln supports "
+                f"(opsets {MIN_OPSET}..{MAX_OPSET}); re-export it with opset_version={MAX_OPSET} or older")
+        return opset
+
+    def _ordered_nodes(self, gp: onnx.GraphProto) -> list[onnx.NodeProto]:
+        """The nodes in topological order; dangling inputs and double definitions are errors."""
+        defined: dict[str, str] = {}
+        for i in gp.input:
+            defined.setdefault(i.name, "graph input")
+        for t in gp.initializer:
+            defined[t.name] = "initializer"
+        producer: dict[str, int] = {}
+        for k, node in enumerate(gp.node):
+            for o in node.output:
+                if not o:
+                    continue
+                if o in producer or o in defined:
+                    first = f"node {_node_label(gp.node[producer[o]])}" if o in producer else defined[o]
+                    raise InvalidModelError(f"{self.label}: value {o!r} is defined twice "
+                                            f"(by {first} and by node {_node_label(node)})")
+                producer[o] = k
+        for node in gp.node:
+            for i in node.input:
+                if i and i not in producer and i not in defined:
+                    raise DanglingInputError(
+                        f"{self.label}: node {_node_label(node)} reads {i!r}, which no node, initializer "
+                        f"or graph input defines (dangling input)", _node_label(node), i)
+        for o in gp.output:
+            if o.name not in producer and o.name not in defined:
+                raise InvalidModelError(f"{self.label}: graph output {o.name!r} is not defined by any node, "
+                                        f"initializer or graph input")
+        # Kahn's algorithm, stable: already-sorted graphs come back unchanged.
+        deps = [{producer[i] for i in n.input if i in producer} for n in gp.node]
+        if all(all(d < k for d in ds) for k, ds in enumerate(deps)):
+            return list(gp.node)
+        users: dict[int, list[int]] = {}
+        for k, ds in enumerate(deps):
+            for d in ds:
+                users.setdefault(d, []).append(k)
+        pending = [len(ds) for ds in deps]
+        ready = [k for k, p in enumerate(pending) if p == 0]
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            k = heapq.heappop(ready)
+            order.append(k)
+            for u in users.get(k, []):
+                pending[u] -= 1
+                if pending[u] == 0:
+                    heapq.heappush(ready, u)
+        if len(order) != len(gp.node):
+            stuck = [_node_label(gp.node[k]) for k, p in enumerate(pending) if p > 0][:5]
+            raise InvalidModelError(f"{self.label}: the graph has a cycle (through nodes {stuck})")
+        return [gp.node[k] for k in order]
+
+    def _plan_aliases(self, nodes: list[onnx.NodeProto]) -> None:
+        """Identity nodes that only rename a node's output to a graph output: give the producer that name."""
+        produced = {o for n in nodes for o in n.output if o}
+        for idx, node in enumerate(nodes):
+            if node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or len(node.input) != 1:
+                continue
+            src, dst = node.input[0], node.output[0]
+            if (dst in self.graph_outputs and src in produced and src not in self.graph_outputs
+                    and src not in self.rename):
+                self.rename[src] = dst
+                self.skip.add(idx)
+
+    def _nm(self, name: str) -> str:
+        return self.rename.get(name, name)
+
+    # ------------------------------------------------------------ inputs and initializers
+    def _inputs(self, gp: onnx.GraphProto) -> None:
+        inits = {t.name: t for t in gp.initializer}
+        unknown = set(self.input_shapes) - {i.name for i in gp.input if i.name not in inits}
+        if unknown:
+            raise FrontendError(f"input_shapes names {sorted(unknown)}, which are not graph inputs of "
+                                f"{self.label} (inputs: {[i.name for i in gp.input if i.name not in inits]})")
+        used_syms = {d.dim_param for i in gp.input for d in i.type.tensor_type.shape.dim if d.dim_param}
+        self.used_syms = {_symbol(s) for s in used_syms}
+        for vi in gp.input:
+            if vi.name in inits:
+                continue
+            self.env[vi.name] = self.g.add_input(vi.name, self._input_type(vi))
+        for name, t in inits.items():
+            try:
+                arr = numpy_helper.to_array(t)
+            except Exception as e:  # noqa: BLE001
+                raise InvalidModelError(f"{self.label}: initializer {name!r} cannot be read: {e}") from None
+            try:
+                self._as_kiln_array(arr, f"initializer {name!r}")
+            except _Refuse as r:
+                if self.uses[name]:  # an unused odd initializer (strings...) does no harm
+                    item = Unsupported("<initializer>", "ai.onnx", self.opset, [name], r.reason)
+                    self.refusals[("<initializer>", name)] = item
+                self.poisoned.add(name)
+                continue
+            self.env[name] = self.g.add_constant(arr, name)
+
+    def _input_type(self, vi: onnx.ValueInfoProto) -> TensorType:
+        kind = vi.type.WhichOneof("value")
+        if kind != "tensor_type":
+            what = {"sequence_type": "a sequence", "map_type": "a map", "optional_type": "an optional",
+                    "sparse_tensor_type": "a sparse tensor"}.get(kind, "untyped")
+            raise FrontendError(f"{self.label}: graph input {vi.name!r} is {what}; kiln takes dense tensors only")
+        tt = vi.type.tensor_type
+        try:
+            dtype = kiln_dtype(tt.elem_type)
+        except ValueError as e:
+            raise FrontendError(f"{self.label}: graph input {vi.name!r}: {e}") from None
+        declared: list[Dim] | None = None
+        if tt.HasField("shape"):
+            declared = []
+            for d in tt.shape.dim:
+                which = d.WhichOneof("value")
+                if which == "dim_value":
+                    declared.append(int(d.dim_value))
+                elif which == "dim_param" and d.dim_param:
+                    declared.append(_symbol(d.dim_param))
+                else:
+                    declared.append(self._fresh_symbol())
+        if vi.name in self.input_shapes:
+            given = [d if isinstance(d, str) else int(d) for d in self.input_shapes[vi.name]]
+            if declared is not None:
+                if len(given) != len(declared):
+                    raise FrontendError(f"input_shapes[{vi.name!r}] = {given} has rank {len(given)}, but the "
+                                        f"model declares rank {len(declared)} ({declared})")
+                for k, (a, b) in enumerate(zip(given, declared)):
+                    if isinstance(a, int) and isinstance(b, int) and a != b:
+                        raise FrontendError(f"input_shapes[{vi.name!r}] = {given}: dim {k} is {a} but the "
+                                            f"model declares {b}")
+            declared = given
+        if declared is None:
+            raise DynamicShapeError([Unsupported("<graph input>", "", self.opset, [vi.name],
+                                                 "the input has no declared rank", dynamic=True)], self.label)
+        try:
+            return TensorType(dtype, tuple(declared))
+        except ValueError as e:
+            raise FrontendError(f"{self.label}: graph input {vi.name!r}: {e}") from None
+
+    def _fresh_symbol(self) -> str:
+        while True:
+            s = f"d{self.symbols}"
+            self.symbols += 1
+            if s not in self.used_syms:
+                return s
+
+    def _as_kiln_array(self, arr: np.ndarray, what: str) -> np.ndarray:
+        try:
+            ir.types.from_numpy_dtype(arr.dtype)
+        except KeyError:
+            raise _Refuse(f"{what} has dtype {arr.dtype}, which kiln does not support") from None
+        return arr
+
+    def fresh(self, hint: str) -> str:
+        """A value name free in the graph and not used by the ONNX model (so later ONNX names stay free)."""
+        hint = hint or "v"
+        cand, k = hint, 0
+        while cand in self.onnx_names or self.g.fresh_name(cand) != cand:
+            k += 1
+            cand = f"{hint}_{k}"
+        return cand
+
+    def claim_output_name(self, name: str) -> str:
+        """The ONNX name for a node output, unless it is already taken."""
+        return name if name and self.g.fresh_name(name) == name else self.fresh(name or "v")
+
+    # ------------------------------------------------------------ nodes
+    def _node(self, node: onnx.NodeProto) -> None:
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        ins = [self._nm(n) for n in node.input]
+        outs = [self._nm(n) for n in node.output]
+        if any(n in self.poisoned for n in ins):
+            # Downstream of a refused node: nothing to convert, but an op kiln lacks is still listed.
+            if domain or node.op_type not in self.converters:
+                self._record(node, domain, "")
+            self.poisoned.update(o for o in outs if o)
+            return
+        inputs = [self.env[n] for n in ins]
+        ctx = _Ctx(self, node, domain, inputs, outs)
+        try:
+            results = self._convert(ctx)
+        except _Refuse as r:
+            self._record(node, domain, r.reason, r.dynamic)
+            self.poisoned.update(o for o in outs if o)
+            return
+        except FrontendError:
+            raise
+        except Exception as e:  # a malformed node, or a kiln bug: name the node either way
+            raise FrontendError(f"{self.label}: lifting node {_node_label(node)} ({node.op_type}) failed: "
+                                f"{type(e).__name__}: {e} (if the model is valid, this is a kiln bug: "
+                                f"please file an issue)") from e
+        if len(results) < len(outs):
+            results = list(results) + [None] * (len(outs) - len(results))
+        for name, v in zip(outs, results):
+            if not name:
+                continue
+            if v is None:
+                if self.uses[name]:
+                    self._record(node, domain, f"output {name!r} is used but kiln does not compute it")
+                    self.poisoned.add(name)
+                continue
+            self.env[name] = v
+
+    def _convert(self, ctx: _Ctx) -> list[Value | None]:
+        node = ctx.node
+        if ctx.domain:
+            raise _Refuse("")
+        conv = self.converters.get(node.op_type)
+        all_const = any(v is not None for v in ctx.inputs) and all(v is None or v.is_const for v in ctx.inputs)
+        foldable = all_const and node.op_type not in NONDETERMINISTIC and not any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+        if conv is None:
+            if foldable:
+                return ctx.fold_with_reference()
+            shaped = [i for i, v in enumerate(ctx.inputs) if v is not None and not v.is_const
+                      and shape_expr(v) is not None]
+            if shaped and node.op_type not in NONDETERMINISTIC:
+                i = shaped[0]
+                raise _Refuse(f"kiln has no {node.op_type} op and folds it only when its inputs are constant; "
+                              f"input {i} is computed from a run-time shape ({_describe(ctx.inputs[i])})",
+                              dynamic=True)
+            raise _Refuse("")
+        try:
+            return conv(ctx)
+        except _Refuse:
+            if foldable:
+                try:
+                    return ctx.fold_with_reference()
+                except _Refuse:
+                    pass
+            raise
+        except OpTypeError as e:
+            if foldable:
+                try:
+                    return ctx.fold_with_reference()
+                except _Refuse:
+                    pass
+            raise _Refuse(f"kiln's type rule refuses it: {e}") from None
+
+    def _record(self, node: onnx.NodeProto, domain: str, reason: str, dynamic: bool = False) -> None:
+        opset = self.opsets.get(domain, 1)
+        key = (node.op_type, domain, opset, reason)
+        item = self.refusals.setdefault(key, Unsupported(node.op_type, domain or "ai.onnx", opset,
+                                                         reason=reason, dynamic=dynamic))
+        item.node_names.append(_node_label(node))
+
+    def _check_declared(self, o: onnx.ValueInfoProto, v: Value) -> None:
+        """The model's declared output type (where it is given) must agree with what kiln computes."""
+        tt = o.type.tensor_type
+        if not o.type.HasField("tensor_type") or not tt.elem_type:
+            return
+        try:
+            want = kiln_dtype(tt.elem_type)
+        except ValueError:
+            want = None
+        problems = []
+        if want is not None and want != v.type.dtype:
+            problems.append(f"dtype {want} vs {v.type.dtype}")
+        if tt.HasField("shape"):
+            dims = list(tt.shape.dim)
+            if len(dims) != v.type.rank:
+                problems.append(f"rank {len(dims)} vs {v.type.rank}")
+            else:
+                for k, (d, ours) in enumerate(zip(dims, v.type.shape)):
+                    if d.WhichOneof("value") == "dim_value" and isinstance(ours, int) and d.dim_value != ours:
+                        problems.append(f"dim {k}: {d.dim_value} vs {ours}")
+        if problems:
+            raise InvalidModelError(f"{self.label}: graph output {o.name!r} is declared one way and computed "
+                                    f"another (declared vs kiln: {'; '.join(problems)}); the model's output "
+                                    f"type is stale or a type rule is wrong")
+
+
+def _graph_name(name: str) -> str:
+    return name if name else "main"
+
+
+def _symbol(param: str) -> str:
+    """A kiln symbol for an ONNX dim_param: identifier characters only (``batch size`` -> ``batch_size``)."""
+    s = "".join(c if c.isalnum() or c == "_" else "_" for c in param.strip())
+    if not s or s[0].isdigit():
+        s = "s_" + s
+    return s
+
+
+def _all_names(gp: onnx.GraphProto) -> set[str]:
+    names = {i.name for i in gp.input} | {t.name for t in gp.initializer}
+    for n in gp.node:
+        names.update(x for x in n.output if x)
+    return names
+
+
+def _node_label(node: onnx.NodeProto) -> str:
+    if node.name:
+        return node.name
+    first = next((o for o in node.output if o), "?")
+    return f"<unnamed {node.op_type} -> {first}>"
+
+
+# ====================================================================== per-node context
+
+class _Ctx:
+    """What a converter sees: the node, its inputs, and helpers that emit kiln ops (folding as they go)."""
+
+    def __init__(self, lifter: _Lifter, node: onnx.NodeProto, domain: str, inputs: list[Value | None],
+                 outs: list[str]):
+        self.lifter = lifter
+        self.g = lifter.g
+        self.node = node
+        self.domain = domain
+        self.inputs = inputs
+        self.outs = outs
+        self.opset = lifter.opset
+        self.attrs = {a.name: _attr_value(a) for a in node.attribute}
+
+    # ------------------------------------------------------------ reading
+    def attr(self, name: str, default: Any = None) -> Any:
+        if name in self.attrs:
+            return self.attrs[name]
+        return _schema_defaults(self.node.op_type, self.opset).get(name, default)
+
+    def input(self, i: int) -> Value | None:
+        return self.inputs[i] if i < len(self.inputs) else None
+
+    def x(self, i: int = 0) -> Value:
+        v = self.input(i)
+        if v is None:
+            raise _Refuse(f"required input {i} is absent")
+        return v
+
+    def output_used(self, i: int) -> bool:
+        return i < len(self.outs) and bool(self.outs[i]) and self.lifter.uses[self.outs[i]] > 0
+
+    def refuse_used_outputs(self, start: int, what: str) -> None:
+        for i in range(start, len(self.outs)):
+            if self.output_used(i):
+                raise _Refuse(f"its output {i} ({what}) is used, which kiln cannot compute")
+
+    def const_input(self, i: int, what: str) -> np.ndarray | None:
+        """Input i as a constant array (None when absent); refused as a dynamic shape otherwise."""
+        v = self.input(i)
+        if v is None:
+            return None
+        if v.is_const:
+            return v.const
+        sym = shape_expr(v)
+        if sym is not None and all(isinstance(d, int) for d in sym):
+            return np.array(sym, dtype=v.type.np_dtype).reshape(_static(v.type.shape))
+        raise self.dynamic(i, what)
+
+    def dynamic(self, i: int, what: str) -> _Refuse:
+        v = self.input(i)
+        src = _describe(v)
+        return _Refuse(f"input {i} ({what}) is computed at run time ({src}); kiln needs it constant",
+                        dynamic=True)
+
+    def static_shape(self, v: Value, what: str) -> tuple[int, ...]:
+        if not v.type.is_static:
+            raise _Refuse(f"{what} needs a static shape, got {v.type}", dynamic=True)
+        return tuple(int(d) for d in v.type.shape)
+
+    # ------------------------------------------------------------ emitting
+    def op(self, kop: str, inputs: Sequence[Value | None], attrs: dict[str, Any] | None = None, *,
+           out: int | None = None) -> Value:
+        """Emit one single-output kiln op (folded when its operands are constant and its result small)."""
+        return self.op_multi(kop, inputs, attrs, outs=None if out is None else [out])[0]
+
+    def op_multi(self, kop: str, inputs: Sequence[Value | None], attrs: dict[str, Any] | None = None, *,
+                 outs: Sequence[int] | None = None) -> list[Value]:
+        inputs = list(inputs)
+        while inputs and inputs[-1] is None:
+            inputs.pop()
+        opdef = get_op(kop)
+        attrs = opdef.complete_attrs(dict(attrs or {}))
+        types = infer_types(kop, [None if v is None else v.type for v in inputs], attrs)
+        names = self._out_names(kop, types, outs)
+        present = [v for v in inputs if v is not None]
+        if present and all(v.is_const for v in present) and all(t.is_static for t in types) \
+                and sum(int(np.prod(t.shape, dtype=np.int64)) for t in types) <= LIFT_FOLD_LIMIT:
+            arrays = run_node(Node(kop, attrs, self.node.name or kop),
+                              [None if v is None else v.const for v in inputs])
+            if all(a.dtype == t.np_dtype and a.shape == tuple(t.shape) for a, t in zip(arrays, types)):
+                return [self.g.add_constant(a, n) for a, n in zip(arrays, names)]
+        node = self.g.add_node(kop, inputs, attrs, name=self.node.name, out_types=types, out_names=names)
+        return list(node.outputs)
+
+    def _out_names(self, kop: str, types: list[TensorType], outs: Sequence[int] | None) -> list[str]:
+        names = []
+        for k in range(len(types)):
+            if outs is not None and k < len(outs) and outs[k] < len(self.outs) and self.outs[outs[k]]:
+                names.append(self.lifter.claim_output_name(self.outs[outs[k]]))
+            else:
+                base = next((o for o in self.outs if o), kop)
+                names.append(self.lifter.fresh(f"{base}_{kop}"))
+        return names
+
+    def const(self, arr: np.ndarray, *, out: int | None = None, like: Value | None = None) -> Value:
+        """A constant (cast to ``like``'s dtype when given), named after output ``out`` if given."""
+        arr = np.asarray(arr)
+        if like is not None:
+            arr = arr.astype(like.type.np_dtype)
+        self.lifter._as_kiln_array(arr, "a constant")
+        if out is not None and out < len(self.outs) and self.outs[out]:
+            name = self.lifter.claim_output_name(self.outs[out])
+        else:
+            name = self.lifter.fresh(f"{next((o for o in self.outs if o), 'c')}_const")
+        return self.g.add_constant(arr, name)
+
+    def scalar(self, value: float, like: Value) -> Value:
+        return self.const(np.array(value, dtype=like.type.np_dtype))
+
+    # ------------------------------------------------------------ generic conversion
+    def kiln_attrs(self, opdef: OpDef, *, skip: Sequence[str] = ()) -> dict[str, Any]:
+        """The node's ONNX attributes (schema defaults filled in) as kiln attributes of ``opdef``."""
+        spec = opdef.onnx
+        rev = {v: k for k, v in (spec.attr_names if spec else {}).items()}
+        defaults = _schema_defaults(self.node.op_type, self.opset)
+        out: dict[str, Any] = {}
+        for name, val in {**defaults, **self.attrs}.items():
+            if name in skip:
+                continue
+            kname = rev.get(name, name)
+            if kname in opdef.attrs:
+                try:
+                    out[kname] = _to_kind(opdef.attrs[kname].kind, val, f"attribute {name}")
+                except (TypeError, ValueError) as e:
+                    raise _Refuse(f"attribute {name}={_short(val)} does not fit kiln's {kname}: {e}") from None
+            elif (self.node.op_type, name) in _IGNORED_ATTRS or name not in self.attrs:
+                continue
+            elif name in defaults and _same(val, defaults[name]):
+                continue
+            else:
+                raise _Refuse(f"attribute {name}={_short(val)} is not supported")
+        return out
+
+    def generic(self, opdef: OpDef, *, attrs: dict[str, Any] | None = None,
+                skip_attrs: Sequence[str] = ()) -> list[Value | None]:
+        """Convert the node 1:1 to ``opdef`` (attributes by name, ``attr_inputs`` made attributes)."""
+        kattrs = self.kiln_attrs(opdef, skip=skip_attrs)
+        kattrs.update(attrs or {})
+        spec = opdef.onnx
+        attr_inputs = spec.attr_inputs if spec else {}
+        inputs: list[Value | None] = []
+        for i, v in enumerate(self.inputs):
+            if i in attr_inputs:
+                kname = attr_inputs[i]
+                arr = self.const_input(i, kname)
+                if arr is not None:
+                    kattrs[kname] = _to_kind(opdef.attrs[kname].kind, arr, f"input {i} ({kname})")
+            else:
+                inputs.append(v)
+        n_out = len(self.outs) if opdef.variadic_outputs else len(opdef.outputs)
+        self.refuse_used_outputs(n_out, "an output kiln's op does not have")
+        results = self.op_multi(opdef.name, inputs, kattrs, outs=list(range(n_out)))
+        return list(results)
+
+    # ------------------------------------------------------------ folding unknown ops
+    def fold_with_reference(self) -> list[Value | None]:
+        """Evaluate this all-constant node with onnx.reference (for ops kiln has no op for)."""
+        from onnx.reference import ReferenceEvaluator
+
+        node = self.node
+        feeds, vis = {}, []
+        for name, v in zip(node.input, self.inputs):
+            if name and v is not None:
+                feeds[name] = v.const
+                vis.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.const.dtype),
+                                                         list(v.const.shape)))
+        outs = [helper.make_value_info(o, onnx.TypeProto()) for o in node.output if o]
+        model = helper.make_model(
+            helper.make_graph([node], "fold", vis, outs),
+            opset_imports=[helper.make_opsetid("", self.opset)])
+        try:
+            results = ReferenceEvaluator(model).run(None, feeds)
+        except Exception as e:  # noqa: BLE001 - any failure means we cannot fold it
+            raise _Refuse(f"cannot be evaluated at compile time: {e}") from None
+        vals: list[Value | None] = []
+        it = iter(results)
+        for k, o in enumerate(node.output):
+            if not o:
+                vals.append(None)
+                continue
+            arr = np.asarray(next(it))
+            if arr.dtype == object or arr.dtype.kind in "USO":
+                raise _Refuse("its constant result is not a numeric tensor")
+            vals.append(self.const(self.lifter._as_kiln_array(arr, f"output {o!r}"), out=k))
+        return vals
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    except Exception:  # noqa: BLE001
+        return a == b
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, np.ndarray):
+        return f"<tensor {v.dtype}{list(v.shape)}>"
+    s = repr(v)
+    return s if len(s) < 60 else s[:57] + "..."
+
+
+def _static(shape: Sequence[Dim]) -> tuple[int, ...]:
+    return tuple(int(d) if isinstance(d, int) else 1 for d in shape)
+
+
+def _describe(v: Value | None) -> str:
+    if v is None:
+        return "absent"
+    if v.producer is None:
+        return f"graph input {v.name!r}"
+    return f"%{v.name} = {v.producer.op}(...)"
+
+
+# ====================================================================== symbolic shape expressions
+
+def shape_expr(v: Value, depth: int = 0) -> tuple[Dim, ...] | None:
+    """The elements of a 0-d/1-d integer value as dims (ints or symbols), when kiln can tell.
+
+    Tracks ``shape`` of symbolically shaped values through gather, slice,
+    concat, (un)squeeze, reshape, cast, mul and exact div.
+    """
+    t = v.type
+    if t.rank > 1 or t.dtype not in ("i64", "i32", "f32", "f64") or depth > 64:
+        return None
+    if v.is_const:
+        return tuple(int(x) for x in np.asarray(v.const).reshape(-1))
+    p = v.producer
+    if p is None:
+        return None
+    a = p.attrs
+    if p.op == "shape":
+        shp = p.inputs[0].type.shape
+        r = len(shp)
+        start = a.get("start", 0) or 0
+        end = a.get("end")
+        start = min(max(start + r if start < 0 else start, 0), r)
+        end = r if end is None else min(max(end + r if end < 0 else end, 0), r)
+        return tuple(shp[start:end])
+    if p.op in ("cast", "identity", "squeeze", "unsqueeze", "reshape", "flatten"):
+        return shape_expr(p.inputs[0], depth + 1)
+    if p.op == "gather":
+        data = shape_expr(p.inputs[0], depth + 1)
+        idx = p.inputs[1]
+        if data is None or not idx.is_const or p.inputs[0].type.rank != 1:
+            return None
+        return tuple(data[int(i)] for i in np.asarray(idx.const).reshape(-1))
+    if p.op == "slice":
+        data = shape_expr(p.inputs[0], depth + 1)
+        if data is None:
+            return None
+        starts, ends = a.get("starts") or [0], a.get("ends") or [len(data)]
+        steps = a.get("steps") or [1]
+        if len(starts) != 1:
+            return None
+        return tuple(data[slice(_clamp_index(starts[0], len(data)), _clamp_index(ends[0], len(data)), steps[0])])
+    if p.op == "concat":
+        parts = [shape_expr(x, depth + 1) for x in p.inputs]
+        if any(x is None for x in parts):
+            return None
+        return tuple(d for part in parts for d in part)
+    if p.op in ("mul", "div"):
+        lhs, rhs = (shape_expr(x, depth + 1) for x in p.inputs[:2])
+        if lhs is None or rhs is None:
+            return None
+        n = max(len(lhs), len(rhs))
+        lhs, rhs = (x * n if len(x) == 1 else x for x in (lhs, rhs))
+        if len(lhs) != len(rhs):
+            return None
+        if p.op == "mul":
+            return tuple(dim_mul(x, y) for x, y in zip(lhs, rhs))
+        out = []
+        for x, y in zip(lhs, rhs):
+            q = dim_div(x, y)
+            if q is None:
+                return None
+            out.append(q)
+        return tuple(out)
+    return None
+
+
+def _clamp_index(i: int, n: int) -> int:
+    if i < 0:
+        i += n
+    return min(max(i, 0), n)
+
+
+def reshape_target(in_shape: Sequence[Dim], target: Sequence[Dim], allowzero: int = 0) -> list[int] | None:
+    """An ONNX reshape target of ints for a target that may contain symbolic dims.
+
+    A symbolic dim at position i that equals ``in_shape[i]`` becomes 0 (copy);
+    at most one other symbolic dim becomes -1 (when the target has no -1 yet).
+    None when the target cannot be written so.
+    """
+    out: list[int] = []
+    minus_one = any(isinstance(d, int) and d == -1 for d in target)
+    for i, d in enumerate(target):
+        if isinstance(d, int):
+            if allowzero == 0 and d == 0 and i >= len(in_shape):
+                return None
+            out.append(d)
+        elif not allowzero and i < len(in_shape) and in_shape[i] == d:
+            out.append(0)
+        elif not minus_one:
+            out.append(-1)
+            minus_one = True
+        else:
+            return None
+    return out
+
+
+# ====================================================================== special converters
+
+@_special("Identity")
+def _identity(ctx: _Ctx) -> list[Value | None]:
+    x = ctx.x()
+    out = ctx.outs[0]
+    if out in ctx.lifter.graph_outputs and x.name != out:
+        return [ctx.op("identity", [x], out=0)]
+    return [x]
+
+
+@_special("Dropout")
+def _dropout(ctx: _Ctx) -> list[Value | None]:
+    x = ctx.x()
+    if ctx.opset >= 12 and ctx.input(2) is not None:
+        tm = ctx.input(2)
+        if not tm.is_const:
+            raise _Refuse("training_mode is computed at run time; kiln lifts inference graphs")
+        if bool(np.asarray(tm.const).reshape(-1)[0]):
+            raise _Refuse("training_mode is true; kiln lifts inference graphs (export with module.eval())")
+    results: list[Value | None] = [x]
+    if ctx.output_used(1):
+        if ctx.opset < 10:
+            raise _Refuse("its mask output is used; before opset 10 the mask has the data's type and "
+                          "runtimes disagree on its inference value")
+        shape = ctx.static_shape(x, "Dropout's mask output")
+        results.append(ctx.const(np.ones(shape, dtype=bool), out=1))
+    out = ctx.outs[0]
+    if out in ctx.lifter.graph_outputs and x.name != out:
+        results[0] = ctx.op("identity", [x], out=0)
+    return results
+
+
+@_special("Constant")
+def _constant(ctx: _Ctx) -> list[Value | None]:
+    a = ctx.attrs
+    if "value" in a:
+        arr = a["value"]
+    elif "value_float" in a:
+        arr = np.array(a["value_float"], dtype=np.float32)
+    elif "value_floats" in a:
+        arr = np.array(a["value_floats"], dtype=np.float32)
+    elif "value_int" in a:
+        arr = np.array(a["value_int"], dtype=np.int64)
+    elif "value_ints" in a:
+        arr = np.array(a["value_ints"], dtype=np.int64)
+    elif "sparse_value" in a:
+        arr = _dense(ctx.node.attribute)
+    else:
+        kinds = sorted(a) or ["no value"]
+        raise _Refuse(f"a Constant holding {', '.join(kinds)} (strings are not tensors kiln computes on)")
+    return [ctx.const(ctx.lifter._as_kiln_array(np.asarray(arr), "the constant"), out=0)]
+
+
+def _dense(attributes: Sequence[onnx.AttributeProto]) -> np.ndarray:
+    sp = next(a.sparse_tensor for a in attributes if a.name == "sparse_value")
+    values = numpy_helper.to_array(sp.values)
+    idx = numpy_helper.to_array(sp.indices).astype(np.int64)
+    dense = np.zeros(tuple(sp.dims), dtype=values.dtype)
+    if idx.ndim == 1:
+        dense.reshape(-1)[idx] = values
+    else:
+        dense[tuple(idx.T)] = values
+    return dense
+
+
+@_special("ConstantOfShape")
+def _constant_of_shape(ctx: _Ctx) -> list[Value | None]:
+    shape = ctx.const_input(0, "shape")
+    value = ctx.attrs.get("value")
+    fill = np.zeros((), np.float32) if value is None else np.asarray(value).reshape(-1)[:1].reshape(())
+    shape = tuple(int(s) for s in np.asarray(shape).reshape(-1))
+    if any(s < 0 for s in shape):
+        raise _Refuse(f"negative shape {list(shape)}")
+    arr = np.broadcast_to(fill, shape) if int(np.prod(shape, dtype=np.int64)) > LIFT_FOLD_LIMIT \
+        else np.full(shape, fill, dtype=fill.dtype)
+    return [ctx.const(arr, out=0)]
+
+
+@_special("Shape", needs=("shape",))
+def _shape(ctx: _Ctx) -> list[Value | None]:
+    x = ctx.x()
+    start, end = ctx.attr("start", 0), ctx.attrs.get("end")
+    r = x.type.rank
+    lo = _clamp_index(start, r)
+    hi = r if end is None else _clamp_index(end, r)
+    dims = x.type.shape[lo:hi]
+    if all(isinstance(d, int) for d in dims):
+        return [ctx.const(np.array(dims, dtype=np.int64), out=0)]
+    attrs = {"start": start} if end is None else {"start": start, "end": end}
+    return [ctx.op("shape", [x], attrs, out=0)]
+
+
+@_special("Size")
+def _size(ctx: _Ctx) -> list[Value | None]:
+    x = ctx.x()
+    shape = ctx.static_shape(x, "Size")
+    return [ctx.const(np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64), out=0)]
+
+
+@_special("Gemm", needs=("matmul", "transpose", "mul", "add"))
+def _gemm(ctx: _Ctx) -> list[Value | None]:
+    a, b, c = ctx.x(0), ctx.x(1), ctx.input(2)
+    alpha, beta = float(ctx.attr("alpha", 1.0)), float(ctx.attr("beta", 1.0))
+    if ctx.attr("transA", 0):
+        a = ctx.op("transpose", [a], {"perm": [1, 0]})
+    if ctx.attr("transB", 0):
+        b = ctx.op("transpose", [b], {"perm": [1, 0]})
+    scale_after = alpha != 1.0 and not b.is_const
+    if alpha != 1.0 and b.is_const:
+        b = ctx.op("mul", [b, ctx.scalar(alpha, b)])
+    has_c = c is not None and beta != 0.0
+    y = ctx.op("matmul", [a, b], out=None if (has_c or scale_after) else 0)
+    if scale_after:
+        y = ctx.op("mul", [y, ctx.scalar(alpha, y)], out=None if has_c else 0)
+    if has_c:
+        if beta != 1.0:
+            c = ctx.op("mul", [c, ctx.scalar(beta, c)])
+        y = ctx.op("add", [y, c], out=0)
+    return [y]
+
+
+def _spatial_pads(ctx: _Ctx, x: Value, kernel: Sequence[int], strides: Sequence[int],
+                  dilations: Sequence[int], what: str) -> list[int]:
+    """Explicit pads for the node's ``auto_pad`` (NOTSET: its ``pads`` attribute)."""
+    n = len(kernel)
+    auto = ctx.attr("auto_pad", "NOTSET") or "NOTSET"
+    if auto == "NOTSET":
+        pads = list(ctx.attrs.get("pads") or [0] * 2 * n)
+        if len(pads) != 2 * n:
+            raise _Refuse(f"pads {pads} do not fit a {n}-d {what}")
+        return pads
+    if auto == "VALID":
+        return [0] * 2 * n
+    if auto not in ("SAME_UPPER", "SAME_LOWER"):
+        raise _Refuse(f"auto_pad={auto!r} is not an ONNX auto_pad value")
+    spatial = x.type.shape[2:]
+    if not all(isinstance(d, int) for d in spatial):
+        raise _Refuse(f"auto_pad={auto} needs static spatial dims, got {x.type}", dynamic=True)
+    begins, ends = [], []
+    for size, k, s, d in zip(spatial, kernel, strides, dilations):
+        out = -(-size // s)
+        total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+        small, big = total // 2, total - total // 2
+        begins.append(small if auto == "SAME_UPPER" else big)
+        ends.append(big if auto == "SAME_UPPER" else small)
+    return begins + ends
+
+
+def _ints(v: Any, n: int, default: int) -> list[int]:
+    return [int(x) for x in v] if v else [default] * n
+
+
+@_special("Conv", needs=("conv",))
+def _conv(ctx: _Ctx) -> list[Value | None]:
+    x, w, b = ctx.x(0), ctx.x(1), ctx.input(2)
+    kernel = w.type.shape[2:]
+    if not all(isinstance(k, int) for k in kernel):
+        raise _Refuse(f"the weight needs a static shape, got {w.type}", dynamic=True)
+    ks = ctx.attrs.get("kernel_shape")
+    if ks and list(ks) != list(kernel):
+        raise _Refuse(f"kernel_shape {list(ks)} disagrees with the weight's shape {w.type}")
+    n = len(kernel)
+    strides = _ints(ctx.attrs.get("strides"), n, 1)
+    dilations = _ints(ctx.attrs.get("dilations"), n, 1)
+    pads = _spatial_pads(ctx, x, kernel, strides, dilations, "Conv")
+    attrs = {"strides": strides, "pads": pads, "dilations": dilations, "group": int(ctx.attr("group", 1))}
+    return [ctx.op("conv", [x, w, b], attrs, out=0)]
+
+
+@_special("ConvTranspose", needs=("conv_transpose",))
+def _conv_transpose(ctx: _Ctx) -> list[Value | None]:
+    x, w, b = ctx.x(0), ctx.x(1), ctx.input(2)
+    kernel = w.type.shape[2:]
+    if not all(isinstance(k, int) for k in kernel):
+        raise _Refuse(f"the weight needs a static shape, got {w.type}", dynamic=True)
+    n = len(kernel)
+    strides = _ints(ctx.attrs.get("strides"), n, 1)
+    dilations = _ints(ctx.attrs.get("dilations"), n, 1)
+    out_pad = _ints(ctx.attrs.get("output_padding"), n, 0)
+    auto = ctx.attr("auto_pad", "NOTSET") or "NOTSET"
+    output_shape = ctx.attrs.get("output_shape")
+    if output_shape or auto in ("SAME_UPPER", "SAME_LOWER"):
+        spatial = x.type.shape[2:]
+        if not all(isinstance(d, int) for d in spatial):
+            raise _Refuse(f"output_shape/auto_pad need static spatial dims, got {x.type}", dynamic=True)
+        if output_shape:
+            target = list(output_shape)[-n:]
+        else:
+            target = [d * s for d, s in zip(spatial, strides)]
+        begins, ends = [], []
+        for i in range(n):
+            total = strides[i] * (spatial[i] - 1) + out_pad[i] + ((kernel[i] - 1) * dilations[i] + 1) - target[i]
+            # Python's floor division matches the ONNX reference for negative totals too
+            begin, end = (total // 2, total - total // 2) if auto == "SAME_UPPER" else (total - total // 2, total // 2)
+            if begin < 0:
+                raise _Refuse(f"output_shape {list(output_shape or target)} needs negative leading padding")
+            if end < 0:  # a larger output than the natural size: extra rows at the end, as output_padding
+                out_pad[i] += -end
+                end = 0
+            begins.append(begin)
+            ends.append(end)
+        pads = begins + ends
+    elif auto == "VALID":
+        pads = [0] * 2 * n
+    else:
+        pads = _ints(ctx.attrs.get("pads"), 2 * n, 0)
+    attrs = {"strides": strides, "pads": pads, "dilations": dilations, "group": int(ctx.attr("group", 1)),
+             "output_padding": out_pad}
+    return [ctx.op("conv_transpose", [x, w, b], attrs, out=0)]
+
+
+@_special("MaxPool", needs=("max_pool",))
+def _max_pool(ctx: _Ctx) -> list[Value | None]:
+    ctx.refuse_used_outputs(1, "Indices")
+    x = ctx.x()
+    kernel = [int(k) for k in ctx.attrs.get("kernel_shape", [])]
+    if not kernel:
+        raise _Refuse("kernel_shape is missing")
+    n = len(kernel)
+    strides = _ints(ctx.attrs.get("strides"), n, 1)
+    dilations = _ints(ctx.attrs.get("dilations"), n, 1)
+    pads = _spatial_pads(ctx, x, kernel, strides, dilations, "MaxPool")
+    attrs = {"kernel_shape": kernel, "strides": strides, "pads": pads, "dilations": dilations,
+             "ceil_mode": int(ctx.attr("ceil_mode", 0))}
+    return [ctx.op("max_pool", [x], attrs, out=0)]
+
+
+@_special("AveragePool", needs=("avg_pool",))
+def _avg_pool(ctx: _Ctx) -> list[Value | None]:
+    x = ctx.x()
+    kernel = [int(k) for k in ctx.attrs.get("kernel_shape", [])]
+    if not kernel:
+        raise _Refuse("kernel_shape is missing")
+    n = len(kernel)
+    strides = _ints(ctx.attrs.get("strides"), n, 1)
+    dilations = _ints(ctx.attrs.get("dilations"), n, 1)
+    if any(d != 1 for d in dilations):
+        raise _Refuse(f"dilations={dilations} (kiln's avg_pool has no dilation)")
+    pads = _spatial_pads(ctx, x, kernel, strides, dilations, "AveragePool")
+    attrs = {"kernel_shape": kernel, "strides": strides, "pads": pads,
+             "ceil_mode": int(ctx.attr("ceil_mode", 0)),
+             "count_include_pad": int(ctx.attr("count_include_pad", 0))}
+    return [ctx.op("avg_pool", [x], attrs, out=0)]
+
+
+@_special("BatchNormalization", needs=("batch_norm",))
+def _batch_norm(ctx: _Ctx) -> list[Value | None]:
+    if int(ctx.attrs.get("training_mode", 0)):
+        raise _Refuse("training_mode=1; kiln lifts inference graphs (export with module.eval())")
+    if ctx.opset < 9 and int(ctx.attrs.get("spatial", 1)) == 0:
+        raise _Refuse("spatial=0 (per-activation statistics) is not supported")
+    ctx.refuse_used_outputs(1, "running or saved mean/var of training mode")
+    return ctx.generic(get_op("batch_norm"), skip_attrs=("spatial", "training_mode", "is_test"))
+
+
+@_special("LayerNormalization", needs=("layer_norm",))
+def _layer_norm(ctx: _Ctx) -> list[Value | None]:
+    ctx.refuse_used_outputs(1, "Mean / InvStdDev")
+    return ctx.generic(get_op("layer_norm"))
+
+
+def _softmax_like(kop: str) -> Callable[[_Ctx], list[Value | None]]:
+    def convert(ctx: _Ctx) -> list[Value | None]:
+        x = ctx.x()
+        r = x.type.rank
+        if ctx.opset >= 13:
+            return [ctx.op(kop, [x], {"axis": int(ctx.attr("axis", -1))}, out=0)]
+        axis = int(ctx.attr("axis", 1))
+        a = axis + r if axis < 0 else axis
+        if not 0 <= a < max(r, 1):
+            raise _Refuse(f"axis {axis} is out of range for rank {r}")
+        # Before opset 13 the input is coerced to 2-D [prod(d<a), prod(d>=a)]; when at most one of the
+        # dims from a on can differ from 1, that equals kiln's softmax over that one axis.
+        rest = x.type.shape[a:]
+        non_one = [a + i for i, d in enumerate(rest) if d != 1]
+        if len(non_one) <= 1:
+            return [ctx.op(kop, [x], {"axis": non_one[0] if non_one else a}, out=0)]
+        flat = ctx.op("flatten", [x], {"axis": a})
+        y = ctx.op(kop, [flat], {"axis": 1})
+        target = reshape_target(flat.type.shape, x.type.shape)
+        if target is None:
+            raise _Refuse(f"softmax over the flattened dims {a}.. of {x.type} needs a static shape",
+                          dynamic=True)
+        return [ctx.op("reshape", [y], {"shape": target}, out=0)]
+    return convert
+
+
+_special("Softmax", needs=("softmax", "flatten", "reshape"))(_softmax_like("softmax"))
+_special("LogSoftmax", needs=("log_softmax", "flatten", "reshape"))(_softmax_like("log_softmax"))
+
+
+@_special("Split", needs=("split",))
+def _split(ctx: _Ctx) -> list[Value | None]:
+    x = ctx.x()
+    axis = int(ctx.attr("axis", 0))
+    if ctx.opset >= 13:
+        sizes = ctx.const_input(1, "split")
+    else:
+        sizes = ctx.attrs.get("split")
+    n_outs = len(ctx.outs)
+    if sizes is None or len(sizes) == 0:
+        a = axis + x.type.rank if axis < 0 else axis
+        dim = x.type.shape[a] if 0 <= a < x.type.rank else None
+        if not isinstance(dim, int):
+            raise _Refuse(f"splitting the symbolic dim {dim} of {x.type} into equal parts", dynamic=True)
+        num = int(ctx.attrs.get("num_outputs", n_outs))
+        if "num_outputs" in ctx.attrs:
+            chunk = -(-dim // num)
+            sizes = [chunk] * (num - 1) + [dim - chunk * (num - 1)]
+        else:
+            if dim % num:
+                raise _Refuse(f"dim {dim} does not split into {num} equal parts")
+            sizes = [dim // num] * num
+    sizes = [int(s) for s in np.asarray(sizes).reshape(-1)]
+    outs = ctx.op_multi("split", [x], {"axis": axis, "split": sizes}, outs=list(range(len(sizes))))
+    return list(outs)
+
+
+@_special("Squeeze", needs=("squeeze",))
+def _squeeze(ctx: _Ctx) -> list[Value | None]:
+    x = ctx.x()
+    axes = ctx.const_input(1, "axes") if ctx.opset >= 13 else ctx.attrs.get("axes")
+    if axes is None or len(axes) == 0:
+        if not all(isinstance(d, int) for d in x.type.shape):
+            raise _Refuse(f"Squeeze without axes on {x.type}: which symbolic dims are 1 is unknown",
+                          dynamic=True)
+        axes = [i for i, d in enumerate(x.type.shape) if d == 1]
+    return [ctx.op("squeeze", [x], {"axes": [int(a) for a in np.asarray(axes).reshape(-1)]}, out=0)]
+
+
+def _reduce(kop: str) -> Callable[[_Ctx], list[Value | None]]:
+    def convert(ctx: _Ctx) -> list[Value | None]:
+        if int(ctx.attrs.get("noop_with_empty_axes", 0)):
+            axes = ctx.const_input(1, "axes") if len(ctx.inputs) > 1 else ctx.attrs.get("axes")
+            if axes is None or len(axes) == 0:
+                return [_identity(ctx)[0]]
+        return ctx.generic(get_op(kop), skip_attrs=("noop_with_empty_axes",))
+    return convert
+
+
+for _t, _k in {"ReduceMean": "reduce_mean", "ReduceSum": "reduce_sum", "ReduceMax": "reduce_max",
+               "ReduceMin": "reduce_min", "ReduceProd": "reduce_prod", "ReduceL2": "reduce_l2",
+               "ReduceSumSquare": "reduce_sum_square"}.items():
+    _special(_t, needs=(_k,))(_reduce(_k))
+
+
+def _reduce_args(ctx: _Ctx) -> tuple[list[int], int]:
+    if int(ctx.attrs.get("noop_with_empty_axes", 0)):
+        raise _Refuse("noop_with_empty_axes=1 is not supported for this reduction")
+    axes = ctx.const_input(1, "axes") if len(ctx.inputs) > 1 else ctx.attrs.get("axes")
+    axes = [] if axes is None else [int(a) for a in np.asarray(axes).reshape(-1)]
+    return axes, int(ctx.attr("keepdims", 1))
+
+
+@_special("ReduceL1", needs=("reduce_sum", "abs"))
+def _reduce_l1(ctx: _Ctx) -> list[Value | None]:
+    axes, keep = _reduce_args(ctx)
+    return [ctx.op("reduce_sum", [ctx.op("abs", [ctx.x()])], {"axes": axes, "keepdims": keep}, out=0)]
+
+
+@_special("ReduceLogSum", needs=("reduce_sum", "log"))
+def _reduce_log_sum(ctx: _Ctx) -> list[Value | None]:
+    axes, keep = _reduce_args(ctx)
+    return [ctx.op("log", [ctx.op("reduce_sum", [ctx.x()], {"axes": axes, "keepdims": keep})], out=0)]
+
+
+@_special("ReduceLogSumExp", needs=("reduce_sum", "reduce_max", "log", "exp", "sub", "add"))
+def _reduce_log_sum_exp(ctx: _Ctx) -> list[Value | None]:
+    """log(sum(exp(x - m))) + m with m = max(x): the overflow-free form onnxruntime uses too."""
+    axes, keep = _reduce_args(ctx)
+    x = ctx.x()
+    m_keep = ctx.op("reduce_max", [x], {"axes": axes, "keepdims": 1})
+    s = ctx.op("reduce_sum", [ctx.op("exp", [ctx.op("sub", [x, m_keep])])], {"axes": axes, "keepdims": keep})
+    m = m_keep if keep else ctx.op("reduce_max", [x], {"axes": axes, "keepdims": 0})
+    return [ctx.op("add", [ctx.op("log", [s]), m], out=0)]
+
+
+@_special("Pad", needs=("pad",))
+def _pad(ctx: _Ctx) -> list[Value | None]:
+    if ctx.opset < 18 or ctx.input(3) is None:
+        return ctx.generic(get_op("pad"))
+    x = ctx.x()
+    pads = ctx.const_input(1, "pads")
+    axes = ctx.const_input(3, "axes")
+    r = x.type.rank
+    axes = [int(a) + r if a < 0 else int(a) for a in np.asarray(axes).reshape(-1)]
+    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+    full = [0] * (2 * r)
+    for k, a in enumerate(axes):
+        full[a], full[a + r] = pads[k], pads[k + len(axes)]
+    value = ctx.const_input(2, "constant_value")
+    attrs = {"pads": full, "mode": ctx.attr("mode", "constant")}
+    if value is not None:
+        attrs["value"] = float(np.asarray(value).reshape(-1)[0])
+    return [ctx.op("pad", [x], attrs, out=0)]
+
+
+@_special("Reshape", needs=("reshape",))
+def _reshape(ctx: _Ctx) -> list[Value | None]:
+    x = ctx.x()
+    allowzero = int(ctx.attr("allowzero", 0))
+    v = ctx.input(1)
+    sym = None if v is None or v.is_const else shape_expr(v)
+    if v is not None and not v.is_const and sym is not None and not all(isinstance(d, int) for d in sym):
+        if not any(isinstance(d, int) and d == 0 for d in sym):
+            allowzero = 0  # allowzero only changes what a 0 in the target means
+        target = reshape_target(x.type.shape, sym, allowzero)
+        if target is None:
+            raise ctx.dynamic(1, f"shape {list(sym)}")
+        y = ctx.op("reshape", [x], {"shape": target, "allowzero": allowzero}, out=0)
+        if any(isinstance(d, str) and d != o for d, o in zip(sym, y.type.shape)):
+            raise ctx.dynamic(1, f"shape {list(sym)}")
+        return [y]
+    return ctx.generic(get_op("reshape"))
+
+
+@_special("Expand", needs=("expand",))
+def _expand(ctx: _Ctx) -> list[Value | None]:
+    x = ctx.x()
+    v = ctx.input(1)
+    sym = None if v is None or v.is_const else shape_expr(v)
+    if v is not None and not v.is_const and sym is not None and not all(isinstance(d, int) for d in sym):
+        r = max(len(sym), x.type.rank)
+        xs = (1,) * (r - x.type.rank) + tuple(x.type.shape)
+        ts = (1,) * (r - len(sym)) + tuple(sym)
+        target = []
+        for xd, td in zip(xs, ts):
+            if isinstance(td, int):
+                target.append(td)
+            elif xd == td:
+                target.append(1)
+            else:
+                raise ctx.dynamic(1, f"shape {list(sym)}")
+        return [ctx.op("expand", [x], {"shape": target}, out=0)]
+    return ctx.generic(get_op("expand"))
+
+
+@_special("Transpose", needs=("transpose",))
+def _transpose(ctx: _Ctx) -> list[Value | None]:
+    x = ctx.x()
+    perm = ctx.attrs.get("perm")
+    if perm is None or len(perm) == 0:
+        perm = list(range(x.type.rank))[::-1]
+    return [ctx.op("transpose", [x], {"perm": [int(p) for p in perm]}, out=0)]
+
+
+@_special("Mean", needs=("sum", "div"))
+def _mean(ctx: _Ctx) -> list[Value | None]:
+    xs = [v for v in ctx.inputs if v is not None]
+    total = xs[0] if len(xs) == 1 else ctx.op("sum", xs)
+    if len(xs) == 1:
+        return [ctx.op("identity", [total], out=0)] if ctx.outs[0] in ctx.lifter.graph_outputs else [total]
+    return [ctx.op("div", [total, ctx.scalar(len(xs), total)], out=0)]
+
+
+@_special("CastLike", needs=("cast",))
+def _cast_like(ctx: _Ctx) -> list[Value | None]:
+    return [ctx.op("cast", [ctx.x(0)], {"to": ctx.x(1).type.dtype}, out=0)]
+
+
+@_special("PRelu", needs=("where", "less", "mul"))
+def _prelu(ctx: _Ctx) -> list[Value | None]:
+    x, slope = ctx.x(0), ctx.x(1)
+    neg = ctx.op("less", [x, ctx.scalar(0, x)])
+    return [ctx.op("where", [neg, ctx.op("mul", [x, slope]), x], out=0)]
+
+
+@_special("Elu", needs=("where", "less", "mul", "exp", "sub"))
+def _elu(ctx: _Ctx) -> list[Value | None]:
+    x = ctx.x()
+    alpha = float(ctx.attr("alpha", 1.0))
+    neg = ctx.op("less", [x, ctx.scalar(0, x)])
+    em1 = ctx.op("sub", [ctx.op("exp", [x]), ctx.scalar(1, x)])
+    return [ctx.op("where", [neg, ctx.op("mul", [em1, ctx.scalar(alpha, x)]), x], out=0)]
+
+
+@_special("HardSwish", needs=("hard_sigmoid", "mul"))
+def _hard_swish(ctx: _Ctx) -> list[Value | None]:
+    x = ctx.x()
+    hs = ctx.op("hard_sigmoid", [x], {"alpha": 1.0 / 6.0, "beta": 0.5})
+    return [ctx.op("mul", [x, hs], out=0)]
+
+
+@_special("QuantizeLinear", needs=("quantize",))
+def _quantize(ctx: _Ctx) -> list[Value | None]:
+    x, scale, zp = ctx.x(0), ctx.x(1), ctx.input(2)
+    if zp is not None:
+        dtype = zp.type.dtype
+    elif int(ctx.attrs.get("output_dtype", 0)):
+        dtype = _to_kind("dtype", ctx.attrs["output_dtype"], "output_dtype")
+    else:
+        dtype = "u8"
+    attrs = {"axis": int(ctx.attr("axis", 1)), "block_size": int(ctx.attr("block_size", 0)), "dtype": dtype}
+    _check_only(ctx, ("axis", "block_size", "output_dtype", "saturate"))
+    return [ctx.op("quantize", [x, scale, zp], attrs, out=0)]
+
+
+@_special("DequantizeLinear", needs=("dequantize",))
+def _dequantize(ctx: _Ctx) -> list[Value | None]:
+    x, scale, zp = ctx.x(0), ctx.x(1), ctx.input(2)
+    out_dtype = int(ctx.attrs.get("output_dtype", 0))
+    if out_dtype and _to_kind("dtype", out_dtype, "output_dtype") != scale.type.dtype:
+        raise _Refuse("output_dtype differs from the scale's dtype")
+    _check_only(ctx, ("axis", "block_size", "output_dtype"))
+    attrs = {"axis": int(ctx.attr("axis", 1)), "block_size": int(ctx.attr("block_size", 0))}
+    return [ctx.op("dequantize", [x, scale, zp], attrs, out=0)]
+
+
+def _check_only(ctx: _Ctx, known: Sequence[str]) -> None:
+    defaults = _schema_defaults(ctx.node.op_type, ctx.opset)
+    for name, val in ctx.attrs.items():
+        if name not in known and not (name in defaults and _same(val, defaults[name])):
+            raise _Refuse(f"attribute {name}={_short(val)} is not supported")
+
+
+__all__ = ["LIFT_FOLD_LIMIT", "MAX_OPSET", "MIN_OPSET", "lift", "load_model",
+           "reshape_target", "shape_expr", "supported_ops"]

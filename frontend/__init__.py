@@ -30,5 +30,6 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     if name == "export":
         from .export import export
+        globals()["export"] = export  # the submodule import bound the name; rebind the function
         return export
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class CliError(Exception):

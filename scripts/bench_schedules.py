@@ -5,7 +5,10 @@ For each kernel: the same TE compute built by TVM with no schedule ("TE
 default"), kiln's schedule (kiln.codegen.schedules), numpy, torch (N threads)
 and ONNX Runtime (N intra-op threads, a one-op model).  Every column is timed
 the same way: perf_counter around a batch of calls from Python with
-preallocated outputs where the API has them, median over repeats.
+preallocated outputs where the API has them; a cell is the median over
+``--repeats`` timed batches, and the best such median over ``--rounds``
+rounds taken a few seconds apart (this machine is shared: other processes'
+bursts hit single rounds; the load average is printed).
 
     .venv/bin/python scripts/bench_schedules.py [--repeats 15] [--threads 2] [--only matmul]
 
@@ -27,6 +30,12 @@ def _parse() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--repeats", type=int, default=15, help="timed repeats per column (median)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="measure every case this many times, a while apart; report the best round's median",
+    )
     p.add_argument("--threads", type=int, default=2, help="threads for TVM, torch, ORT, OpenBLAS")
     p.add_argument(
         "--budget", type=float, default=1.5, help="max seconds per cell (slow baselines)"
@@ -363,17 +372,29 @@ def main() -> None:
         f"tvm {tvm.__version__}  numpy {np.__version__}  torch {torch.__version__}  onnxruntime {ort.__version__}"
     )
     print(f"load average at start: {os.getloadavg()}")
-    rows = []
+    cases = []
     for key, make in CASES:
         if ARGS.only and ARGS.only not in key:
             continue
         case = make()
         check(case)
-        times = measure(case)
-        rows.append((case.name, [fmt_cell(case.flops, times[c]) for c in COLUMNS]))
+        cases.append(case)
+    best: dict[str, dict[str, float]] = {}
+    for r in range(ARGS.rounds):
+        if r:
+            time.sleep(3.0)
+        for case in cases:
+            for col, t in measure(case).items():
+                slot = best.setdefault(case.name, {})
+                slot[col] = min(t, slot.get(col, float("inf")))
+        print(f"round {r + 1}/{ARGS.rounds} done, load average {os.getloadavg()}")
+    rows = [(c.name, [fmt_cell(c.flops, best[c.name][col]) for col in COLUMNS]) for c in cases]
     print(f"load average at end: {os.getloadavg()}")
     head = ["kernel"] + COLUMNS
-    print("\nGFLOP/s (median time per call); higher GFLOP/s is better\n")
+    print(
+        f"\nGFLOP/s (median time per call over {ARGS.repeats} batches, best of {ARGS.rounds} rounds);"
+        " higher GFLOP/s is better\n"
+    )
     if ARGS.markdown:
         print("| " + " | ".join(head) + " |")
         print("|" + "|".join(["---"] * len(head)) + "|")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -183,6 +183,15 @@ def op(name: str, *, inputs: Sequence[str], outputs: Sequence[str] = ("y",),
                        spec, (fn.__doc__ or "").strip(), decompose))
         return fn
     return deco
+
+
+def set_lowering(name: str, fn: Callable[..., Any]) -> None:
+    """Attach the TVM lowering to op ``name``'s entry (codegen registers these; ir stays TVM-free)."""
+    _ensure_loaded()
+    opdef = get_op(name)
+    if opdef.lower_tvm is not None and opdef.lower_tvm is not fn:
+        raise ValueError(f"op {name!r} already has a TVM lowering ({opdef.lower_tvm.__qualname__})")
+    _REGISTRY[name] = replace(opdef, lower_tvm=fn)
 
 
 def _ensure_loaded() -> None:

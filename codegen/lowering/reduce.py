@@ -1,0 +1,7 @@
+"""TVM lowerings of the ops in ir/ops/reduce.py."""
+
+from __future__ import annotations
+
+from tvm import te, topi  # noqa: F401
+
+from . import LowerCtx, lowers  # noqa: F401

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.interpret import run_node
 from kiln.ir.registry import OpTypeError, all_ops, infer_types

@@ -62,13 +62,13 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx.inliner
+from onnx import helper, numpy_helper
+
+from kiln import ir
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.interpret import run_node
 from kiln.ir.registry import OpDef, OpTypeError, all_ops, get_op, infer_types
 from kiln.ir.types import Dim, TensorType, dim_div, dim_mul
-from onnx import helper, numpy_helper
-
-from kiln import ir
 
 from .dtypes import kiln_dtype
 from .errors import (

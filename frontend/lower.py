@@ -26,11 +26,12 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import AttributeProto, helper, numpy_helper
+
 from kiln.ir.graph import Graph, Node
 from kiln.ir.interpret import run_node
 from kiln.ir.registry import OpDef, get_op
 from kiln.ir.types import TensorType, to_numpy_dtype
-from onnx import AttributeProto, helper, numpy_helper
 
 from .dtypes import onnx_dtype
 from .errors import LoweringError

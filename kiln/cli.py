@@ -1,4 +1,4 @@
-"""The ``kiln`` command line: ``kiln inspect``, ``kiln demo``.
+"""The ``kiln`` command line: ``kiln inspect``, ``compile``, ``run``, ``bench``, ``demo``.
 
 Errors a user can act on are printed as one line and exit non-zero; ``--debug``
 shows the traceback instead.
@@ -144,6 +144,118 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ compile / run / bench
+
+def _parse_shapes(items: Sequence[str]) -> dict[str, int]:
+    shapes = {}
+    for item in items or ():
+        sym, sep, val = item.partition("=")
+        if not sep or not val.strip().isdigit():
+            raise CliError(f"--shape {item!r}: expected SYMBOL=INT, e.g. --shape N=1")
+        shapes[sym.strip()] = int(val)
+    return shapes
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    """Compile a model (ONNX file or zoo name) into one artifact file."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    import kiln
+    from kiln.compiler import CompileError
+
+    if not Path(args.model).exists() and args.model not in _zoo_names():
+        raise CliError(f"{args.model!r}: no such file, and not a zoo model ({', '.join(_zoo_names())})")
+    out = args.output or (Path(args.model).stem if Path(args.model).exists() else args.model) + ".kiln"
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err_console, transient=True) as progress:
+        task = progress.add_task("lifting and running passes", total=None)
+
+        def report(stage: str, done: int, total: int) -> None:
+            desc = "lowering + scheduling kernels" if stage == "lower" else "LLVM code generation"
+            progress.update(task, description=desc, completed=done, total=total)
+
+        try:
+            art = kiln.compile(args.model, passes=args.passes, target=args.target, shapes=_parse_shapes(args.shape),
+                               progress=report)
+        except CompileError as e:
+            raise CliError(str(e)) from e
+        progress.update(task, description="writing artifact")
+        art.save(out)
+    st = art.stats
+    table = Table(title=f"kiln compile: {st['model']} -> {out}", title_justify="left")
+    table.add_column("", justify="left")
+    table.add_column("", justify="right")
+    tgt = st["target"]
+    for key, val in [("target", f"{tgt['kind']} -mcpu={tgt['mcpu']} ({tgt['num-cores']} cores, {tgt['vector-width']}-bit)"),
+                     ("pipeline", art.manifest["pipeline"]),
+                     ("graph nodes", str(st["nodes"])),
+                     ("kernels generated", f"{st['kernels']} ({st['unique_kernels']} distinct)"),
+                     ("compile time", f"{st['compile_s']:.1f} s (LLVM {st['llvm_s']:.1f} s)"),
+                     ("artifact size", f"{st['artifact_bytes'] / 1e6:.2f} MB (weights {st['weights_bytes'] / 1e6:.2f} MB, "
+                                       f"library {st['library_bytes'] / 1e6:.2f} MB)")]:
+        table.add_row(key, val)
+    console.print(table)
+    for note in st["notes"]:
+        err_console.print(f"[yellow]note[/]: {note}")
+    return 0
+
+
+def _random_inputs(sess) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for spec in sess.inputs:
+        shape = [d if isinstance(d, int) else sess.manifest["symbols"][d] for d in spec["shape"]]
+        dt = np.dtype(spec["dtype"])
+        feeds[spec["name"]] = (rng.integers(0, 8, shape).astype(dt) if dt.kind in "iu"
+                               else rng.standard_normal(shape).astype(dt))
+    return feeds
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Load an artifact, run it on the given (or random) inputs, print a summary of the outputs."""
+    import numpy as np
+
+    from kiln.runtime import load
+
+    sess = load(args.artifact)
+    if args.inputs:
+        try:
+            with np.load(args.inputs, allow_pickle=False) as z:
+                feeds = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as e:
+            raise CliError(f"--inputs {args.inputs}: not a readable .npz file: {e}") from e
+    else:
+        feeds = _random_inputs(sess)
+        err_console.print("no --inputs given: running on seeded random inputs")
+    outs = sess.run(feeds)
+    table = Table(title=f"kiln run: {args.artifact}", title_justify="left")
+    for col in ("output", "dtype", "shape", "min", "max", "mean"):
+        table.add_column(col, justify="left" if col in ("output", "dtype") else "right")
+    for name, a in outs.items():
+        num = a.size and a.dtype.kind in "fiub"
+        table.add_row(name, str(a.dtype), str(list(a.shape)),
+                      *(f"{float(f(a)):.4g}" if num else "-" for f in (np.min, np.max, np.mean)))
+    console.print(table)
+    if args.out:
+        tmp = args.out + ".tmp.npz"
+        np.savez(tmp, **outs)
+        os.replace(tmp, args.out)
+        console.print(f"outputs written to {args.out}")
+    if args.repeat:
+        times = np.array(sess.benchmark(feeds, repeat=args.repeat)) * 1e3
+        console.print(f"latency over {args.repeat} runs: median {np.median(times):.3f} ms, "
+                      f"min {times.min():.3f} ms, max {times.max():.3f} ms")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return bench.run(args)
+
+
 # ------------------------------------------------------------------ entry point
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +270,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the main job on the built-in example model zoo")
     demo.add_argument("models", nargs="*", help="zoo model names (default: all)")
     demo.set_defaults(func=cmd_demo)
+    comp = sub.add_parser("compile", help="compile a model ahead of time into one artifact file")
+    comp.add_argument("model", help="an .onnx file or a zoo model name")
+    comp.add_argument("-o", "--output", help="artifact path (default: <model>.kiln)")
+    comp.add_argument("--passes", default=None, help="pass pipeline, e.g. 'canonicalize,dce'")
+    comp.add_argument("--target", default=None, help="TVM target, e.g. 'llvm -mcpu=znver2' (default: this CPU)")
+    comp.add_argument("--shape", action="append", metavar="SYM=N", help="value of a symbolic dim (repeatable)")
+    comp.set_defaults(func=cmd_compile)
+    run = sub.add_parser("run", help="run a compiled artifact")
+    run.add_argument("artifact", help="a .kiln file from kiln compile")
+    run.add_argument("--inputs", help=".npz with one array per input name (default: seeded random inputs)")
+    run.add_argument("--out", help="write the outputs to this .npz")
+    run.add_argument("--repeat", type=int, default=0, help="also time N runs and print median/min/max latency")
+    run.set_defaults(func=cmd_run)
+    from .bench import add_arguments
+    bench = sub.add_parser("bench", help="latency of kiln vs ONNX Runtime, PyTorch and TVM on the zoo")
+    add_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     return p
 
 

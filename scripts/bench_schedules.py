@@ -57,11 +57,12 @@ import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import tvm  # noqa: E402
-from kiln.codegen import schedules as S  # noqa: E402
-from kiln.codegen.target import host_target, target_summary  # noqa: E402
 from numpy.lib.stride_tricks import sliding_window_view  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from tvm import te  # noqa: E402
+
+from kiln.codegen import schedules as S  # noqa: E402
+from kiln.codegen.target import host_target, target_summary  # noqa: E402
 
 torch.set_num_threads(ARGS.threads)
 TARGET = host_target(ARGS.threads)

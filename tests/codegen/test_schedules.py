@@ -13,6 +13,8 @@ import os
 import numpy as np
 import pytest
 import tvm
+from tvm import te, tirx
+
 from kiln.codegen import schedules as S
 from kiln.codegen.target import (
     configure_threads,
@@ -21,7 +23,6 @@ from kiln.codegen.target import (
     target_summary,
     vector_lanes,
 )
-from tvm import te, tirx
 
 pytestmark = pytest.mark.slow
 

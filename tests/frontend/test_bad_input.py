@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from onnx import helper
+
 from kiln.frontend import (
     DanglingInputError,
     DynamicShapeError,
@@ -13,7 +15,6 @@ from kiln.frontend import (
     UnsupportedOpsError,
     lift,
 )
-from onnx import helper
 
 from .conftest import make_model, vi
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
+from kiln import ir
 from kiln.frontend import canonicalize
 from kiln.frontend import canonicalize as canonicalize_fn
 from kiln.frontend.canonicalize import canonicalize_with_report
-
-from kiln import ir
 
 G8 = "[1.5, 0.5, -1.0, 2.0, 0.25, 1.0, -0.75, 3.0]"
 B8 = "[0.1, -0.2, 0.3, 0.0, 1.0, -1.5, 0.05, 2.0]"

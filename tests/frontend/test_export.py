@@ -5,8 +5,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from kiln.frontend.export import MAX_IR_VERSION, ExportError, ExportFallbackWarning, export
 from torch import nn
+
+from kiln.frontend.export import MAX_IR_VERSION, ExportError, ExportFallbackWarning, export
 
 
 class ConvBn(nn.Module):

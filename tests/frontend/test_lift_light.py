@@ -13,10 +13,10 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from kiln.frontend import lift, lower_to_onnx
 from onnx import helper, numpy_helper
 
 from kiln import ir
+from kiln.frontend import lift, lower_to_onnx
 
 from .conftest import LIGHT_DIR, assert_close, light_input, make_model, ort_run, vi
 
@@ -357,6 +357,7 @@ def test_onnx_backend_case(name):
     """Every case either lifts and then computes the stored outputs (interpreter, and onnxruntime on the
     lowered model), or is refused with a FrontendError; nothing crashes and nothing is silently wrong."""
     import onnxruntime as ort
+
     from kiln.frontend import FrontendError
 
     model, ins, outs = BACKEND[name]

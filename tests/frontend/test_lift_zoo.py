@@ -17,11 +17,11 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-from kiln.frontend import lift, lower_to_onnx
 from onnx import helper, numpy_helper
 from torch import nn
 
 from kiln import ir, zoo
+from kiln.frontend import lift, lower_to_onnx
 
 from .conftest import assert_close, ort_run
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from kiln.frontend import LoweringError, lift, lower_to_onnx
-from kiln.frontend.lower import DEFAULT_OPSET
 from onnx import helper
 
 from kiln import ir
+from kiln.frontend import LoweringError, lift, lower_to_onnx
+from kiln.frontend.lower import DEFAULT_OPSET
 
 from .conftest import assert_close, ort_run
 

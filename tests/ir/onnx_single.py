@@ -19,10 +19,10 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
-from kiln.ir import TensorType
 from onnx import TensorProto, helper, numpy_helper
 
 from kiln import ir
+from kiln.ir import TensorType
 
 OPSET = 21
 ONNX_DTYPE = {

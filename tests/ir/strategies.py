@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from hypothesis import strategies as st
+
 from kiln.ir import Graph, TensorType, Value
 
 FLOATS = ["f16", "bf16", "f32", "f64"]

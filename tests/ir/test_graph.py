@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from kiln.ir import TensorType
 
 from kiln import ir
+from kiln.ir import TensorType
 
 
 def small() -> ir.Graph:

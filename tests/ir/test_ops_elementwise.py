@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kiln.ir import OpTypeError, TensorType
 from onnx import helper
 
 from kiln import ir
+from kiln.ir import OpTypeError, TensorType
 
 from .onnx_single import T, assert_same, check, infer, run_graph, run_kiln
 

@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from kiln.ir import OpTypeError, TensorType
 
 from kiln import ir
+from kiln.ir import OpTypeError, TensorType
 
 from .onnx_single import T, check, infer, run_kiln
 

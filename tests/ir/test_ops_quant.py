@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
+
 from kiln.ir import OpTypeError, TensorType
 
 from .onnx_single import T, check, infer, run_kiln

@@ -5,10 +5,10 @@ from __future__ import annotations
 import inspect
 
 import pytest
-from kiln.ir import FusionKind
-from kiln.ir.registry import REQUIRED, check_attr
 
 from kiln import ir
+from kiln.ir import FusionKind
+from kiln.ir.registry import REQUIRED, check_attr
 
 from . import test_ops_elementwise, test_ops_nn, test_ops_quant, test_ops_reduce, test_ops_tensor
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+
 from kiln.ir import OpTypeError, TensorType
 
 from .onnx_single import T, assert_same, check, infer, run_graph, run_kiln

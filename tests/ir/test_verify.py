@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from kiln.ir import TensorType
 
 from kiln import ir
+from kiln.ir import TensorType
 
 BASE = """graph @g(%x: f32[N,4], %y: f32[4]) -> (%out) {
   %c = const f32[4] [1.0, 2.0, 3.0, 4.0]

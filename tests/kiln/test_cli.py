@@ -74,10 +74,9 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_package_maps_stage_folders_to_one_import_name():
     import pathlib
 
+    import kiln
     import kiln.frontend
     import kiln.ir
-
-    import kiln
     root = pathlib.Path(kiln.__file__).resolve().parent.parent
     assert pathlib.Path(kiln.ir.__file__).resolve().parent == root / "ir"
     assert pathlib.Path(kiln.frontend.__file__).resolve().parent == root / "frontend"

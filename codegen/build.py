@@ -1,0 +1,162 @@
+"""Graph -> Relax ``main`` calling one scheduled kernel per block -> TVM executable.
+
+Every compute node becomes a kernel (:func:`kiln.codegen.kernel.lower_node`);
+kernels that come out structurally equal are compiled once.  Shape-only ops
+(reshape, flatten, squeeze, unsqueeze, identity) become Relax reshapes, which
+the VM runs as views (no kernel, no copy).  Constants become trailing
+parameters of ``main`` (the artifact's weights), so the library holds code only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import relax
+from tvm.target import Target
+
+from kiln.ir.graph import Graph, Node, Value
+from kiln.ir.types import eval_shape, is_static_dim
+
+from .kernel import CodegenError, Kernel, lower_node, static_shape
+from .lowering import tvm_dtype
+
+__all__ = ["VIEW_OPS", "CompiledGraph", "build_graph", "specialize"]
+
+VIEW_OPS = frozenset({"reshape", "flatten", "squeeze", "unsqueeze", "identity"})
+
+
+@dataclass
+class CompiledGraph:
+    """A compiled graph: the VM executable, the weights ``main`` takes after the inputs, and the kernels."""
+
+    executable: relax.VMExecutable
+    graph: Graph
+    weights: dict[str, np.ndarray]
+    kernels: list[Kernel]
+    unique_kernels: int
+    target: Target
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def specialize(graph: Graph, symbols: Mapping[str, int]) -> Graph:
+    """A copy of ``graph`` with every symbolic dim replaced by its value in ``symbols``."""
+    g = graph.clone()
+    for v in g.values():
+        if not v.type.is_static:
+            missing = [d for d in v.type.shape if not is_static_dim(d)]
+            try:
+                v.type = v.type.with_shape(eval_shape(v.type.shape, dict(symbols)))
+            except (KeyError, ValueError) as e:
+                raise CodegenError(
+                    f"value {v.name!r} has symbolic shape {v.type} ({missing}); give a value for each symbol "
+                    f"(example inputs or --shape), got {dict(symbols)}: {e}") from None
+    return g
+
+
+def _tensor_type(v: Value) -> relax.TensorType:
+    return relax.TensorType(static_shape(v), tvm_dtype(v.type.dtype))
+
+
+def _dedupe(kernels: list[Kernel]) -> dict[int, str]:
+    """Map kernel index -> name of the first structurally equal kernel (LLVM builds each once)."""
+    seen: dict[int, list[Kernel]] = {}
+    alias: dict[int, str] = {}
+    for i, k in enumerate(kernels):
+        h = tvm_ffi.structural_hash(k.func.without_attr("global_symbol"))
+        for other in seen.get(h, []):
+            if tvm_ffi.structural_equal(k.func.without_attr("global_symbol"),
+                                        other.func.without_attr("global_symbol")):
+                alias[i] = other.name
+                break
+        else:
+            seen.setdefault(h, []).append(k)
+            alias[i] = k.name
+    return alias
+
+
+def _kernel_name(node: Node, i: int) -> str:
+    return f"k{i:03d}_{node.op}"
+
+
+def build_graph(graph: Graph, target: Target, *,
+                progress: Callable[[str, int, int], None] | None = None) -> CompiledGraph:
+    """Lower, schedule and compile ``graph`` (static shapes) for ``target``."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    compute = [n for n in graph.nodes if n.op not in VIEW_OPS]
+    kernels: list[Kernel] = []
+    for i, node in enumerate(compute):
+        if progress:
+            progress("lower", i, len(compute))
+        kernels.append(lower_node(node, target, name=_kernel_name(node, i)))
+    timings["lower+schedule"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    alias = _dedupe(kernels)
+    by_node = {id(k.node): (k, alias[i]) for i, k in enumerate(kernels)}
+    bb = relax.BlockBuilder()
+    inputs = [relax.Var(v.name, _tensor_type(v)) for v in graph.inputs]
+    env: dict[int, relax.Expr] = {id(v): var for v, var in zip(graph.inputs, inputs)}
+    weights: dict[str, np.ndarray] = {}
+    weight_vars: list[relax.Var] = []
+
+    def weight(name: str, array: np.ndarray) -> relax.Var:
+        array = np.ascontiguousarray(array)
+        var = relax.Var(f"w{len(weights)}", relax.TensorType(array.shape, tvm_dtype_of(array)))
+        weights[name] = array
+        weight_vars.append(var)
+        return var
+
+    packed: dict[tuple[int, int], relax.Var] = {}
+    for node in graph.nodes:
+        if node.op in VIEW_OPS:
+            continue
+        k = by_node[id(node)][0]
+        for j, a in enumerate(k.args):
+            if a.value is None:
+                packed[id(node), j] = weight(f"{k.name}.arg{j}", a.const)
+            elif a.value.const is not None and id(a.value) not in env:
+                env[id(a.value)] = weight(a.value.name, a.value.const)
+    for v in list(graph.outputs) + [n.inputs[0] for n in graph.nodes if n.op in VIEW_OPS]:
+        if v.const is not None and id(v) not in env:
+            env[id(v)] = weight(v.name, v.const)
+
+    gvars: dict[str, tvm.ir.GlobalVar] = {}
+    with bb.function("main", inputs + weight_vars, pure=True):
+        with bb.dataflow():
+            for node in graph.nodes:
+                if node.op in VIEW_OPS:
+                    src = env[id(node.inputs[0])]
+                    env[id(node.outputs[0])] = bb.emit(relax.op.reshape(src, static_shape(node.outputs[0])))
+                    continue
+                k, fname = by_node[id(node)]
+                if fname not in gvars:
+                    gvars[fname] = bb.add_func(k.func.with_attr("global_symbol", fname), fname)
+                args = [env[id(a.value)] if a.value is not None else packed[id(node), j]
+                        for j, a in enumerate(k.args)]
+                outs = [_tensor_type(v) for v in k.outputs]
+                call = bb.emit(relax.call_tir(gvars[fname], args, outs if len(outs) > 1 else outs[0]))
+                if len(outs) == 1:
+                    env[id(k.outputs[0])] = call
+                else:
+                    for j, v in enumerate(k.outputs):
+                        env[id(v)] = bb.emit(relax.TupleGetItem(call, j))
+            out = bb.emit_output(relax.Tuple([env[id(v)] for v in graph.outputs]))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    timings["relax"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    if progress:
+        progress("llvm", len(compute), len(compute))
+    ex = tvm.compile(mod, target=target)
+    timings["llvm"] = time.perf_counter() - t2
+    return CompiledGraph(ex, graph, weights, kernels, len(gvars), target, timings)
+
+
+def tvm_dtype_of(array: np.ndarray) -> str:
+    return "bool" if array.dtype == np.bool_ else str(array.dtype)

@@ -1,0 +1,312 @@
+"""``kiln bench``: kiln's latency next to ONNX Runtime's, PyTorch's and TVM's own, in one run.
+
+For each model every engine runs the same inputs in the same process, with
+the same thread count (2 by default), ``warmup`` runs first and then
+``repeat`` timed runs; the table reports medians.  kiln's latency is
+``Session.run`` from a saved-and-loaded artifact (numpy in, numpy out), as a
+user sees it; ORT's is ``InferenceSession.run`` (ORT_ENABLE_ALL), torch's is
+eager ``module(*inputs)`` under ``inference_mode``, and TVM's is
+``relax.frontend.onnx.from_onnx`` + ``tvm.compile`` (its default pipeline) on
+the Relax VM.  ``--kernels`` adds GFLOP/s of kiln's matmul kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["BenchResult", "bench_model", "bench_matmul_kernels", "main", "median_latency"]
+
+
+def median_latency(fn: Callable[[], Any], repeat: int, warmup: int = 3, min_time: float = 0.0) -> float:
+    """Median seconds per call of ``fn`` over ``repeat`` timed calls (at least ``min_time`` in total)."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < repeat or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 20 * repeat:
+            break
+    return statistics.median(times)
+
+
+@dataclass
+class BenchResult:
+    """One model's row: latencies in milliseconds (None: engine not run or failed) and compile facts."""
+
+    model: str
+    kiln_ms: float | None = None
+    ort_ms: float | None = None
+    torch_ms: float | None = None
+    tvm_ms: float | None = None
+    kernels: int | None = None
+    compile_s: float | None = None
+    tvm_compile_s: float | None = None
+    max_err_vs_ort: float | None = None
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kiln_over_ort(self) -> float | None:
+        return self.kiln_ms / self.ort_ms if self.kiln_ms and self.ort_ms else None
+
+    @property
+    def kiln_over_torch(self) -> float | None:
+        return self.kiln_ms / self.torch_ms if self.kiln_ms and self.torch_ms else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "kiln_over_ort": self.kiln_over_ort, "kiln_over_torch": self.kiln_over_torch}
+
+
+def _ort_session(proto: Any, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _tvm_default(proto: Any, feeds: dict[str, np.ndarray], target: Any) -> tuple[Callable[[], Any], float]:
+    """TVM's own path: from_onnx + tvm.compile default pipeline; returns (run, compile seconds)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    t0 = time.perf_counter()
+    mod = from_onnx(proto, shape_dict={k: list(v.shape) for k, v in feeds.items()})
+    mod, params = relax.frontend.detach_params(mod)
+    ex = tvm.compile(mod, target=target)
+    compile_s = time.perf_counter() - t0
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    args = [tvm.runtime.tensor(feeds[i.name]) for i in proto.graph.input if i.name in feeds]
+    args += [p for p in params.get("main", [])]
+    return (lambda: vm["main"](*args)), compile_s
+
+
+def bench_model(name: str, proto: Any, feeds: dict[str, np.ndarray], *, torch_fn: Callable[[], Any] | None,
+                repeat: int, threads: int, run_tvm: bool, passes: str | None = None) -> BenchResult:
+    """Compile ``proto`` with kiln and time every engine on ``feeds``."""
+    import kiln
+    from kiln.codegen.target import host_target
+
+    res = BenchResult(name)
+    try:
+        t0 = time.perf_counter()
+        art = kiln.compile(proto, feeds, passes=passes, progress=None)
+        res.compile_s = time.perf_counter() - t0
+        res.kernels = art.stats["kernels"]
+        sess = art.load()
+        res.kiln_ms = 1e3 * median_latency(lambda: sess.run(feeds), repeat, min_time=0.5)
+        ours = sess.run(feeds)
+    except Exception as e:  # noqa: BLE001 - a benchmark row records the failure and goes on
+        res.errors["kiln"] = f"{type(e).__name__}: {e}"
+        ours = None
+    try:
+        ort_sess = _ort_session(proto, threads)
+        res.ort_ms = 1e3 * median_latency(lambda: ort_sess.run(None, feeds), repeat, min_time=0.5)
+        if ours is not None:
+            theirs = ort_sess.run(None, feeds)
+            res.max_err_vs_ort = max(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+                                     for a, b in zip(ours.values(), theirs))
+    except Exception as e:  # noqa: BLE001
+        res.errors["ort"] = f"{type(e).__name__}: {e}"
+    if torch_fn is not None:
+        try:
+            res.torch_ms = 1e3 * median_latency(torch_fn, repeat, min_time=0.5)
+        except Exception as e:  # noqa: BLE001
+            res.errors["torch"] = f"{type(e).__name__}: {e}"
+    if run_tvm:
+        try:
+            fn, res.tvm_compile_s = _tvm_default(proto, feeds, host_target())
+            res.tvm_ms = 1e3 * median_latency(fn, max(3, repeat // 5), warmup=1)
+        except Exception as e:  # noqa: BLE001
+            res.errors["tvm"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return res
+
+
+def _zoo_case(name: str, threads: int) -> tuple[Any, dict[str, np.ndarray], Callable[[], Any]]:
+    import torch
+
+    from kiln import zoo
+
+    torch.set_num_threads(threads)
+    module, example = zoo.get(name)
+    module.eval()
+    feeds = {n: t.numpy() for n, t in zip(zoo.input_names(name), example)}
+
+    def run_torch() -> Any:
+        with torch.inference_mode():
+            return module(*example)
+
+    return zoo.onnx_model(name), feeds, run_torch
+
+
+def light_models() -> dict[str, str]:
+    """onnx's packaged light CNNs (name -> path)."""
+    import onnx
+
+    d = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
+    return {f[len("light_"):-len(".onnx")]: os.path.join(d, f) for f in sorted(os.listdir(d)) if f.endswith(".onnx")}
+
+
+def _light_case(path: str) -> tuple[Any, dict[str, np.ndarray]]:
+    import onnx
+
+    proto = onnx.load(path)
+    inits = {i.name for i in proto.graph.initializer}
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        shape = [d.dim_value or 1 for d in vi.type.tensor_type.shape.dim]
+        feeds[vi.name] = rng.standard_normal(shape).astype(np.float32)
+    return proto, feeds
+
+
+def bench_matmul_kernels(shapes: Sequence[tuple[int, int, int]], threads: int, repeat: int = 20) -> list[dict[str, Any]]:
+    """GFLOP/s of kiln's matmul kernel (constant packed weight) per (M, K, N), with ORT's MatMul and numpy's."""
+    import onnx
+    import tvm
+    from onnx import TensorProto, helper
+
+    from kiln import ir
+    from kiln.codegen.kernel import build_kernel, lower_node
+    from kiln.codegen.target import host_target
+
+    target = host_target()
+    rows = []
+    for m, k, n in shapes:
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((m, k)).astype(np.float32)
+        b = rng.standard_normal((k, n)).astype(np.float32)
+        g = ir.Graph("mm")
+        x = g.add_input("a", ir.TensorType("f32", (m, k)))
+        w = g.add_constant(b, "b")
+        g.set_outputs([g.add_node("matmul", [x, w], out_names=["c"]).output])
+        kern = lower_node(g.nodes[0], target, name="matmul")
+        mod = build_kernel(kern, target)
+        dev = tvm.cpu()
+        args = [tvm.runtime.tensor(a, dev)] + [tvm.runtime.tensor(ka.const if ka.value is None else b, dev)
+                                               for ka in kern.args[1:]]
+        out = tvm.runtime.empty((m, n), "float32", dev)
+        evaluator = mod.time_evaluator("matmul", dev, number=5, repeat=repeat)
+        t_kiln = float(np.median(evaluator(*args, out).results))
+        err = float(np.max(np.abs(out.numpy() - a @ b)))
+        model = helper.make_model(helper.make_graph(
+            [helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
+            [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
+            [helper.make_tensor_value_info("c", TensorProto.FLOAT, [m, n])],
+            [onnx.numpy_helper.from_array(b, "b")]), opset_imports=[helper.make_opsetid("", 18)])
+        model.ir_version = 10
+        ort_sess = _ort_session(model, threads)
+        t_ort = median_latency(lambda s=ort_sess, a=a: s.run(None, {"a": a}), repeat, min_time=0.3)
+        t_np = median_latency(lambda a=a, b=b: a @ b, repeat, min_time=0.3)
+        flop = 2.0 * m * k * n
+        rows.append({"shape": f"{m}x{k}x{n}", "kiln_gflops": flop / t_kiln / 1e9, "ort_gflops": flop / t_ort / 1e9,
+                     "numpy_gflops": flop / t_np / 1e9, "max_abs_err": err})
+    return rows
+
+
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(results: Sequence[BenchResult], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("model", "kiln ms", "ORT ms", "torch ms", "TVM ms", "kiln/ORT", "kiln/torch", "kernels",
+                "compile s", "max |kiln-ORT|"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in results:
+        table.add_row(r.model, _fmt(r.kiln_ms), _fmt(r.ort_ms), _fmt(r.torch_ms), _fmt(r.tvm_ms),
+                      _fmt(r.kiln_over_ort), _fmt(r.kiln_over_torch), _fmt(r.kernels, "d"),
+                      _fmt(r.compile_s, ".1f"), _fmt(r.max_err_vs_ort, ".1e"))
+    console = Console(highlight=False)
+    console.print(table)
+    for r in results:
+        for engine, msg in r.errors.items():
+            console.print(f"[red]{r.model} / {engine}[/]: {msg}", soft_wrap=True)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="*", help="zoo model names (default: all)")
+    p.add_argument("--light", action="store_true", help="also benchmark onnx's light CNN models (kiln vs ORT)")
+    p.add_argument("--kernels", action="store_true", help="GFLOP/s of kiln's matmul kernels vs ORT and numpy")
+    p.add_argument("--no-tvm", action="store_true", help="skip TVM's own from_onnx path (slow to run)")
+    p.add_argument("--repeat", type=int, default=20, help="timed runs per engine (median reported)")
+    p.add_argument("--threads", type=int, default=2, help="threads for every engine")
+    p.add_argument("--passes", default=None, help="kiln pass pipeline")
+    p.add_argument("--json", metavar="FILE", help="write the numbers as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kiln import zoo
+    from kiln.codegen.target import configure_threads, target_summary
+
+    configure_threads(args.threads)
+    out: dict[str, Any] = {"threads": args.threads, "repeat": args.repeat, "target": target_summary(None)}
+    names = args.models or zoo.names()
+    unknown = [n for n in names if n not in zoo.names()]
+    if unknown:
+        raise SystemExit(f"unknown zoo model(s) {unknown}; the zoo has {zoo.names()}")
+    results = []
+    for name in names:
+        proto, feeds, torch_fn = _zoo_case(name, args.threads)
+        results.append(bench_model(name, proto, feeds, torch_fn=torch_fn, repeat=args.repeat,
+                                   threads=args.threads, run_tvm=not args.no_tvm, passes=args.passes))
+    print_table(results, f"kiln bench: zoo models, fp32, batch 1, {args.threads} threads, median of {args.repeat}")
+    out["zoo"] = [r.as_dict() for r in results]
+    if args.light:
+        light = []
+        for name, path in light_models().items():
+            proto, feeds = _light_case(path)
+            light.append(bench_model(name, proto, feeds, torch_fn=None, repeat=args.repeat,
+                                     threads=args.threads, run_tvm=False, passes=args.passes))
+        print_table(light, "kiln bench: onnx light models (kiln vs ORT)")
+        out["light"] = [r.as_dict() for r in light]
+    if args.kernels:
+        rows = bench_matmul_kernels([(512, 512, 512), (128, 256, 1024), (128, 1024, 256), (1, 512, 512)],
+                                    args.threads)
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title="matmul kernels (constant weight), GFLOP/s", title_justify="left")
+        for col in ("M x K x N", "kiln", "ORT", "numpy", "max |err|"):
+            t.add_column(col, justify="right")
+        for r in rows:
+            t.add_row(r["shape"], f"{r['kiln_gflops']:.1f}", f"{r['ort_gflops']:.1f}", f"{r['numpy_gflops']:.1f}",
+                      f"{r['max_abs_err']:.1e}")
+        Console(highlight=False).print(t)
+        out["matmul_kernels"] = rows
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=2)
+        os.replace(tmp, args.json)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kiln.bench", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

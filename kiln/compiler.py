@@ -1,0 +1,199 @@
+"""``kiln.compile``: a model (torch module, ONNX path or proto, zoo name, kiln Graph) -> an :class:`Artifact`.
+
+The flow: export/lift to kiln IR, run the pass pipeline, bind symbolic dims
+(from the example inputs, ``shapes``, else 1), lower every block to a
+scheduled TVM kernel, build the Relax VM executable, and pack library,
+weights, IR text and manifest into one artifact (``art.save(path)``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kiln import __version__
+from kiln.ir.graph import Graph
+from kiln.ir.text import print_graph
+from kiln.ir.types import bind_shape, is_static_dim
+
+__all__ = ["Artifact", "CompileError", "compile", "resolve_model"]
+
+
+class CompileError(Exception):
+    """A model kiln cannot compile; the message names the stage and the cause."""
+
+
+@dataclass
+class Artifact:
+    """A compiled model in memory: what :meth:`save` writes as one file."""
+
+    manifest: dict[str, Any]
+    library: bytes
+    weights: dict[str, np.ndarray]
+    ir_text: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write the artifact (atomically) and return its path."""
+        from kiln.runtime.artifact import write_artifact
+
+        path = os.fspath(path)
+        write_artifact(path, library=self.library, weights=self.weights, ir_text=self.ir_text,
+                       manifest=self.manifest)
+        self.stats["artifact_bytes"] = os.path.getsize(path)
+        return path
+
+    def load(self, **kwargs: Any):
+        """A runtime Session for this artifact (saved to a temporary file and loaded from it)."""
+        from kiln.runtime import load
+
+        with tempfile.TemporaryDirectory(prefix="kiln-") as d:
+            return load(self.save(os.path.join(d, "model.kiln")), **kwargs)
+
+
+def _is_torch_module(model: Any) -> bool:
+    mod = type(model).__module__
+    return mod.startswith("torch") or any(c.__module__.startswith("torch.nn") for c in type(model).__mro__)
+
+
+def resolve_model(model: Any, example_inputs: Any = None) -> tuple[Graph, str, Any]:
+    """Lift any accepted model form into kiln IR; returns (graph, label, example inputs)."""
+    from kiln import frontend, zoo
+
+    if isinstance(model, Graph):
+        return model.clone(), model.name, example_inputs
+    if isinstance(model, (str, os.PathLike)) and not os.path.exists(model) and str(model) in zoo.names():
+        name = str(model)
+        if example_inputs is None:
+            _, example_inputs = zoo.get(name)
+        return frontend.lift(zoo.onnx_model(name)), name, example_inputs
+    if _is_torch_module(model):
+        if example_inputs is None:
+            raise CompileError("compiling a torch module needs example_inputs (a tuple of tensors)")
+        proto = frontend.export(model, example_inputs)
+        return frontend.lift(proto), type(model).__name__, example_inputs
+    if isinstance(model, (str, os.PathLike)) and not os.path.exists(model):
+        raise CompileError(f"{os.fspath(model)!r}: no such file, and not a zoo model ({', '.join(zoo.names())})")
+    label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
+    return frontend.lift(model), label, example_inputs
+
+
+def _as_arrays(graph: Graph, example_inputs: Any) -> dict[str, np.ndarray]:
+    if example_inputs is None:
+        return {}
+    if isinstance(example_inputs, Mapping):
+        return {k: np.asarray(v) for k, v in example_inputs.items()}
+    items = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    arrays = [x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x) for x in items]
+    if len(arrays) != len(graph.inputs):
+        raise CompileError(f"got {len(arrays)} example inputs, the model takes {len(graph.inputs)}: "
+                           f"{[v.name for v in graph.inputs]}")
+    return {v.name: a for v, a in zip(graph.inputs, arrays)}
+
+
+def bind_symbols(graph: Graph, example: Mapping[str, np.ndarray],
+                 shapes: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Values of the graph's symbolic dims: ``shapes`` first, then the example inputs, then 1 (with a warning)."""
+    env: dict[str, int] = {k: int(v) for k, v in (shapes or {}).items()}
+    for v in graph.inputs:
+        if v.name in example:
+            err = bind_shape(v.type.shape, tuple(np.asarray(example[v.name]).shape), env)
+            if err:
+                raise CompileError(f"example input {v.name!r}: expected shape {v.type}, "
+                                   f"got {list(np.asarray(example[v.name]).shape)}: {err}")
+    free = sorted({d for v in graph.values() for d in v.type.shape if not is_static_dim(d)
+                   for d in _symbols(d)} - set(env))
+    if free:
+        warnings.warn(f"symbolic dims {free} have no value (no example inputs or --shape): compiling for 1",
+                      stacklevel=3)
+        env.update({s: 1 for s in free})
+    return env
+
+
+def _symbols(dim: Any) -> list[str]:
+    import re
+
+    return re.findall(r"[A-Za-z_][A-Za-z0-9_]*", str(dim))
+
+
+def _signature(values: Sequence[Any]) -> list[dict[str, Any]]:
+    from kiln.codegen.lowering import tvm_dtype
+
+    return [{"name": v.name, "dtype": tvm_dtype(v.type.dtype), "shape": list(v.type.shape)} for v in values]
+
+
+def compile(model: Any, example_inputs: Any = None, *, passes: str | None = None, target: Any = None,
+            shapes: Mapping[str, int] | None = None,
+            progress: Callable[[str, int, int], None] | None = None) -> Artifact:
+    """Compile ``model`` ahead of time for ``target`` (default: this machine's CPU)."""
+    from kiln.codegen.build import build_graph, specialize
+    from kiln.codegen.kernel import CodegenError
+    from kiln.codegen.target import host_target, parse_target, target_summary
+    from kiln.passes.manager import DEFAULT_PIPELINE, format_pipeline, parse_pipeline, run_pipeline
+
+    t0 = time.perf_counter()
+    pipeline = parse_pipeline(passes if passes is not None else DEFAULT_PIPELINE)
+    graph, label, example_inputs = resolve_model(model, example_inputs)
+    t_lift = time.perf_counter() - t0
+    graph = run_pipeline(graph, pipeline)
+    declared = graph.clone()
+    symbols = bind_symbols(graph, _as_arrays(graph, example_inputs), shapes)
+    tgt = parse_target(target) if target is not None else host_target()
+    try:
+        compiled = build_graph(specialize(graph, symbols), tgt, progress=progress)
+    except CodegenError as e:
+        raise CompileError(f"{label}: code generation failed: {e}") from e
+    with tempfile.TemporaryDirectory(prefix="kiln-") as d:
+        lib_path = os.path.join(d, "lib.so")
+        compiled.executable.export_library(lib_path)
+        with open(lib_path, "rb") as f:
+            library = f.read()
+    total = time.perf_counter() - t0
+    manifest = _manifest(declared, compiled, tgt, format_pipeline(pipeline), symbols, label)
+    stats = {"model": label, "nodes": len(graph.nodes), "kernels": len(compiled.kernels),
+             "unique_kernels": compiled.unique_kernels, "compile_s": total, "lift_s": t_lift,
+             **{f"{k}_s": v for k, v in compiled.timings.items()},
+             "weights_bytes": int(sum(a.nbytes for a in compiled.weights.values())),
+             "library_bytes": len(library), "target": target_summary(tgt),
+             "notes": [f"{k.name}: {n}" for k in compiled.kernels for n in k.notes]}
+    return Artifact(manifest, library, compiled.weights, print_graph(declared), stats)
+
+
+def _manifest(graph: Graph, compiled: Any, target: Any, pipeline: str, symbols: Mapping[str, int],
+              label: str) -> dict[str, Any]:
+    import tvm
+
+    from kiln.codegen.target import target_summary
+
+    summary = target_summary(target)
+    target_dict = {k: summary[k] for k in ("kind", "mcpu", "mtriple", "num-cores") if summary.get(k)}
+    try:
+        from kiln.runtime.cpu import required_cpu_features
+
+        features = required_cpu_features(target_dict)
+    except ImportError:
+        features = []
+    return {
+        "kiln_version": __version__,
+        "tvm_version": tvm.__version__,
+        "model": label,
+        "target": target_dict,
+        "cpu_features": features,
+        "pipeline": pipeline,
+        "inputs": _signature(graph.inputs),
+        "outputs": _signature(graph.outputs),
+        "symbols": dict(symbols),
+        "weights": list(compiled.weights),
+        "entry": "main",
+        "kernels": [{"name": k.name, "op": k.node.op, "kind": k.kind} for k in compiled.kernels],
+        "calibration": None,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -24,6 +24,7 @@ from kiln.ir.types import eval_shape, is_static_dim
 
 from .kernel import CodegenError, Kernel, lower_node, static_shape
 from .lowering import tvm_dtype
+from .tune import TuneOptions
 
 __all__ = ["VIEW_OPS", "CompiledGraph", "build_graph", "specialize"]
 
@@ -79,13 +80,29 @@ def _dedupe(kernels: list[Kernel]) -> dict[int, str]:
     return alias
 
 
+def _tune(kernels: list[Kernel], alias: dict[int, str], target: Target, opts: TuneOptions,
+          progress: Callable[[str, int, int], None] | None) -> None:
+    """Replace each distinct kernel's hand schedule by a tuned one where that is faster."""
+    from .tune import tune_kernel
+
+    unique = [i for i, k in enumerate(kernels) if alias[i] == k.name]
+    for n, i in enumerate(unique):
+        if progress:
+            progress("tune", n, len(unique))
+        k = kernels[i]
+        plain = lower_node(k.node, target, name=k.name, schedule=False)
+        res = tune_kernel(plain.func, k.func, target, opts)
+        k.func = res.func
+        k.tuning = f"{res.source} (hand {res.hand_us or 0:.1f} us, MetaSchedule {res.tuned_us or 0:.1f} us)"
+
+
 def _kernel_name(node: Node, i: int) -> str:
     return f"k{i:03d}_{node.op}"
 
 
-def build_graph(graph: Graph, target: Target, *,
+def build_graph(graph: Graph, target: Target, *, tune: TuneOptions | None = None,
                 progress: Callable[[str, int, int], None] | None = None) -> CompiledGraph:
-    """Lower, schedule and compile ``graph`` (static shapes) for ``target``."""
+    """Lower, schedule (optionally tune) and compile ``graph`` (static shapes) for ``target``."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     compute = [n for n in graph.nodes if n.op not in VIEW_OPS]
@@ -98,6 +115,10 @@ def build_graph(graph: Graph, target: Target, *,
 
     t1 = time.perf_counter()
     alias = _dedupe(kernels)
+    if tune is not None:
+        t_tune = time.perf_counter()
+        _tune(kernels, alias, target, tune, progress)
+        timings["tune"] = time.perf_counter() - t_tune
     by_node = {id(k.node): (k, alias[i]) for i, k in enumerate(kernels)}
     bb = relax.BlockBuilder()
     inputs = [relax.Var(v.name, _tensor_type(v)) for v in graph.inputs]

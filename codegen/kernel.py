@@ -50,6 +50,7 @@ class Kernel:
     args: list[KernelArg]
     outputs: list[Value]
     notes: list[str] = field(default_factory=list)
+    tuning: str | None = None
 
 
 def static_shape(value: Value) -> tuple[int, ...]:
@@ -135,4 +136,4 @@ def run_kernel(kernel: Kernel, inputs: Mapping[str, np.ndarray], target: Target,
 
 def build_kernel(kernel: Kernel, target: Target) -> tvm.runtime.Module:
     """Compile one kernel alone (an IRModule with just its PrimFunc)."""
-    return tvm.compile(tvm.IRModule({kernel.name: kernel.func}), target=target)
+    return tvm.compile(tvm.IRModule({kernel.name: kernel.func}), target=target).mod

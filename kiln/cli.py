@@ -141,7 +141,50 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if worst > 1e-3:
         raise CliError(f"kiln's interpreter disagrees with ONNX Runtime by {worst:.3g}")
     console.print("[green]all zoo models lift, verify and match ONNX Runtime[/]")
+    if not args.no_compile:
+        _demo_compile("gpt")
     return 0
+
+
+def _demo_compile(name: str) -> None:
+    """Compile a zoo model into an artifact, load it, check it against the interpreter, time it vs ORT and torch."""
+    import tempfile
+
+    import numpy as np
+
+    import kiln
+    from kiln import ir, zoo
+    from kiln.bench import _ort_session, _zoo_case, median_latency
+    from kiln.codegen.target import configure_threads
+    from kiln.frontend import lift
+
+    threads = configure_threads(2)
+    proto, feeds, run_torch = _zoo_case(name, threads)
+    with tempfile.TemporaryDirectory(prefix="kiln-demo-") as d:
+        path = os.path.join(d, f"{name}.kiln")
+        t0 = time.perf_counter()
+        art = kiln.compile(name)
+        art.save(path)
+        compile_s = time.perf_counter() - t0
+        sess = kiln.load(path)
+        size = os.path.getsize(path)
+    outs = sess.run(feeds)
+    ref = ir.interpret(lift(zoo.onnx_model(name)), feeds)
+    err = max(float(np.max(np.abs(outs[k].astype(np.float64) - ref[k]))) for k in outs)
+    ort_sess = _ort_session(proto, threads)
+    lat = {"kiln": median_latency(lambda: sess.run(feeds), 20, min_time=0.5),
+           "ONNX Runtime": median_latency(lambda: ort_sess.run(None, feeds), 20, min_time=0.5),
+           "PyTorch eager": median_latency(run_torch, 20, min_time=0.5)}
+    table = Table(title=f"kiln demo: zoo {name} compiled ahead of time ({art.stats['kernels']} kernels, "
+                        f"{compile_s:.1f} s, {size / 1e6:.1f} MB artifact; max |kiln - interpreter| {err:.1e})",
+                  title_justify="left")
+    for col in ("engine", "median latency ms", "vs kiln"):
+        table.add_column(col, justify="left" if col == "engine" else "right")
+    for engine, t in lat.items():
+        table.add_row(engine, f"{t * 1e3:.2f}", f"{t / lat['kiln']:.2f}x")
+    console.print(table)
+    if err > 1e-3:
+        raise CliError(f"compiled {name} disagrees with the interpreter by {err:.3g}")
 
 
 # ------------------------------------------------------------------ compile / run / bench
@@ -171,12 +214,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
         task = progress.add_task("lifting and running passes", total=None)
 
         def report(stage: str, done: int, total: int) -> None:
-            desc = "lowering + scheduling kernels" if stage == "lower" else "LLVM code generation"
+            desc = {"lower": "lowering + scheduling kernels", "tune": "MetaSchedule tuning kernels"}.get(
+                stage, "LLVM code generation")
             progress.update(task, description=desc, completed=done, total=total)
 
         try:
             art = kiln.compile(args.model, passes=args.passes, target=args.target, shapes=_parse_shapes(args.shape),
-                               progress=report)
+                               tune=args.tune, tune_db=args.tune_db, progress=report)
         except CompileError as e:
             raise CliError(str(e)) from e
         progress.update(task, description="writing artifact")
@@ -269,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.set_defaults(func=cmd_inspect)
     demo = sub.add_parser("demo", help="run the main job on the built-in example model zoo")
     demo.add_argument("models", nargs="*", help="zoo model names (default: all)")
+    demo.add_argument("--no-compile", action="store_true", help="skip compiling and timing the zoo GPT")
     demo.set_defaults(func=cmd_demo)
     comp = sub.add_parser("compile", help="compile a model ahead of time into one artifact file")
     comp.add_argument("model", help="an .onnx file or a zoo model name")
@@ -276,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--passes", default=None, help="pass pipeline, e.g. 'canonicalize,dce'")
     comp.add_argument("--target", default=None, help="TVM target, e.g. 'llvm -mcpu=znver2' (default: this CPU)")
     comp.add_argument("--shape", action="append", metavar="SYM=N", help="value of a symbolic dim (repeatable)")
+    comp.add_argument("--tune", type=int, default=0, metavar="TRIALS",
+                      help="MetaSchedule-tune each distinct kernel with TRIALS candidates (default: off)")
+    comp.add_argument("--tune-db", default=None, metavar="DIR",
+                      help="tuning database, reused across compiles (default: $KILN_TUNING_DB or ~/.cache/kiln/tuning)")
     comp.set_defaults(func=cmd_compile)
     run = sub.add_parser("run", help="run a compiled artifact")
     run.add_argument("artifact", help="a .kiln file from kiln compile")

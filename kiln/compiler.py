@@ -15,6 +15,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -131,7 +132,7 @@ def _signature(values: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 def compile(model: Any, example_inputs: Any = None, *, passes: str | None = None, target: Any = None,
-            shapes: Mapping[str, int] | None = None,
+            shapes: Mapping[str, int] | None = None, tune: int = 0, tune_db: str | None = None,
             progress: Callable[[str, int, int], None] | None = None) -> Artifact:
     """Compile ``model`` ahead of time for ``target`` (default: this machine's CPU)."""
     from kiln.codegen.build import build_graph, specialize
@@ -148,7 +149,10 @@ def compile(model: Any, example_inputs: Any = None, *, passes: str | None = None
     symbols = bind_symbols(graph, _as_arrays(graph, example_inputs), shapes)
     tgt = parse_target(target) if target is not None else host_target()
     try:
-        compiled = build_graph(specialize(graph, symbols), tgt, progress=progress)
+        from kiln.codegen.tune import TuneOptions
+
+        opts = TuneOptions(tune, Path(tune_db) if tune_db else None) if tune else None
+        compiled = build_graph(specialize(graph, symbols), tgt, tune=opts, progress=progress)
     except CodegenError as e:
         raise CompileError(f"{label}: code generation failed: {e}") from e
     with tempfile.TemporaryDirectory(prefix="kiln-") as d:
@@ -193,7 +197,8 @@ def _manifest(graph: Graph, compiled: Any, target: Any, pipeline: str, symbols: 
         "symbols": dict(symbols),
         "weights": list(compiled.weights),
         "entry": "main",
-        "kernels": [{"name": k.name, "op": k.node.op, "kind": k.kind} for k in compiled.kernels],
+        "kernels": [{"name": k.name, "op": k.node.op, "kind": k.kind, **({"tuning": k.tuning} if k.tuning else {})}
+                    for k in compiled.kernels],
         "calibration": None,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

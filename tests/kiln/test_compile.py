@@ -1,0 +1,139 @@
+"""kiln.compile end to end: every zoo model and light ONNX model compiled, loaded and checked
+against the reference interpreter (tolerances: kiln.codegen.tolerance), plus the API's model forms."""
+
+import json
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import kiln
+from kiln import ir, zoo
+from kiln.cli import main
+from kiln.codegen.tolerance import MODEL_F32, assert_close
+from kiln.compiler import CompileError
+from kiln.frontend import lift
+
+# compiled light models that stay within the suite's time budget (each < ~30 s on 2 cores)
+LIGHT_IN_SUITE = ("squeezenet", "bvlc_alexnet", "shufflenet")
+
+
+def _zoo_feeds(name):
+    _, example = zoo.get(name)
+    return {n: t.numpy() for n, t in zip(zoo.input_names(name), example)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", zoo.names())
+def test_zoo_model_compiles_and_matches_the_interpreter(name, tmp_path):
+    art = kiln.compile(name)
+    assert not art.stats["notes"], art.stats["notes"]
+    sess = kiln.load(art.save(tmp_path / f"{name}.kiln"))
+    feeds = _zoo_feeds(name)
+    expected = ir.interpret(lift(zoo.onnx_model(name)), feeds)
+    got = sess.run(feeds)
+    assert list(got) == list(expected)
+    for k in expected:
+        assert_close(got[k], expected[k], MODEL_F32, what=f"{name}:{k}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LIGHT_IN_SUITE)
+def test_light_model_compiles_and_matches_the_interpreter(name):
+    from kiln.bench import _light_case, light_models
+
+    proto, feeds = _light_case(light_models()[name])
+    art = kiln.compile(proto, feeds)
+    got = art.load().run(feeds)
+    expected = ir.interpret(lift(proto), feeds)
+    for k in expected:
+        assert_close(got[k], expected[k], MODEL_F32, what=f"{name}:{k}")
+
+
+def _tiny_onnx():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4], np.arange(4, dtype=np.float32) - 1.5)
+    g = helper.make_graph([helper.make_node("Mul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
+                          "tiny", [x], [y], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 10
+    return m
+
+
+def test_onnx_proto_and_path_compile_with_symbols_bound_by_example_inputs(tmp_path):
+    proto = _tiny_onnx()
+    x = np.linspace(-2, 2, 12, dtype=np.float32).reshape(3, 4)
+    want = np.maximum(x * (np.arange(4, dtype=np.float32) - 1.5), 0)
+    art = kiln.compile(proto, {"x": x})
+    assert art.manifest["symbols"] == {"N": 3}
+    assert art.manifest["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["N", 4]}]
+    assert art.manifest["pipeline"] == "canonicalize,dce"
+    np.testing.assert_array_equal(art.load().run({"x": x})["y"], want)
+    path = tmp_path / "tiny.onnx"
+    onnx.save(proto, path)
+    with pytest.warns(UserWarning, match=r"symbolic dims \['N'\] have no value"):
+        art = kiln.compile(str(path))
+    assert art.manifest["symbols"] == {"N": 1}
+    np.testing.assert_array_equal(art.load().run({"x": x[:1]})["y"], want[:1])
+
+
+def test_torch_module_compiles():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
+    x = torch.randn(2, 8)
+    art = kiln.compile(model, (x,))
+    (got,) = art.load().run({art.manifest["inputs"][0]["name"]: x.numpy()}).values()
+    with torch.no_grad():
+        assert_close(got, model(x).numpy(), MODEL_F32)
+
+
+def test_compile_errors_name_the_problem():
+    with pytest.raises(CompileError, match="no such file, and not a zoo model"):
+        kiln.compile("no_such_model.onnx")
+    with pytest.raises(CompileError, match="needs example_inputs"):
+        kiln.compile(torch.nn.ReLU())
+    from kiln.passes.manager import PipelineError
+
+    with pytest.raises(PipelineError, match="unknown pass 'nope'"):
+        kiln.compile(_tiny_onnx(), passes="canonicalize,nope")
+
+
+def test_cli_compile_then_run(tmp_path, capsys):
+    model = tmp_path / "tiny.onnx"
+    onnx.save(_tiny_onnx(), model)
+    art = tmp_path / "tiny.kiln"
+    assert main(["compile", str(model), "-o", str(art), "--shape", "N=2"]) == 0
+    out = capsys.readouterr().out
+    assert "kernels generated" in out and "artifact size" in out and "compile time" in out
+    x = np.array([[1, 2, 3, 4], [-1, -2, -3, -4]], np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    assert main(["run", str(art), "--inputs", str(tmp_path / "x.npz"), "--out", str(tmp_path / "y.npz"),
+                 "--repeat", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "[2, 4]" in out and "latency over 5 runs: median" in out
+    with np.load(tmp_path / "y.npz", allow_pickle=False) as z:
+        np.testing.assert_array_equal(z["y"], np.maximum(x * (np.arange(4, dtype=np.float32) - 1.5), 0))
+
+
+def test_cli_compile_bad_shape_and_unknown_model(tmp_path, capsys):
+    assert main(["compile", "nope"]) != 0
+    assert "not a zoo model" in capsys.readouterr().err
+    assert main(["compile", "mlp", "--shape", "N"]) != 0
+    assert "expected SYMBOL=INT" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_writes_ratios_as_json(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "mlp", "--no-tvm", "--repeat", "3", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    (row,) = data["zoo"]
+    assert row["model"] == "mlp" and not row["errors"]
+    for key in ("kiln_ms", "ort_ms", "torch_ms", "kiln_over_ort", "kiln_over_torch"):
+        assert row[key] > 0
+    assert row["max_err_vs_ort"] < 1e-3
+    assert os.path.getsize(out) > 0

@@ -127,7 +127,7 @@ def build_graph(graph: Graph, target: Target, *, tune: TuneOptions | None = None
     weight_vars: list[relax.Var] = []
 
     def weight(name: str, array: np.ndarray) -> relax.Var:
-        array = np.ascontiguousarray(array)
+        array = np.require(array, requirements="C")
         var = relax.Var(f"w{len(weights)}", relax.TensorType(array.shape, tvm_dtype_of(array)))
         weights[name] = array
         weight_vars.append(var)

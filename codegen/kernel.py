@@ -125,9 +125,9 @@ def run_kernel(kernel: Kernel, inputs: Mapping[str, np.ndarray], target: Target,
     """Build (unless ``module`` is given) and run one kernel on numpy inputs keyed by value name."""
     mod = module or build_kernel(kernel, target)
     dev = tvm.cpu()
-    args = [tvm.runtime.tensor(np.ascontiguousarray(a.const if a.value is None else
+    args = [tvm.runtime.tensor(np.require(a.const if a.value is None else
                                                     (a.value.const if a.value.const is not None
-                                                     else inputs[a.value.name])), dev)
+                                                     else inputs[a.value.name]), requirements="C"), dev)
             for a in kernel.args]
     outs = [tvm.runtime.empty(static_shape(v), tvm_dtype(v.type.dtype), dev) for v in kernel.outputs]
     mod[kernel.name](*args, *outs)

@@ -200,6 +200,8 @@ def _vectorize_tail_split(sch: Schedule, loop, vec: int) -> tuple:
     them may be ``None``.
     """
     ext = _extent(sch, loop)
+    if ext == 0:
+        return None, None, None
     main_ext = ext - ext % vec
     if main_ext == 0:
         sch.vectorize(loop)
@@ -228,6 +230,8 @@ def _schedule_elementwise_block(
     cores = _cores(target)
     exts = [_extent(sch, lp) for lp in loops]
     total = math.prod(exts)
+    if total == 0:
+        return
     do_parallel = parallel and cores > 1 and total >= PARALLEL_MIN_WORK
     lead = math.prod(exts[:-1])
     if exts[-1] >= vec and (lead >= 2 * cores or not do_parallel) and len(loops) > 1:
@@ -372,7 +376,7 @@ def packed_matmul_te(
     B_shape: Sequence[int],
     *,
     bn: int = 16,
-    prepacked: bool = False,
+    prepacked: bool | te.Tensor = False,
     transpose_b: bool = False,
     bias: te.Tensor | None = None,
     out_dtype: str | None = None,
@@ -383,7 +387,8 @@ def packed_matmul_te(
     ``B`` (``[K, N]``, or ``[N, K]`` with ``transpose_b``) is packed as
     ``Bp[ceil(N/bn), K, bn]`` (zero-padded), so the micro-kernel reads ``bn``
     contiguous columns per ``k``.  With ``prepacked=True`` the PrimFunc takes
-    ``Bp`` itself (make it with :func:`pack_weight` at compile time);
+    ``Bp`` itself (make it with :func:`pack_weight` at compile time; pass the
+    placeholder to use, or ``True`` for a new one);
     otherwise the packing is a stage of the kernel (block ``name + "_pack"``).
     The reduction runs over the padded width ``ceil(N/bn)*bn`` and block
     ``name + "_unpad"`` slices it (with the optional ``bias[N]`` added).
@@ -398,7 +403,11 @@ def packed_matmul_te(
     dtype = out_dtype or A.dtype
     NO = -(-N // bn)
     NP = NO * bn
-    if prepacked:
+    if isinstance(prepacked, te.Tensor):
+        if tuple(int(d) for d in prepacked.shape) != (NO, K, bn):
+            raise ValueError(f"packed weight is {list(prepacked.shape)}, expected {[NO, K, bn]}")
+        Bp = weight = prepacked
+    elif prepacked:
         Bp = te.placeholder((NO, K, bn), A.dtype, name="B_packed")
         weight = Bp
     else:
@@ -1053,7 +1062,7 @@ def _rfactor(sch: Schedule, blk, vec: int):
     try:
         _, ki = sch.split(reduce[0], [None, vec])
         return sch.rfactor(ki, len(spatial))
-    except (ScheduleError, tvm.error.TVMError):
+    except (ScheduleError, tvm.error.InternalError):
         return None
 
 

@@ -17,14 +17,16 @@ from typing import Any
 import tvm
 from tvm.target import Target
 
+from kiln.runtime.session import configure_threads
+
 __all__ = [
+    "configure_threads",
     "host_target",
     "parse_target",
     "target_summary",
     "vector_width_bits",
     "vector_lanes",
     "num_cores",
-    "configure_threads",
 ]
 
 # Vector register width (bits) of CPUs whose LLVM name alone tells it.  Used
@@ -77,25 +79,6 @@ def host_target(num_threads: int | None = None) -> Target:
     if mtriple:
         spec["mtriple"] = mtriple
     return Target(spec)
-
-
-def configure_threads(n: int | None = None) -> int:
-    """Make TVM's runtime thread pool use ``n`` threads (default: the cores
-    this process may use).  Returns the number requested.
-
-    Without ``TVM_NUM_THREADS``/``OMP_NUM_THREADS`` TVM uses half the logical
-    CPUs on x86 (it assumes hyper-threading): 1 thread on a 2-vCPU VM, so
-    every ``parallel`` loop runs serially.  The variable is read when the pool
-    is created (the first parallel kernel call), so call this early; an
-    already-set ``TVM_NUM_THREADS`` is left alone unless ``n`` is given.
-    """
-    if n is None:
-        current = os.environ.get("TVM_NUM_THREADS")
-        if current and current.isdigit() and int(current) > 0:
-            return int(current)
-        n = num_cores()
-    os.environ["TVM_NUM_THREADS"] = str(int(n))
-    return int(n)
 
 
 def _cli_to_dict(spec: str) -> dict[str, Any]:

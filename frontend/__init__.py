@@ -29,7 +29,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "export":
-        from .export import export
-        globals()["export"] = export  # the submodule import bound the name; rebind the function
+        from .torch_export import export
+        globals()["export"] = export
         return export
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

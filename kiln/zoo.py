@@ -504,7 +504,7 @@ def output_names(name: str) -> tuple[str, ...]:
 @functools.cache
 def _cached_onnx(name: str, seed: int) -> onnx.ModelProto:
     """Export zoo model ``name`` once per process and seed."""
-    from kiln.frontend.export import export
+    from kiln.frontend.torch_export import export
 
     module, example = get(name, seed)
     return export(module, example, input_names=input_names(name), output_names=output_names(name))

@@ -58,7 +58,7 @@ class LowerCtx:
         """Feed ``array`` (computed at compile time from constant operand ``i``) in its place."""
         if i not in self.consts:
             raise ValueError(f"{self.node.op}: operand {i} is not a constant")
-        array = np.ascontiguousarray(array)
+        array = np.require(array, requirements="C")
         ph = te.placeholder(array.shape, str(array.dtype), name=name)
         self.replaced[i] = (array, ph)
         return ph

@@ -86,7 +86,7 @@ def _transpose_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorTy
     fusion=INJ, onnx="Transpose")
 def transpose(x, *, perm):
     """Permute axes; output dim i is input dim perm[i]; an empty perm reverses them."""
-    return np.ascontiguousarray(np.transpose(x, _perm(list(perm), x.ndim)))
+    return np.require(np.transpose(x, _perm(list(perm), x.ndim)), requirements="C")
 
 
 def _squeeze_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
@@ -252,7 +252,7 @@ def slice_(x, *, starts, ends, axes, steps):
                                                        "steps": steps}):
         s, e, n = _slice_range(x.shape[ax], start, end, step)
         idx[ax] = slice(s, None if e < 0 else e, step) if n else slice(0, 0)
-    return np.ascontiguousarray(x[tuple(idx)])
+    return np.require(x[tuple(idx)], requirements="C")
 
 
 # ================================================================== gather / expand / tile / pad
@@ -323,7 +323,7 @@ def _expand_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]
     onnx=OnnxSpec("Expand", attr_inputs={1: "shape"}, attr_dtypes={"shape": "i64"}))
 def expand(x, *, shape):
     """Broadcast ``x`` and ``shape`` against each other (ONNX's bidirectional broadcast)."""
-    return np.ascontiguousarray(np.broadcast_to(x, np.broadcast_shapes(x.shape, tuple(shape))))
+    return np.require(np.broadcast_to(x, np.broadcast_shapes(x.shape, tuple(shape))), requirements="C")
 
 
 def _tile_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
@@ -515,5 +515,5 @@ def cumsum(x, *, axis, exclusive, reverse):
     if exclusive:
         c = np.concatenate([np.zeros_like(np.take(c, [0], axis=ax)), np.take(c, range(c.shape[ax] - 1), axis=ax)],
                            axis=ax) if c.shape[ax] else c
-    return np.ascontiguousarray(np.flip(c, ax) if reverse else c)
+    return np.require(np.flip(c, ax) if reverse else c, requirements="C")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from kiln.frontend.export import MAX_IR_VERSION, ExportError, ExportFallbackWarning, export
+from kiln.frontend.torch_export import MAX_IR_VERSION, ExportError, ExportFallbackWarning, export
 
 
 class ConvBn(nn.Module):

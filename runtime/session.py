@@ -1,0 +1,379 @@
+"""Load an artifact and run it: ``load(path) -> Session``, ``Session.run(inputs) -> outputs``.
+
+Loading validates the file (manifest, hashes, weights), the target's
+architecture and the CPU features the code needs, all before the native
+library is touched.  TVM is imported lazily and without torch (tvm_ffi
+imports torch eagerly when it can, which costs seconds and memory a runtime
+does not need).  A Session is safe to use from several threads: each thread
+gets its own VirtualMachine over the shared library and read-only weights.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .artifact import ArtifactError, numpy_dtype, read_artifact
+from .cpu import host_arch, missing_cpu_features, required_cpu_features, target_arch
+
+__all__ = ["InputError", "Session", "TensorSpec", "configure_threads", "load"]
+
+_TVM_LOCK = threading.Lock()
+
+
+class InputError(ValueError):
+    """Inputs that do not match the artifact's signature; the message names the input, expected and got."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of the compiled model; dims are ints or symbol expressions ("N", "64*N")."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def __getitem__(self, key: str) -> Any:
+        """Mapping-style access (``spec["shape"]``) as in the manifest's JSON."""
+        if key not in ("name", "dtype", "shape"):
+            raise KeyError(key)
+        return list(self.shape) if key == "shape" else getattr(self, key)
+
+    @classmethod
+    def from_manifest(cls, spec: Mapping[str, Any]) -> TensorSpec:
+        return cls(str(spec["name"]), str(spec["dtype"]), tuple(spec["shape"]))
+
+
+class _BlockTorch(importlib.abc.MetaPathFinder):
+    """Makes ``import torch`` fail (as if not installed) in the thread importing TVM, and only there."""
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        if threading.get_ident() != self.thread:
+            return None
+        if fullname == "torch" or fullname.startswith("torch."):
+            raise ModuleNotFoundError(f"No module named {fullname!r} (blocked while kiln imports TVM)",
+                                      name=fullname)
+        return None
+
+
+@contextmanager
+def _torch_blocked() -> Iterator[None]:
+    """Block torch for the duration, unless it is already imported (then blocking gains nothing)."""
+    if "torch" in sys.modules:
+        yield
+        return
+    blocker = _BlockTorch()
+    sys.meta_path.insert(0, blocker)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(blocker)
+
+
+def import_tvm() -> Any:
+    """``import tvm`` without dragging torch in; ``KILN_RUNTIME_ONLY=1`` loads only libtvm_runtime.
+
+    tvm_ffi imports torch only to pick up optional fast paths (torch.Tensor and
+    torch.dtype arguments); without them torch tensors still pass through
+    ``__dlpack__``.  Runtime-only mode is faster to import but makes
+    ``tvm.relax`` (the compiler) unusable in the same process, hence opt-in.
+    """
+    if "tvm.runtime.vm" in sys.modules:
+        return sys.modules["tvm"]
+    with _TVM_LOCK:
+        runtime_only = os.environ.get("KILN_RUNTIME_ONLY", "") not in ("", "0")
+        saved = os.environ.get("TVM_USE_RUNTIME_LIB")
+        if runtime_only:
+            os.environ["TVM_USE_RUNTIME_LIB"] = "1"
+        try:
+            with _torch_blocked():
+                import tvm
+                import tvm.runtime.vm  # noqa: F401
+        finally:
+            if runtime_only:
+                if saved is None:
+                    os.environ.pop("TVM_USE_RUNTIME_LIB", None)
+                else:
+                    os.environ["TVM_USE_RUNTIME_LIB"] = saved
+    return tvm
+
+
+def _check_target(path: str, manifest: Mapping[str, Any]) -> None:
+    """The artifact must be CPU code for this architecture whose ISA extensions this CPU has."""
+    target = manifest["target"]
+    kind = str(target.get("kind", "llvm"))
+    if kind != "llvm":
+        raise ArtifactError(f"{path}: compiled for target kind {kind!r}; this runtime runs CPU (llvm) code only")
+    arch, host = target_arch(target), host_arch()
+    if arch and host and arch != host:
+        raise ArtifactError(f"{path}: compiled for {arch} (mtriple={target.get('mtriple')}), "
+                            f"this machine is {host}: recompile on (or for) this machine")
+    needed = list(dict.fromkeys([*manifest["cpu_features"], *required_cpu_features(target)]))
+    missing = missing_cpu_features(needed)
+    if missing:
+        mcpu = target.get("mcpu", "?")
+        raise ArtifactError(f"{path}: artifact was compiled for mcpu={mcpu} which needs {', '.join(missing)}; "
+                            f"this CPU lacks them: recompile with --target 'llvm -mcpu=...' for this "
+                            f"machine (or with no --target: the host CPU is the default)")
+
+
+def _load_library(path: str, library: bytes) -> Any:
+    """Load lib.so from a private temp file (removed right after ``dlopen``)."""
+    tvm = import_tvm()
+    tmpdir = tempfile.mkdtemp(prefix="kiln-lib-")
+    try:
+        lib_path = os.path.join(tmpdir, f"{uuid.uuid4().hex}.so")
+        with open(lib_path, "wb") as f:
+            f.write(library)
+        return tvm.runtime.load_module(lib_path)
+    except Exception as e:
+        raise ArtifactError(f"{path}: lib.so could not be loaded ({type(e).__name__}: {e})") from e
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _dim_terms(dim: int | str) -> tuple[int, list[str]]:
+    """A dim as (integer coefficient, symbol factors): "64*N" -> (64, ["N"])."""
+    if isinstance(dim, int):
+        return dim, []
+    coef, syms = 1, []
+    for part in str(dim).replace(" ", "").split("*"):
+        if part.isdigit():
+            coef *= int(part)
+        else:
+            syms.append(part)
+    return coef, syms
+
+
+def _describe_dim(dim: int | str) -> str:
+    coef, syms = _dim_terms(dim)
+    return f"symbol {dim}" if coef == 1 and len(syms) == 1 else str(dim)
+
+
+class Session:
+    """A loaded artifact, ready to run; thread-safe (one VirtualMachine per thread)."""
+
+    def __init__(self, path: str, manifest: dict[str, Any], module: Any, weights: Sequence[Any],
+                 ir_text: str) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.ir_text = ir_text
+        self.inputs = [TensorSpec.from_manifest(s) for s in manifest["inputs"]]
+        self.outputs = [TensorSpec.from_manifest(s) for s in manifest["outputs"]]
+        self.symbols: dict[str, int] = dict(manifest["symbols"])
+        self._entry = manifest["entry"]
+        self._module = module
+        self._weights = tuple(weights)
+        self._weight_views = tuple(np.from_dlpack(w) for w in self._weights)
+        self._dtypes = {s.name: numpy_dtype(s.dtype) for s in self.inputs}
+        self._tvm = import_tvm()
+        self._device = self._tvm.cpu()
+        self._local = threading.local()
+        self._vm_lock = threading.Lock()
+        self._check_entry()
+
+    def __repr__(self) -> str:
+        sig = ", ".join(f"{s.name}: {s.dtype}{list(s.shape)}" for s in self.inputs)
+        return f"Session({self.path!r}, {self._entry}({sig}) -> {len(self.outputs)} outputs)"
+
+    def _function(self) -> Any:
+        """This thread's VirtualMachine entry function (created on first use)."""
+        fn = getattr(self._local, "fn", None)
+        if fn is None:
+            with self._vm_lock:
+                vm = self._tvm.runtime.vm.VirtualMachine(self._module, self._device)
+            self._local.vm = vm
+            fn = self._local.fn = vm[self._entry]
+        return fn
+
+    def _check_entry(self) -> None:
+        """The library must define the entry with one parameter per input and weight."""
+        try:
+            self._function()
+            arity = int(self._local.vm._get_function_arity(self._entry))
+        except Exception as e:
+            raise ArtifactError(f"{self.path}: lib.so has no usable function {self._entry!r} ({e})") from e
+        want = len(self.inputs) + len(self._weights)
+        if arity != want:
+            raise ArtifactError(f"{self.path}: {self._entry} takes {arity} parameters, the manifest lists "
+                                f"{len(self.inputs)} inputs + {len(self._weights)} weights = {want}")
+
+    def validate(self, inputs: Mapping[str, Any]) -> list[np.ndarray]:
+        """The inputs as contiguous arrays in manifest order; InputError on any mismatch."""
+        if not isinstance(inputs, Mapping):
+            raise InputError(f"inputs should be a mapping from input name to array, got {type(inputs).__name__} "
+                             f"(expected names {[s.name for s in self.inputs]})")
+        names = [s.name for s in self.inputs]
+        missing = [n for n in names if n not in inputs]
+        extra = [n for n in inputs if n not in names]
+        if missing or extra:
+            parts = ([f"missing inputs {missing}"] if missing else []) + \
+                    ([f"unexpected inputs {extra}"] if extra else [])
+            raise InputError(f"{' and '.join(parts)}: the model takes {names}, got {list(inputs)}")
+        arrays = []
+        bound: dict[str, tuple[int, str, int]] = {}
+        for spec in self.inputs:
+            a = np.asarray(inputs[spec.name])
+            want = self._dtypes[spec.name]
+            if a.dtype != want:
+                raise InputError(f"input {spec.name!r}: expected dtype {want.name}, got {a.dtype.name} "
+                                 f"(convert it with .astype(np.{want.name}); kiln does not cast silently)")
+            if a.ndim != len(spec.shape):
+                raise InputError(f"input {spec.name!r}: expected rank {len(spec.shape)} (shape "
+                                 f"{list(spec.shape)}), got rank {a.ndim} (shape {list(a.shape)})")
+            self._bind_dims(spec, a.shape, bound)
+            arrays.append(np.require(a, requirements="C"))
+        for spec, a in zip(self.inputs, arrays):
+            self._check_dims(spec, a.shape, bound)
+        return arrays
+
+    def _bind_dims(self, spec: TensorSpec, shape: tuple[int, ...], bound: dict[str, tuple[int, str, int]]) -> None:
+        """Bind single-symbol dims to the values given; one symbol must take one value across inputs."""
+        for i, (dim, got) in enumerate(zip(spec.shape, shape)):
+            coef, syms = _dim_terms(dim)
+            if len(syms) != 1 or coef == 0 or got % coef:
+                continue
+            (sym,) = syms
+            value = got // coef
+            if sym in bound and bound[sym][0] != value:
+                _, other, j = bound[sym]
+                raise InputError(f"input {spec.name!r} dim {i} is {_describe_dim(dim)}: got {got} (so {sym}="
+                                 f"{value}) but input {other!r} dim {j} gave {sym}={bound[sym][0]}: "
+                                 f"{sym} must take one value across all inputs")
+            bound.setdefault(sym, (value, spec.name, i))
+
+    def _check_dims(self, spec: TensorSpec, shape: tuple[int, ...], bound: Mapping[str, tuple[int, str, int]]) -> None:
+        """Every dim must equal what the artifact was compiled for."""
+        for i, (dim, got) in enumerate(zip(spec.shape, shape)):
+            coef, syms = _dim_terms(dim)
+            if not syms:
+                if got != coef:
+                    raise InputError(f"input {spec.name!r}: dim {i} should be {coef}, got {got} "
+                                     f"(expected shape {list(spec.shape)}, got {list(shape)})")
+                continue
+            unknown = [s for s in syms if s not in self.symbols]
+            if unknown:
+                raise ArtifactError(f"{self.path}: manifest gives no compiled value for symbols {unknown}")
+            compiled = {s: self.symbols[s] for s in syms}
+            want = coef
+            for s in syms:
+                want *= compiled[s]
+            if got == want:
+                continue
+            values = ", ".join(f"{s}={v}" for s, v in compiled.items())
+            if coef == 1 and len(syms) == 1:
+                got_desc = f"got {got}"
+            else:
+                got_desc = f"got {got}" + "".join(f" ({s}={bound[s][0]})" for s in syms if s in bound)
+                got_desc += f", expected {want}"
+            raise InputError(f"input {spec.name!r} dim {i} is {_describe_dim(dim)}: {got_desc} but the artifact "
+                             f"was compiled for {values} (recompile with that shape)")
+
+    def _call(self, tensors: Sequence[Any], arrays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        result = self._function()(*tensors, *self._weights)
+        flat = _flatten(result)
+        if len(flat) != len(self.outputs):
+            raise ArtifactError(f"{self.path}: {self._entry} returned {len(flat)} outputs, "
+                                f"the manifest lists {len(self.outputs)}")
+        return {spec.name: self._to_numpy(t, arrays) for spec, t in zip(self.outputs, flat)}
+
+    def _to_numpy(self, tensor: Any, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """The output without a copy, unless it aliases an input or a weight (a view the caller could clobber)."""
+        out = np.from_dlpack(tensor)
+        if any(np.may_share_memory(out, a) for a in (*arrays, *self._weight_views)):
+            return out.copy()
+        return out
+
+    def _to_device(self, arrays: Sequence[np.ndarray]) -> list[Any]:
+        """Zero-copy DLPack views (TVM wants 64-byte aligned data: others are copied into aligned buffers)."""
+        return [self._tvm.runtime.from_dlpack(_aligned(a)) for a in arrays]
+
+    def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run the model on numpy inputs (by name); returns the outputs by name, in manifest order."""
+        arrays = self.validate(inputs)
+        return self._call(self._to_device(arrays), arrays)
+
+    __call__ = run
+
+    def benchmark(self, inputs: Mapping[str, Any], repeat: int = 20, warmup: int = 3) -> list[float]:
+        """Seconds per run over ``repeat`` timed runs (inputs validated and copied in once, outputs copied out)."""
+        arrays = self.validate(inputs)
+        tensors = self._to_device(arrays)
+        for _ in range(max(0, warmup)):
+            self._call(tensors, arrays)
+        times = []
+        for _ in range(max(1, repeat)):
+            t0 = time.perf_counter()
+            self._call(tensors, arrays)
+            times.append(time.perf_counter() - t0)
+        return times
+
+
+def _aligned(a: np.ndarray, alignment: int = 64) -> np.ndarray:
+    """``a`` itself when C-contiguous and aligned, else a copy in an aligned buffer."""
+    if a.flags.c_contiguous and a.ctypes.data % alignment == 0:
+        return a
+    buf = np.empty(a.nbytes + alignment, np.uint8)
+    offset = -buf.ctypes.data % alignment
+    out = buf[offset:offset + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Size TVM's kernel thread pool: ``threads``, else ``TVM_NUM_THREADS``, else every core this process may use.
+
+    TVM's own default is half the logical CPUs (it assumes hyper-threading),
+    one thread on a 2-vCPU machine, so every ``parallel`` loop runs serially.
+    The pool reads ``TVM_NUM_THREADS`` once, when it is created (the first
+    parallel kernel call), so this must run before that; returns the count set.
+    """
+    if threads is None:
+        env = os.environ.get("TVM_NUM_THREADS", "")
+        threads = int(env) if env.isdigit() and int(env) > 0 else len(os.sched_getaffinity(0))
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    return threads
+
+
+def _flatten(result: Any) -> list[Any]:
+    """The VM's result (one tensor or nested tuples/Arrays of tensors) as a flat list."""
+    if hasattr(result, "numpy"):
+        return [result]
+    out: list[Any] = []
+    for item in result:
+        out.extend(_flatten(item))
+    return out
+
+
+def load(path: str | os.PathLike, *, check_cpu: bool = True, threads: int | None = None) -> Session:
+    """Load an artifact: validate it and this CPU first, then the library, then the weights (once).
+
+    ``threads`` sizes the kernel thread pool (see :func:`configure_threads`).
+    """
+    path = os.fspath(path)
+    contents = read_artifact(path)
+    if check_cpu:
+        _check_target(path, contents.manifest)
+    configure_threads(threads)
+    module = _load_library(path, contents.library)
+    tvm = import_tvm()
+    dev = tvm.cpu()
+    weights = [tvm.runtime.tensor(_aligned(a), dev) for a in contents.weights.values()]
+    return Session(path, contents.manifest, module, weights, contents.ir_text)

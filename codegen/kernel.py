@@ -1,15 +1,17 @@
 """One node -> one scheduled PrimFunc (a *kernel*), from the op's registry lowering.
 
-The block-fusion issue makes blocks bigger; until then every compute node is
-its own block.  :func:`lower_node` calls the op's lowering on placeholders of
-the operands' static types, builds the PrimFunc and applies the schedule the
+A block is an anchor node, or an anchor with its elementwise epilogue
+(codegen/build.py groups them; the block-fusion pass will make blocks
+bigger).  :func:`lower_block` calls each node's registry lowering on the TE
+tensors before it (placeholders of the operands' static types at the
+block's edge), builds the PrimFunc and applies the schedule the anchor's
 lowering asked for; :func:`run_kernel` builds and runs one kernel (tests and
 ``kiln bench --kernels`` use it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,7 +26,8 @@ from . import lowering  # noqa: F401  (registers every lowering)
 from .lowering import LowerCtx, tvm_dtype
 from .schedules import schedule_for
 
-__all__ = ["CodegenError", "Kernel", "KernelArg", "build_kernel", "lower_node", "run_kernel", "static_shape"]
+__all__ = ["CodegenError", "Kernel", "KernelArg", "build_kernel", "lower_block", "lower_node", "run_kernel",
+           "static_shape"]
 
 
 class CodegenError(Exception):
@@ -44,13 +47,18 @@ class Kernel:
     """A scheduled PrimFunc with what to feed it: ``args`` then ``outputs`` are its parameters."""
 
     name: str
-    node: Node
+    node: Node  # the anchor (first node of ``nodes``)
     func: tirx.PrimFunc
     kind: str
     args: list[KernelArg]
     outputs: list[Value]
     notes: list[str] = field(default_factory=list)
     tuning: str | None = None
+    nodes: list[Node] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.nodes:
+            self.nodes = [self.node]
 
 
 def static_shape(value: Value) -> tuple[int, ...]:
@@ -66,22 +74,23 @@ def static_shape(value: Value) -> tuple[int, ...]:
 
 def lower_node(node: Node, target: Target, *, name: str | None = None, schedule: bool = True) -> Kernel:
     """Lower one node to a scheduled PrimFunc named ``name``."""
+    return lower_block([node], target, name=name, schedule=schedule)
+
+
+def _label(node: Node) -> str:
+    return f"{node.op} ({node.name or node.outputs[0].name})"
+
+
+def _lower_one(node: Node, target: Target, operands: list[te.Tensor | None],
+               consts: dict[int, np.ndarray]) -> tuple[LowerCtx, list[te.Tensor]]:
+    """Call ``node``'s registry lowering on ``operands``; check its outputs against the node's types."""
     opdef = get_op(node.op)
-    label = f"{node.op} ({node.name or node.outputs[0].name})"
+    label = _label(node)
     if opdef.lower_tvm is None:
         raise CodegenError(f"op {node.op!r} has no TVM lowering yet: {label}")
-    placeholders: list[te.Tensor | None] = []
-    consts: dict[int, np.ndarray] = {}
-    for i, v in enumerate(node.inputs):
-        if v is None:
-            placeholders.append(None)
-            continue
-        placeholders.append(te.placeholder(static_shape(v), tvm_dtype(v.type.dtype), name=f"in{i}"))
-        if v.const is not None:
-            consts[i] = v.const
     ctx = LowerCtx(node=node, target=target, consts=consts)
     try:
-        res = opdef.lower_tvm(ctx, *placeholders, **opdef.complete_attrs(node.attrs))
+        res = opdef.lower_tvm(ctx, *operands, **opdef.complete_attrs(node.attrs))
     except CodegenError:
         raise
     except Exception as e:  # noqa: BLE001 - re-raised with the node named
@@ -94,29 +103,71 @@ def lower_node(node: Node, target: Target, *, name: str | None = None, schedule:
         got = (tuple(int(d) for d in t.shape), str(t.dtype))
         if got != want:
             raise CodegenError(f"lowering of {label} produced {got} for output {v.name!r}, expected {want}")
+    return ctx, outs
+
+
+def lower_block(nodes: Sequence[Node], target: Target, *, name: str | None = None,
+                schedule: bool = True) -> Kernel:
+    """Lower a block (an anchor node, then nodes reading only its chain and outside values) to one kernel.
+
+    Each node's lowering gets the TE tensors of the nodes before it; the block's
+    outputs are the last node's outputs, scheduled by the anchor's schedule.
+    """
+    nodes = list(nodes)
+    inner = {id(v) for n in nodes for v in n.outputs}
+    env: dict[int, te.Tensor] = {}
     args: list[KernelArg] = []
     params: list[te.Tensor] = []
-    for i, (v, ph) in enumerate(zip(node.inputs, placeholders)):
-        if ph is None:
-            continue
-        if i in ctx.replaced:
-            array, new_ph = ctx.replaced[i]
-            args.append(KernelArg(None, array))
-            params.append(new_ph)
-        else:
-            args.append(KernelArg(v))
-            params.append(ph)
+    anchor_ctx: LowerCtx | None = None
+    for n_idx, node in enumerate(nodes):
+        operands: list[te.Tensor | None] = []
+        consts: dict[int, np.ndarray] = {}
+        fresh: dict[int, tuple[Value, te.Tensor]] = {}
+        for i, v in enumerate(node.inputs):
+            if v is None:
+                operands.append(None)
+            elif id(v) in inner:
+                operands.append(env[id(v)])
+            elif v.const is not None:  # a placeholder per use: the lowering may replace it (packed weight)
+                ph = te.placeholder(static_shape(v), tvm_dtype(v.type.dtype), name=f"n{n_idx}_in{i}")
+                consts[i] = v.const
+                fresh[i] = (v, ph)
+                operands.append(ph)
+            else:
+                if id(v) not in env:
+                    env[id(v)] = te.placeholder(static_shape(v), tvm_dtype(v.type.dtype), name=f"in{len(params)}")
+                    args.append(KernelArg(v))
+                    params.append(env[id(v)])
+                operands.append(env[id(v)])
+        ctx, outs = _lower_one(node, target, operands, consts)
+        anchor_ctx = anchor_ctx or ctx
+        for i, (v, ph) in fresh.items():
+            if i in ctx.replaced:
+                array, new_ph = ctx.replaced[i]
+                if new_ph is None:
+                    continue  # dropped: folded into other operands
+                args.append(KernelArg(None, array))
+                params.append(new_ph)
+            else:
+                args.append(KernelArg(v))
+                params.append(ph)
+        for t, v in zip(outs, node.outputs):
+            env[id(v)] = t
+    assert anchor_ctx is not None, "a block has at least one node"
+    last = nodes[-1]
+    outs = [env[id(v)] for v in last.outputs]
     # an output that is an input placeholder (identity) needs its own compute stage
     outs = [te.compute(t.shape, lambda *i, t=t: t(*i), name="copy") if isinstance(t.op, te.PlaceholderOp) else t
             for t in outs]
     func = te.create_prim_func([*params, *outs]).with_attr("global_symbol", name or "kernel")
-    kernel = Kernel(name or "kernel", node, func, ctx.kind, args, list(node.outputs))
+    kind = anchor_ctx.kind
+    kernel = Kernel(name or "kernel", nodes[0], func, kind, args, list(last.outputs), nodes=nodes)
     if schedule:
         try:
-            sch = schedule_for(ctx.kind, func, ctx.block, target=target, **ctx.schedule_kwargs)
+            sch = schedule_for(kind, func, anchor_ctx.block, target=target, **anchor_ctx.schedule_kwargs)
             kernel.func = sch.mod["main"]
         except Exception as e:  # noqa: BLE001 - an unscheduled kernel is slow, not wrong
-            kernel.notes.append(f"schedule {ctx.kind!r} failed ({type(e).__name__}: {e}); kernel left unscheduled")
+            kernel.notes.append(f"schedule {kind!r} failed ({type(e).__name__}: {e}); kernel left unscheduled")
     return kernel
 
 

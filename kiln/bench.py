@@ -27,16 +27,26 @@ import numpy as np
 __all__ = ["BenchResult", "bench_model", "bench_matmul_kernels", "main", "median_latency"]
 
 
-def median_latency(fn: Callable[[], Any], repeat: int, warmup: int = 3, min_time: float = 0.0) -> float:
-    """Median seconds per call of ``fn`` over ``repeat`` timed calls (at least ``min_time`` in total)."""
+def median_latency(fn: Callable[[], Any], repeat: int, warmup: int = 3, min_time: float = 0.0,
+                   min_sample: float = 2e-4) -> float:
+    """Median seconds per call of ``fn`` over ``repeat`` samples (at least ``min_time`` in total).
+
+    A sample times enough back-to-back calls to last ``min_sample`` seconds
+    (as ``timeit`` does), so that microsecond models are not measured by the
+    clock's own overhead; slow models get one call per sample.
+    """
     for _ in range(warmup):
         fn()
+    t0 = time.perf_counter()
+    fn()
+    number = max(1, int(min_sample / max(time.perf_counter() - t0, 1e-9)))
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < repeat or time.perf_counter() - start < min_time:
         t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
+        for _ in range(number):
+            fn()
+        times.append((time.perf_counter() - t0) / number)
         if len(times) >= 20 * repeat:
             break
     return statistics.median(times)

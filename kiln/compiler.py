@@ -125,6 +125,23 @@ def _symbols(dim: Any) -> list[str]:
     return re.findall(r"[A-Za-z_][A-Za-z0-9_]*", str(dim))
 
 
+def _output_aliases(graph: Graph) -> list[bool]:
+    """Per output: may its memory be an input's, a weight's or an earlier output's (so the runtime copies it)?"""
+    from kiln.codegen.build import VIEW_OPS
+
+    producer = {id(v): n for n in graph.nodes for v in n.outputs}
+    inputs = {id(v) for v in graph.inputs}
+    seen: set[int] = set()
+    out = []
+    for v in graph.outputs:
+        root = v
+        while id(root) in producer and producer[id(root)].op in VIEW_OPS:
+            root = producer[id(root)].inputs[0]
+        out.append(id(root) in inputs or root.const is not None or id(root) in seen)
+        seen.add(id(root))
+    return out
+
+
 def _signature(values: Sequence[Any]) -> list[dict[str, Any]]:
     from kiln.codegen.lowering import tvm_dtype
 
@@ -193,11 +210,12 @@ def _manifest(graph: Graph, compiled: Any, target: Any, pipeline: str, symbols: 
         "cpu_features": features,
         "pipeline": pipeline,
         "inputs": _signature(graph.inputs),
-        "outputs": _signature(graph.outputs),
+        "outputs": [{**sig, "aliases": alias} for sig, alias in zip(_signature(graph.outputs), _output_aliases(graph))],
         "symbols": dict(symbols),
         "weights": list(compiled.weights),
         "entry": "main",
-        "kernels": [{"name": k.name, "op": k.node.op, "kind": k.kind, **({"tuning": k.tuning} if k.tuning else {})}
+        "kernels": [{"name": k.name, "op": k.node.op, "ops": [n.op for n in k.nodes], "kind": k.kind,
+                     **({"tuning": k.tuning} if k.tuning else {})}
                     for k in compiled.kernels],
         "calibration": None,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -180,9 +180,12 @@ class Session:
         self._module = module
         self._weights = tuple(weights)
         self._weight_views = tuple(np.from_dlpack(w) for w in self._weights)
+        self._aliases: list[bool | None] = [s.get("aliases") for s in manifest["outputs"]]
+        self._static = {s.name: self._compiled_shape(s) for s in self.inputs}
         self._dtypes = {s.name: numpy_dtype(s.dtype) for s in self.inputs}
         self._tvm = import_tvm()
         self._device = self._tvm.cpu()
+        self._tensor_type = self._tvm.runtime.Tensor
         self._local = threading.local()
         self._vm_lock = threading.Lock()
         self._check_entry()
@@ -213,8 +216,37 @@ class Session:
             raise ArtifactError(f"{self.path}: {self._entry} takes {arity} parameters, the manifest lists "
                                 f"{len(self.inputs)} inputs + {len(self._weights)} weights = {want}")
 
+    def _compiled_shape(self, spec: TensorSpec) -> tuple[int, ...] | None:
+        """The shape the artifact was compiled for (None if a symbol has no value)."""
+        shape = []
+        for dim in spec.shape:
+            coef, syms = _dim_terms(dim)
+            for sym in syms:
+                if sym not in self.symbols:
+                    return None
+                coef *= self.symbols[sym]
+            shape.append(coef)
+        return tuple(shape)
+
     def validate(self, inputs: Mapping[str, Any]) -> list[np.ndarray]:
         """The inputs as contiguous arrays in manifest order; InputError on any mismatch."""
+        if isinstance(inputs, Mapping) and len(inputs) == len(self.inputs):
+            fast = self._validate_fast(inputs)
+            if fast is not None:
+                return fast
+        return self._validate(inputs)
+
+    def _validate_fast(self, inputs: Mapping[str, Any]) -> list[np.ndarray] | None:
+        """The common case (every input an array of the compiled dtype and shape) without the diagnostics."""
+        arrays = []
+        for spec in self.inputs:
+            a = inputs.get(spec.name)
+            if type(a) is not np.ndarray or a.dtype != self._dtypes[spec.name] or a.shape != self._static[spec.name]:
+                return None
+            arrays.append(a if a.flags.c_contiguous else np.require(a, requirements="C"))
+        return arrays
+
+    def _validate(self, inputs: Mapping[str, Any]) -> list[np.ndarray]:
         if not isinstance(inputs, Mapping):
             raise InputError(f"inputs should be a mapping from input name to array, got {type(inputs).__name__} "
                              f"(expected names {[s.name for s in self.inputs]})")
@@ -286,22 +318,32 @@ class Session:
 
     def _call(self, tensors: Sequence[Any], arrays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         result = self._function()(*tensors, *self._weights)
-        flat = _flatten(result)
+        flat = list(result) if not isinstance(result, self._tensor_type) else [result]
+        if not all(type(t) is self._tensor_type for t in flat):
+            flat = _flatten(result)
         if len(flat) != len(self.outputs):
             raise ArtifactError(f"{self.path}: {self._entry} returned {len(flat)} outputs, "
                                 f"the manifest lists {len(self.outputs)}")
-        return {spec.name: self._to_numpy(t, arrays) for spec, t in zip(self.outputs, flat)}
+        return {spec.name: self._to_numpy(i, t, arrays) for i, (spec, t) in enumerate(zip(self.outputs, flat))}
 
-    def _to_numpy(self, tensor: Any, arrays: Sequence[np.ndarray]) -> np.ndarray:
-        """The output without a copy, unless it aliases an input or a weight (a view the caller could clobber)."""
+    def _to_numpy(self, i: int, tensor: Any, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """Output ``i`` without a copy, unless it may alias an input, a weight or another output."""
         out = np.from_dlpack(tensor)
-        if any(np.may_share_memory(out, a) for a in (*arrays, *self._weight_views)):
-            return out.copy()
-        return out
+        alias = self._aliases[i]
+        if alias is None:  # an artifact that does not say: look
+            alias = any(np.may_share_memory(out, a) for a in (*arrays, *self._weight_views))
+        return out.copy() if alias else out
 
     def _to_device(self, arrays: Sequence[np.ndarray]) -> list[Any]:
         """Zero-copy DLPack views (TVM wants 64-byte aligned data: others are copied into aligned buffers)."""
-        return [self._tvm.runtime.from_dlpack(_aligned(a)) for a in arrays]
+        from_dlpack = self._tvm.runtime.from_dlpack
+        out = []
+        for a in arrays:
+            try:
+                out.append(from_dlpack(a))
+            except RuntimeError:  # not 64-byte aligned
+                out.append(from_dlpack(_aligned(a)))
+        return out
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run the model on numpy inputs (by name); returns the outputs by name, in manifest order."""

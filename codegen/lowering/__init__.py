@@ -48,7 +48,7 @@ class LowerCtx:
     kind: str = "injective"
     block: str | None = None
     schedule_kwargs: dict[str, Any] = field(default_factory=dict)
-    replaced: dict[int, tuple[np.ndarray, te.Tensor]] = field(default_factory=dict)
+    replaced: dict[int, tuple[np.ndarray, te.Tensor] | tuple[None, None]] = field(default_factory=dict)
 
     def const(self, i: int) -> np.ndarray | None:
         """Operand ``i``'s value when it is a compile-time constant, else None."""
@@ -62,6 +62,12 @@ class LowerCtx:
         ph = te.placeholder(array.shape, str(array.dtype), name=name)
         self.replaced[i] = (array, ph)
         return ph
+
+    def drop_const(self, i: int) -> None:
+        """Constant operand ``i`` is not read (the lowering folded it at compile time): pass nothing for it."""
+        if i not in self.consts:
+            raise ValueError(f"{self.node.op}: operand {i} is not a constant")
+        self.replaced[i] = (None, None)
 
 
 def lowers(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -323,6 +323,18 @@ def batch_norm(ctx: LowerCtx, x: te.Tensor, scale: te.Tensor, bias: te.Tensor, m
                *, epsilon) -> te.Tensor:
     acc = _acc(x.dtype)
     eps = tirx.const(epsilon, acc)
+    params = [ctx.const(i) for i in range(1, 5)]
+    if all(p is not None for p in params):
+        # constant statistics: one multiply-add per element with the per-channel
+        # factors computed once here in float64 (a sqrt and a divide per element otherwise)
+        g, b, m, v = (np.asarray(p, np.float64) for p in params)
+        inv = g / np.sqrt(v + epsilon)
+        mul = ctx.replace_const(1, (inv).astype(str(scale.dtype)), name="bn_mul")
+        add = ctx.replace_const(2, (b - m * inv).astype(str(bias.dtype)), name="bn_add")
+        ctx.drop_const(3)
+        ctx.drop_const(4)
+        return te.compute(x.shape, lambda *i: (x(*i).astype(acc) * mul(i[1]).astype(acc)
+                                               + add(i[1]).astype(acc)).astype(x.dtype), name="T_batch_norm")
 
     def f(*i):
         c = i[1]

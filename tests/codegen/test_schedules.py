@@ -131,8 +131,14 @@ def test_configure_threads_sets_env(monkeypatch):
 # --------------------------------------------------------------------------
 
 
+def mm_parallel(M: int, N: int, K: int, batch: int = 1) -> bool:
+    """Whether schedule_matmul should go parallel: multiply-adds over the padded width vs the threshold."""
+    nr = S.MATMUL_NR_VECTORS * S._lanes(TARGET, "float32")
+    return batch * M * (-(-N // nr) * nr) * K >= S.PARALLEL_MIN_WORK_MATMUL
+
+
 @pytest.mark.parametrize("prepacked", [False, True])
-@pytest.mark.parametrize("M, N, K", [(17, 33, 45), (12, 32, 16), (5, 7, 3)])
+@pytest.mark.parametrize("M, N, K", [(17, 33, 45), (12, 32, 16), (5, 7, 3), (64, 40, 64)])
 def test_packed_matmul(M, N, K, prepacked):
     A = te.placeholder((M, K), name="A")
     mm = S.packed_matmul_te(A, (K, N), prepacked=prepacked)
@@ -140,7 +146,7 @@ def test_packed_matmul(M, N, K, prepacked):
     a, b = rnd(M, K), rnd(K, N)
     out, ir = run(sch, [a, S.pack_weight(b) if prepacked else b], (M, N))
     close(out, a.astype("float64") @ b)
-    assert_scheduled(sch, ir, parallel=(M > 6 or N > 16))
+    assert_scheduled(sch, ir, parallel=mm_parallel(M, N, K) and (M > 6 or N > 16))
 
 
 def test_packed_matmul_transposed_weight_bias_batch_dims_pad_m():
@@ -151,7 +157,7 @@ def test_packed_matmul_transposed_weight_bias_batch_dims_pad_m():
     a, w, c = rnd(2, 17, 45), rnd(33, 45), rnd(33)
     out, ir = run(sch, [a, w, c], (2, 17, 33))
     close(out, a.astype("float64") @ w.T + c)
-    assert_scheduled(sch, ir)
+    assert_scheduled(sch, ir, parallel=mm_parallel(17, 33, 45, batch=2))
 
 
 def test_plain_te_matmul_with_relu_epilogue():
@@ -166,7 +172,7 @@ def test_plain_te_matmul_with_relu_epilogue():
     a, b = rnd(M, K), rnd(K, N)
     out, ir = run(sch, [a, b], (M, N))
     close(out, np.maximum(a.astype("float64") @ b, 0))
-    assert_scheduled(sch, ir)
+    assert_scheduled(sch, ir, parallel=mm_parallel(M, N, K))
 
 
 @pytest.mark.parametrize(
@@ -181,7 +187,7 @@ def test_batch_matmul(transpose_b, pack_b):
     a, b = rnd(Bt, M, K), rnd(*(int(d) for d in B.shape))
     out, ir = run(sch, [a, b], (Bt, M, N))
     close(out, a.astype("float64") @ (b.transpose(0, 2, 1) if transpose_b else b))
-    assert_scheduled(sch, ir)
+    assert_scheduled(sch, ir, parallel=mm_parallel(M, N, K, batch=Bt))
 
 
 def test_matmul_rejects_non_matmul_block():

@@ -246,23 +246,13 @@ def _schedule_elementwise_block(
             sch.parallel(outer_rows)
         return
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    if do_parallel:
-        # chunks of several vectors per parallel iteration
-        chunk = vec * max(1, min(64, total // (vec * cores * 4)))
-        ext = total - total % chunk
-        if ext == 0:
-            sch.vectorize(fused)
-            return
-        tail = None
-        if ext != total:
-            fused, tail = sch.loop_partition(fused, [ext, None])
-        po, pi = sch.split(fused, [None, chunk])
-        sch.parallel(po)
-        _vectorize_tail_split(sch, pi, vec * unroll_vectors)
-        if tail is not None:
-            sch.vectorize(tail)
-    else:
-        _vectorize_tail_split(sch, fused, vec * unroll_vectors)
+    outer, _, _ = _vectorize_tail_split(sch, fused, vec * unroll_vectors)
+    if do_parallel and outer is not None:
+        # TVM hands each thread one contiguous range of the parallel loop, so
+        # iterating over single vectors costs nothing per task; the short
+        # remainder (< one vector) runs after it.
+        sch.parallel(outer)
+
 
 
 def _schedule_side_blocks(sch: Schedule, anchor: str, target: Target | None) -> None:

@@ -137,3 +137,24 @@ def test_bench_writes_ratios_as_json(tmp_path):
         assert row[key] > 0
     assert row["max_err_vs_ort"] < 1e-3
     assert os.path.getsize(out) > 0
+
+
+def test_outputs_that_alias_inputs_or_weights_are_copies():
+    """Outputs are handed out without a copy, except views of an input or weight: writing to
+    those must change neither the caller's input nor the next run's weights."""
+    g = ir.parse("""graph @g(%x: f32[2,4]) -> (%x, %c, %r, %y) {
+      %c = const f32[4] [1.0, 2.0, 3.0, 4.0]
+      %r = reshape(%x) {shape=[8]} : f32[8]
+      %y = add(%x, %c) : f32[2,4]
+    }""")
+    art = kiln.compile(g)
+    assert [o["aliases"] for o in art.manifest["outputs"]] == [True, True, True, False]
+    sess = art.load()
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    first = sess.run({"x": x})
+    for out in first.values():
+        out[...] = -7.0
+    np.testing.assert_array_equal(x, np.arange(8, dtype=np.float32).reshape(2, 4))
+    again = sess.run({"x": x})
+    np.testing.assert_array_equal(again["c"], [1, 2, 3, 4])
+    np.testing.assert_array_equal(again["y"], x + [1, 2, 3, 4])

@@ -172,10 +172,47 @@ def light_models() -> dict[str, str]:
     return {f[len("light_"):-len(".onnx")]: os.path.join(d, f) for f in sorted(os.listdir(d)) if f.endswith(".onnx")}
 
 
+def randomized_weights(model: Any, seed: int = 0) -> Any:
+    """The light model with every ConstantOfShape weight replaced by a seeded random initializer.
+
+    The stored outputs come from constant 0.02 weights, so every class gets the same
+    score (the expected output is one repeated value); random weights (He-scaled, BN
+    variances and scales in [0.5, 1.5]) make the output depend on every conv, pool and
+    norm: what a comparison between engines needs.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    shapes = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    positive = {n.input[i] for n in model.graph.node if n.op_type == "BatchNormalization" for i in (1, 4)}
+    del out.graph.node[:]
+    for node in model.graph.node:
+        if node.op_type == "Softmax" and node.output[0] == model.graph.output[0].name:
+            # stop before the final softmax: random logits would saturate it to one-hot
+            out.graph.output[0].CopyFrom(helper.make_value_info(node.input[0], onnx.TypeProto()))
+            continue
+        if node.op_type != "ConstantOfShape":
+            out.graph.node.append(node)
+            continue
+        shape = tuple(int(d) for d in shapes[node.input[0]])
+        name = node.output[0]
+        if name in positive:
+            w = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        else:
+            std = np.sqrt(2.0 / np.prod(shape[1:])) if len(shape) >= 2 else 0.1
+            w = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+        out.graph.initializer.append(numpy_helper.from_array(w, name))
+    return out
+
+
 def _light_case(path: str) -> tuple[Any, dict[str, np.ndarray]]:
+    """A light model with random weights (its stored ones give a constant output) and a random input."""
     import onnx
 
-    proto = onnx.load(path)
+    proto = randomized_weights(onnx.load(path))
     inits = {i.name for i in proto.graph.initializer}
     rng = np.random.default_rng(0)
     feeds = {}
@@ -248,6 +285,8 @@ def print_table(results: Sequence[BenchResult], title: str) -> None:
                       _fmt(r.kiln_over_ort), _fmt(r.kiln_over_torch), _fmt(r.kernels, "d"),
                       _fmt(r.compile_s, ".1f"), _fmt(r.max_err_vs_ort, ".1e"))
     console = Console(highlight=False)
+    if not console.is_terminal:  # a pipe or a log: never squeeze the numbers
+        console = Console(highlight=False, width=max(console.width, 140))
     console.print(table)
     for r in results:
         for engine, msg in r.errors.items():

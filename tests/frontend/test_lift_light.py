@@ -16,6 +16,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 from kiln import ir
+from kiln.bench import randomized_weights
 from kiln.frontend import lift, lower_to_onnx
 
 from .conftest import LIGHT_DIR, assert_close, light_input, make_model, ort_run, vi
@@ -51,37 +52,6 @@ def test_light_model(name):
     assert_close(ort_run(lowered, {x_name: x})[0], theirs, rtol=1e-4, atol=1e-6)
 
 
-def randomized_weights(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
-    """The light model with every ConstantOfShape weight replaced by a seeded random initializer.
-
-    The stored outputs come from constant 0.02 weights, so every class gets the same
-    score (the expected output is one repeated value); random weights (He-scaled, BN
-    variances and scales in [0.5, 1.5]) make the output depend on every conv, pool and
-    norm, which is what the interpreter-vs-onnxruntime check below needs.
-    """
-    rng = np.random.default_rng(seed)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    shapes = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    positive = {n.input[i] for n in model.graph.node if n.op_type == "BatchNormalization" for i in (1, 4)}
-    del out.graph.node[:]
-    for node in model.graph.node:
-        if node.op_type == "Softmax" and node.output[0] == model.graph.output[0].name:
-            # stop before the final softmax: random logits would saturate it to one-hot
-            out.graph.output[0].CopyFrom(helper.make_value_info(node.input[0], onnx.TypeProto()))
-            continue
-        if node.op_type != "ConstantOfShape":
-            out.graph.node.append(node)
-            continue
-        shape = tuple(int(d) for d in shapes[node.input[0]])
-        name = node.output[0]
-        if name in positive:
-            w = rng.uniform(0.5, 1.5, shape).astype(np.float32)
-        else:
-            std = np.sqrt(2.0 / np.prod(shape[1:])) if len(shape) >= 2 else 0.1
-            w = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
-        out.graph.initializer.append(numpy_helper.from_array(w, name))
-    return out
 
 
 @pytest.mark.slow

@@ -13,12 +13,12 @@ from onnx import TensorProto, helper
 import kiln
 from kiln import ir, zoo
 from kiln.cli import main
-from kiln.codegen.tolerance import MODEL_F32, assert_close
+from kiln.codegen.tolerance import MODEL_F32, Tolerance, assert_close
 from kiln.compiler import CompileError
 from kiln.frontend import lift
 
-# compiled light models that stay within the suite's time budget (each < ~30 s on 2 cores)
-LIGHT_IN_SUITE = ("squeezenet", "bvlc_alexnet", "shufflenet")
+LIGHT = ("bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet",
+         "squeezenet", "vgg19", "zfnet512")
 
 
 def _zoo_feeds(name):
@@ -41,16 +41,20 @@ def test_zoo_model_compiles_and_matches_the_interpreter(name, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", LIGHT_IN_SUITE)
+@pytest.mark.parametrize("name", LIGHT)
 def test_light_model_compiles_and_matches_the_interpreter(name):
+    """With random weights (the stored ones make every output the same number)."""
     from kiln.bench import _light_case, light_models
 
     proto, feeds = _light_case(light_models()[name])
     art = kiln.compile(proto, feeds)
+    assert not art.stats["notes"], art.stats["notes"]
     got = art.load().run(feeds)
     expected = ir.interpret(lift(proto), feeds)
     for k in expected:
-        assert_close(got[k], expected[k], MODEL_F32, what=f"{name}:{k}")
+        assert np.unique(expected[k]).size > 100  # an input- and weight-dependent output
+        scale = float(np.abs(expected[k]).max())
+        assert_close(got[k], expected[k], Tolerance(MODEL_F32.rtol, MODEL_F32.atol * scale), what=f"{name}:{k}")
 
 
 def _tiny_onnx():

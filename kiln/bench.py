@@ -272,21 +272,24 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _ms(x: float | None) -> str:
+    """Milliseconds, three decimals below 1 ms (the MLP runs in ~0.01 ms)."""
+    return "-" if x is None else format(x, ".3f" if x < 1 else ".2f")
+
+
 def print_table(results: Sequence[BenchResult], title: str) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from kiln.cli import console
 
     table = Table(title=title, title_justify="left")
     for col in ("model", "kiln ms", "ORT ms", "torch ms", "TVM ms", "kiln/ORT", "kiln/torch", "kernels",
                 "compile s", "max |kiln-ORT|"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for r in results:
-        table.add_row(r.model, _fmt(r.kiln_ms), _fmt(r.ort_ms), _fmt(r.torch_ms), _fmt(r.tvm_ms),
+        table.add_row(r.model, _ms(r.kiln_ms), _ms(r.ort_ms), _ms(r.torch_ms), _ms(r.tvm_ms),
                       _fmt(r.kiln_over_ort), _fmt(r.kiln_over_torch), _fmt(r.kernels, "d"),
                       _fmt(r.compile_s, ".1f"), _fmt(r.max_err_vs_ort, ".1e"))
-    console = Console(highlight=False)
-    if not console.is_terminal:  # a pipe or a log: never squeeze the numbers
-        console = Console(highlight=False, width=max(console.width, 140))
     console.print(table)
     for r in results:
         for engine, msg in r.errors.items():
@@ -332,8 +335,9 @@ def run(args: argparse.Namespace) -> int:
     if args.kernels:
         rows = bench_matmul_kernels([(512, 512, 512), (128, 256, 1024), (128, 1024, 256), (1, 512, 512)],
                                     args.threads)
-        from rich.console import Console
         from rich.table import Table
+
+        from kiln.cli import console
 
         t = Table(title="matmul kernels (constant weight), GFLOP/s", title_justify="left")
         for col in ("M x K x N", "kiln", "ORT", "numpy", "max |err|"):
@@ -341,7 +345,7 @@ def run(args: argparse.Namespace) -> int:
         for r in rows:
             t.add_row(r["shape"], f"{r['kiln_gflops']:.1f}", f"{r['ort_gflops']:.1f}", f"{r['numpy_gflops']:.1f}",
                       f"{r['max_abs_err']:.1e}")
-        Console(highlight=False).print(t)
+        console.print(t)
         out["matmul_kernels"] = rows
     if args.json:
         tmp = args.json + ".tmp"

@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console(highlight=False)
+if not console.is_terminal:  # piped or logged: tables keep their columns
+    console = Console(highlight=False, width=max(console.width, 140))
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 

@@ -123,6 +123,23 @@ def test_cli_compile_then_run(tmp_path, capsys):
         np.testing.assert_array_equal(z["y"], np.maximum(x * (np.arange(4, dtype=np.float32) - 1.5), 0))
 
 
+def test_cli_run_refuses_a_damaged_artifact_and_wrong_inputs(tmp_path, capsys):
+    art = kiln.compile(_tiny_onnx(), shapes={"N": 2})
+    path = art.save(tmp_path / "tiny.kiln")
+    data = open(path, "rb").read()
+    (tmp_path / "cut.kiln").write_bytes(data[: len(data) // 2])
+    assert main(["run", str(tmp_path / "cut.kiln")]) != 0
+    err = capsys.readouterr().err
+    assert "cut.kiln" in err and "Traceback" not in err
+    np.savez(tmp_path / "bad.npz", x=np.zeros((3, 4), np.float32))
+    assert main(["run", str(path), "--inputs", str(tmp_path / "bad.npz")]) != 0
+    err = capsys.readouterr().err
+    assert "input 'x'" in err and "N=2" in err and "Traceback" not in err
+    np.savez(tmp_path / "wrong.npz", x=np.zeros((2, 4), np.float64), z=np.zeros(1))
+    assert main(["run", str(path), "--inputs", str(tmp_path / "wrong.npz")]) != 0
+    assert "unexpected inputs ['z']" in capsys.readouterr().err
+
+
 def test_cli_compile_bad_shape_and_unknown_model(tmp_path, capsys):
     assert main(["compile", "nope"]) != 0
     assert "not a zoo model" in capsys.readouterr().err

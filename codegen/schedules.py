@@ -634,7 +634,13 @@ def conv2d_nchw_te(
         cond = tirx.all(h >= pt, h < H + pt, w >= pl, w < W + pl)
         return tirx.if_then_else(cond, data[n, c, h - pt, w - pl], _zero(data.dtype))
 
-    if sw > 1:
+    if KH == KW == 1 and (sh > 1 or sw > 1):
+        # a strided 1x1 conv reads one pixel in sh*sw: subsample once, then a stride-1 conv
+        dpad = te.compute((Nb, C, OH, OWp), lambda n, c, h, w: padded(n, c, h * sh, w * sw), name=f"{name}_pad")
+
+        def read(n, c, oh, kh, ow, kw):
+            return dpad[n, c, oh, ow]
+    elif sw > 1:
         # De-interleave columns by phase: tap kw of output column ow reads
         # phase (kw*dw) % sw at ow + (kw*dw) // sw, so vector loads along ow
         # stay contiguous instead of becoming stride-sw gathers.
@@ -642,13 +648,13 @@ def conv2d_nchw_te(
         dpad = te.compute((Nb, C, Hp, sw, Wq), lambda n, c, h, p, q: padded(n, c, h, q * sw + p),
                           name=f"{name}_pad")
 
-        def read(n, c, h, ow, kw):
-            return dpad[n, c, h, (kw * dw) % sw, ow + (kw * dw) // sw]
+        def read(n, c, oh, kh, ow, kw):
+            return dpad[n, c, oh * sh + kh * dh, (kw * dw) % sw, ow + (kw * dw) // sw]
     else:
         dpad = te.compute((Nb, C, Hp, Wp), padded, name=f"{name}_pad") if (Hp, Wp) != (H, W) else data
 
-        def read(n, c, h, ow, kw):
-            return dpad[n, c, h, ow + kw * dw]
+        def read(n, c, oh, kh, ow, kw):
+            return dpad[n, c, oh * sh + kh * dh, ow + kw * dw]
     ic = te.reduce_axis((0, ICg), name="ic")
     kh = te.reduce_axis((0, KH), name="kh")
     kw = te.reduce_axis((0, KW), name="kw")
@@ -656,7 +662,7 @@ def conv2d_nchw_te(
 
     def body(n, oc, oh, ow):
         cin = ic if groups == 1 else (oc // OCg) * ICg + ic
-        x = read(n, cin, oh * sh + kh * dh, ow, kw)
+        x = read(n, cin, oh, kh, ow, kw)
         w = weight[oc, ic, kh, kw]
         if x.dtype != dtype:
             x, w = x.astype(dtype), w.astype(dtype)

@@ -156,7 +156,7 @@ def test_bench_writes_ratios_as_json(tmp_path):
     assert row["model"] == "mlp" and not row["errors"]
     for key in ("kiln_ms", "ort_ms", "torch_ms", "kiln_over_ort", "kiln_over_torch"):
         assert row[key] > 0
-    assert row["max_err_vs_ort"] < 1e-3
+    assert row["rel_err_vs_ort"] < 1e-4
     assert os.path.getsize(out) > 0
 
 

@@ -18,7 +18,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -112,37 +112,79 @@ def _rel_err(ours: np.ndarray, theirs: np.ndarray) -> float:
     return float(np.max(np.abs(a - b), initial=0.0) / max(float(np.max(np.abs(b), initial=0.0)), 1e-30))
 
 
+def interleaved_medians(fns: Mapping[str, Callable[[], Any]], repeat: int, rounds: int = 3,
+                        block: float = 0.2, settle: float = 0.05, min_sample: float = 2e-4) -> dict[str, float]:
+    """Median seconds per call of each engine, timed in ``rounds`` blocks per engine, taken in turn.
+
+    On a shared machine load comes in bursts: timing each engine once, one after
+    the other, lets a burst land on one engine only.  Alternating blocks spreads
+    the bursts over all of them.  Each block first runs ``settle`` seconds
+    untimed, so that the previous engine's spinning worker threads (ORT's and
+    OpenMP's spin after a run) have gone idle; alternating single calls would
+    time every engine against the others' spinning threads.
+    """
+    number: dict[str, int] = {}
+    for name, fn in fns.items():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        number[name] = max(1, int(min_sample / max(time.perf_counter() - t0, 1e-9)))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    per_block = max(1, -(-repeat // rounds))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n = number[name]
+            t_end = time.perf_counter() + settle
+            while time.perf_counter() < t_end:
+                fn()
+            start, taken = time.perf_counter(), 0
+            while taken < per_block or time.perf_counter() - start < block:
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                times[name].append((time.perf_counter() - t0) / n)
+                taken += 1
+                if taken >= 20 * per_block:
+                    break
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def bench_model(name: str, proto: Any, feeds: dict[str, np.ndarray], *, torch_fn: Callable[[], Any] | None,
                 repeat: int, threads: int, run_tvm: bool, passes: str | None = None) -> BenchResult:
-    """Compile ``proto`` with kiln and time every engine on ``feeds``."""
+    """Compile ``proto`` with kiln, then time kiln, ORT and torch on ``feeds`` interleaved; TVM's path apart."""
     import kiln
     from kiln.codegen.target import host_target
 
     res = BenchResult(name)
+    engines: dict[str, Callable[[], Any]] = {}
+    ours = None
     try:
         t0 = time.perf_counter()
         art = kiln.compile(proto, feeds, passes=passes, progress=None)
         res.compile_s = time.perf_counter() - t0
         res.kernels = art.stats["kernels"]
         sess = art.load()
-        res.kiln_ms = 1e3 * median_latency(lambda: sess.run(feeds), repeat, min_time=0.5)
         ours = sess.run(feeds)
+        engines["kiln"] = lambda: sess.run(feeds)
     except Exception as e:  # noqa: BLE001 - a benchmark row records the failure and goes on
         res.errors["kiln"] = f"{type(e).__name__}: {e}"
-        ours = None
     try:
         ort_sess = _ort_session(proto, threads)
-        res.ort_ms = 1e3 * median_latency(lambda: ort_sess.run(None, feeds), repeat, min_time=0.5)
+        theirs = ort_sess.run(None, feeds)
+        engines["ort"] = lambda: ort_sess.run(None, feeds)
         if ours is not None:
-            theirs = ort_sess.run(None, feeds)
             res.rel_err_vs_ort = max(_rel_err(a, b) for a, b in zip(ours.values(), theirs))
     except Exception as e:  # noqa: BLE001
         res.errors["ort"] = f"{type(e).__name__}: {e}"
     if torch_fn is not None:
         try:
-            res.torch_ms = 1e3 * median_latency(torch_fn, repeat, min_time=0.5)
+            torch_fn()
+            engines["torch"] = torch_fn
         except Exception as e:  # noqa: BLE001
             res.errors["torch"] = f"{type(e).__name__}: {e}"
+    medians = interleaved_medians(engines, repeat)
+    res.kiln_ms, res.ort_ms, res.torch_ms = (1e3 * medians[k] if k in medians else None
+                                             for k in ("kiln", "ort", "torch"))
     if run_tvm:
         try:
             fn, res.tvm_compile_s = _tvm_default(proto, feeds, host_target())

@@ -103,7 +103,6 @@ def epilogue_blocks(graph: Graph) -> list[list[Node]]:
         if node.op in EPILOGUE_ANCHORS:
             while (nxt := _epilogue_next(block[-1], uses, outputs)) is not None and id(nxt) not in taken:
                 block.append(nxt)
-                taken.add(id(nxt))
         taken.update(id(n) for n in block)
         blocks.append(block)
     return blocks

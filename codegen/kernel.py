@@ -47,18 +47,18 @@ class Kernel:
     """A scheduled PrimFunc with what to feed it: ``args`` then ``outputs`` are its parameters."""
 
     name: str
-    node: Node  # the anchor (first node of ``nodes``)
+    nodes: list[Node]  # the block: its anchor first
     func: tirx.PrimFunc
     kind: str
     args: list[KernelArg]
     outputs: list[Value]
     notes: list[str] = field(default_factory=list)
     tuning: str | None = None
-    nodes: list[Node] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        if not self.nodes:
-            self.nodes = [self.node]
+    @property
+    def node(self) -> Node:
+        """The block's anchor."""
+        return self.nodes[0]
 
 
 def static_shape(value: Value) -> tuple[int, ...]:
@@ -77,15 +77,11 @@ def lower_node(node: Node, target: Target, *, name: str | None = None, schedule:
     return lower_block([node], target, name=name, schedule=schedule)
 
 
-def _label(node: Node) -> str:
-    return f"{node.op} ({node.name or node.outputs[0].name})"
-
-
 def _lower_one(node: Node, target: Target, operands: list[te.Tensor | None],
                consts: dict[int, np.ndarray]) -> tuple[LowerCtx, list[te.Tensor]]:
     """Call ``node``'s registry lowering on ``operands``; check its outputs against the node's types."""
     opdef = get_op(node.op)
-    label = _label(node)
+    label = f"{node.op} ({node.name or node.outputs[0].name})"
     if opdef.lower_tvm is None:
         raise CodegenError(f"op {node.op!r} has no TVM lowering yet: {label}")
     ctx = LowerCtx(node=node, target=target, consts=consts)
@@ -161,7 +157,7 @@ def lower_block(nodes: Sequence[Node], target: Target, *, name: str | None = Non
             for t in outs]
     func = te.create_prim_func([*params, *outs]).with_attr("global_symbol", name or "kernel")
     kind = anchor_ctx.kind
-    kernel = Kernel(name or "kernel", nodes[0], func, kind, args, list(last.outputs), nodes=nodes)
+    kernel = Kernel(name or "kernel", nodes, func, kind, args, list(last.outputs))
     if schedule:
         try:
             sch = schedule_for(kind, func, anchor_ctx.block, target=target, **anchor_ctx.schedule_kwargs)

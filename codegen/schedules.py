@@ -254,7 +254,6 @@ def _schedule_elementwise_block(
         sch.parallel(outer)
 
 
-
 def _schedule_side_blocks(sch: Schedule, anchor: str, target: Target | None) -> None:
     """Stages left at the root around an anchor (weight packing, padding, a
     reshaping epilogue): parallel vectorized copies."""

@@ -37,19 +37,28 @@ def median_latency(fn: Callable[[], Any], repeat: int, warmup: int = 3, min_time
     """
     for _ in range(warmup):
         fn()
+    return statistics.median(_samples(fn, _calls_per_sample(fn, min_sample), repeat, min_time))
+
+
+def _calls_per_sample(fn: Callable[[], Any], min_sample: float) -> int:
+    """How many back-to-back calls of ``fn`` last about ``min_sample`` seconds (at least one)."""
     t0 = time.perf_counter()
     fn()
-    number = max(1, int(min_sample / max(time.perf_counter() - t0, 1e-9)))
+    return max(1, int(min_sample / max(time.perf_counter() - t0, 1e-9)))
+
+
+def _samples(fn: Callable[[], Any], number: int, count: int, min_time: float) -> list[float]:
+    """Seconds per call, one value per ``number`` calls: ``count`` samples or ``min_time`` seconds (capped)."""
     times: list[float] = []
     start = time.perf_counter()
-    while len(times) < repeat or time.perf_counter() - start < min_time:
+    while len(times) < count or time.perf_counter() - start < min_time:
         t0 = time.perf_counter()
         for _ in range(number):
             fn()
         times.append((time.perf_counter() - t0) / number)
-        if len(times) >= 20 * repeat:
+        if len(times) >= 20 * count:
             break
-    return statistics.median(times)
+    return times
 
 
 @dataclass
@@ -112,8 +121,8 @@ def _rel_err(ours: np.ndarray, theirs: np.ndarray) -> float:
     return float(np.max(np.abs(a - b), initial=0.0) / max(float(np.max(np.abs(b), initial=0.0)), 1e-30))
 
 
-def interleaved_medians(fns: Mapping[str, Callable[[], Any]], repeat: int, rounds: int = 3,
-                        block: float = 0.2, settle: float = 0.05, min_sample: float = 2e-4) -> dict[str, float]:
+def block_medians(fns: Mapping[str, Callable[[], Any]], repeat: int, rounds: int = 3,
+                  block: float = 0.2, settle: float = 0.05, min_sample: float = 2e-4) -> dict[str, float]:
     """Median seconds per call of each engine, timed in ``rounds`` blocks per engine, taken in turn.
 
     On a shared machine load comes in bursts: timing each engine once, one after
@@ -123,35 +132,23 @@ def interleaved_medians(fns: Mapping[str, Callable[[], Any]], repeat: int, round
     OpenMP's spin after a run) have gone idle; alternating single calls would
     time every engine against the others' spinning threads.
     """
-    number: dict[str, int] = {}
-    for name, fn in fns.items():
+    for fn in fns.values():
         fn()
-        t0 = time.perf_counter()
-        fn()
-        number[name] = max(1, int(min_sample / max(time.perf_counter() - t0, 1e-9)))
+    number = {name: _calls_per_sample(fn, min_sample) for name, fn in fns.items()}
     times: dict[str, list[float]] = {name: [] for name in fns}
     per_block = max(1, -(-repeat // rounds))
     for _ in range(rounds):
         for name, fn in fns.items():
-            n = number[name]
             t_end = time.perf_counter() + settle
             while time.perf_counter() < t_end:
                 fn()
-            start, taken = time.perf_counter(), 0
-            while taken < per_block or time.perf_counter() - start < block:
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    fn()
-                times[name].append((time.perf_counter() - t0) / n)
-                taken += 1
-                if taken >= 20 * per_block:
-                    break
+            times[name] += _samples(fn, number[name], per_block, block)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_model(name: str, proto: Any, feeds: dict[str, np.ndarray], *, torch_fn: Callable[[], Any] | None,
                 repeat: int, threads: int, run_tvm: bool, passes: str | None = None) -> BenchResult:
-    """Compile ``proto`` with kiln, then time kiln, ORT and torch on ``feeds`` interleaved; TVM's path apart."""
+    """Compile ``proto`` with kiln, then time kiln, ORT and torch on ``feeds`` in alternating blocks; TVM's apart."""
     import kiln
     from kiln.codegen.target import host_target
 
@@ -182,7 +179,7 @@ def bench_model(name: str, proto: Any, feeds: dict[str, np.ndarray], *, torch_fn
             engines["torch"] = torch_fn
         except Exception as e:  # noqa: BLE001
             res.errors["torch"] = f"{type(e).__name__}: {e}"
-    medians = interleaved_medians(engines, repeat)
+    medians = block_medians(engines, repeat)
     res.kiln_ms, res.ort_ms, res.torch_ms = (1e3 * medians[k] if k in medians else None
                                              for k in ("kiln", "ort", "torch"))
     if run_tvm:

@@ -24,6 +24,7 @@ from kiln import __version__
 from kiln.ir.graph import Graph
 from kiln.ir.text import print_graph
 from kiln.ir.types import bind_shape, is_static_dim
+from kiln.runtime.artifact import ArtifactContents, write_artifact
 
 __all__ = ["Artifact", "CompileError", "compile", "resolve_model"]
 
@@ -33,19 +34,13 @@ class CompileError(Exception):
 
 
 @dataclass
-class Artifact:
-    """A compiled model in memory: what :meth:`save` writes as one file."""
+class Artifact(ArtifactContents):
+    """A compiled model in memory (the artifact's members, plus compile statistics): :meth:`save` writes it."""
 
-    manifest: dict[str, Any]
-    library: bytes
-    weights: dict[str, np.ndarray]
-    ir_text: str
     stats: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike) -> str:
         """Write the artifact (atomically) and return its path."""
-        from kiln.runtime.artifact import write_artifact
-
         path = os.fspath(path)
         write_artifact(path, library=self.library, weights=self.weights, ir_text=self.ir_text,
                        manifest=self.manifest)

@@ -38,6 +38,11 @@ def tvm_dtype(dtype: str) -> str:
     return "bool" if np_dt == np.bool_ else str(np_dt)
 
 
+def shape_of(t: te.Tensor) -> tuple[int, ...]:
+    """A TE tensor's (static) shape as ints."""
+    return tuple(int(d) for d in t.shape)
+
+
 @dataclass
 class LowerCtx:
     """What a lowering sees besides its TE inputs, and what it tells the kernel builder."""

@@ -25,7 +25,8 @@ from ..schedules import (
     packed_matmul_te,
 )
 from ..target import vector_lanes
-from . import LowerCtx, lowers
+from . import LowerCtx, lowers, shape_of
+from .elementwise import is_float
 from .tensor import broadcast_read, out_shape, view
 
 
@@ -37,14 +38,6 @@ def _acc(dtype) -> str:
 
 def _cast(t: te.Tensor, dtype: str, name: str = "T_cast") -> te.Tensor:
     return t if t.dtype == dtype else te.compute(t.shape, lambda *i: t(*i).astype(dtype), name=name)
-
-
-def _dims(t: te.Tensor) -> tuple[int, ...]:
-    return tuple(int(d) for d in t.shape)
-
-
-def _is_float(dtype) -> bool:
-    return str(dtype).startswith(("float", "bfloat"))
 
 
 def _spatial(nsp: int, strides, pads, dilations=None) -> tuple[list[int], list[int], list[int]]:
@@ -87,16 +80,16 @@ def _finish(ctx: LowerCtx, c: te.Tensor, dtype: str) -> te.Tensor:
     """Round to the operands' dtype and drop the dims a 1-D operand added."""
     c = _cast(c, dtype)
     shape = out_shape(ctx)
-    return c if _dims(c) == shape else view(c, shape, name="T_matmul_view")
+    return c if shape_of(c) == shape else view(c, shape, name="T_matmul_view")
 
 
 def _batch_matmul(ctx: LowerCtx, a: te.Tensor, b: te.Tensor) -> te.Tensor:
     dtype, acc = a.dtype, _acc(a.dtype)
     ctx.kind, ctx.block = "batch_matmul", "batch_matmul"
-    if len(a.shape) >= 2 and _dims(a)[:-2] == _dims(b)[:-2] and len(b.shape) >= 2:
+    if len(a.shape) >= 2 and shape_of(a)[:-2] == shape_of(b)[:-2] and len(b.shape) >= 2:
         return _finish(ctx, batch_matmul_te(a, b, out_dtype=acc).output, dtype)
-    *ba, M, K = (1, *_dims(a)) if len(a.shape) == 1 else _dims(a)
-    *bb, _, N = (*_dims(b), 1) if len(b.shape) == 1 else _dims(b)
+    *ba, M, K = (1, *shape_of(a)) if len(a.shape) == 1 else shape_of(a)
+    *bb, _, N = (*shape_of(b), 1) if len(b.shape) == 1 else shape_of(b)
     rank = max(len(ba), len(bb))
     batch = tuple(max(x, y) for x, y in zip((1,) * (rank - len(ba)) + tuple(ba), (1,) * (rank - len(bb)) + tuple(bb)))
     k = te.reduce_axis((0, K), name="k")
@@ -134,12 +127,12 @@ def _conv(ctx: LowerCtx, x: te.Tensor, w: te.Tensor, w_np: np.ndarray | None, b:
     nsp = len(x.shape) - 2
     dtype = x.dtype
     if nsp == 1:
-        n, c, width = _dims(x)
+        n, c, width = shape_of(x)
         x = view(x, (n, c, 1, width), name="T_as_2d")
         if w_np is not None:
             w_np = w_np[:, :, None, :]
         else:
-            w = view(w, (*_dims(w)[:2], 1, _dims(w)[2]), name="T_w_as_2d")
+            w = view(w, (*shape_of(w)[:2], 1, shape_of(w)[2]), name="T_w_as_2d")
         strides, pads, dil = [1, *strides], [0, pads[0], 0, pads[1]], [1, *dil]
     if w_np is not None:
         w = ctx.replace_const(1, w_np, name="w")
@@ -152,15 +145,15 @@ def _conv(ctx: LowerCtx, x: te.Tensor, w: te.Tensor, w_np: np.ndarray | None, b:
         y = res.output
     y = _cast(y, dtype)
     shape = out_shape(ctx)
-    return y if _dims(y) == shape else view(y, shape, name="T_conv_view")
+    return y if shape_of(y) == shape else view(y, shape, name="T_conv_view")
 
 
 def _conv_nd(ctx: LowerCtx, x: te.Tensor, w: te.Tensor, b: te.Tensor | None, strides, pads, dil,
              group) -> te.Tensor:
     """Direct N-d convolution (3-D and up), zero padding read through a guard."""
     nsp = len(x.shape) - 2
-    sizes = _dims(x)[2:]
-    m, cg, *kernel = _dims(w)
+    sizes = shape_of(x)[2:]
+    m, cg, *kernel = shape_of(w)
     acc = _acc(x.dtype)
     mg = m // group
     rc = te.reduce_axis((0, cg), name="rc")
@@ -188,7 +181,7 @@ def conv_transpose(ctx: LowerCtx, x: te.Tensor, w: te.Tensor, b: te.Tensor | Non
     nsp = len(x.shape) - 2
     strides, pads, dil = _spatial(nsp, strides, pads, dilations)
     opad = list(output_padding or [0] * nsp)
-    kernel = _dims(w)[2:]
+    kernel = shape_of(w)[2:]
     lo = [dil[i] * (kernel[i] - 1) - pads[i] for i in range(nsp)]
     hi = [dil[i] * (kernel[i] - 1) - pads[nsp + i] + opad[i] for i in range(nsp)]
     xu = _upsample(x, strides, lo, hi)
@@ -202,7 +195,7 @@ def conv_transpose(ctx: LowerCtx, x: te.Tensor, w: te.Tensor, b: te.Tensor | Non
 
 def _upsample(x: te.Tensor, strides, lo, hi) -> te.Tensor:
     """``x`` with ``stride - 1`` zeros between entries, ``lo``/``hi`` zeros (or a crop, if negative) around."""
-    n, c, *sizes = _dims(x)
+    n, c, *sizes = shape_of(x)
     if all(s == 1 for s in strides) and not any(lo) and not any(hi):
         return x
     shape = [s * (d - 1) + 1 + a + e for d, s, a, e in zip(sizes, strides, lo, hi)]
@@ -226,7 +219,7 @@ def _flip_weight_np(w: np.ndarray, group: int) -> np.ndarray:
 
 
 def _flip_weight(w: te.Tensor, group: int) -> te.Tensor:
-    c, mg, *kernel = _dims(w)
+    c, mg, *kernel = shape_of(w)
     cg = c // group
 
     def f(oc, ic, *k):
@@ -247,8 +240,8 @@ def max_pool(ctx: LowerCtx, x: te.Tensor, *, kernel_shape, strides, pads, dilati
     """Padding never wins: out-of-input taps read the dtype's lowest value."""
     nsp = len(x.shape) - 2
     strides, pads, dil = _spatial(nsp, strides, pads, dilations)
-    sizes = _dims(x)[2:]
-    low = tirx.const(-math.inf, x.dtype) if _is_float(x.dtype) else tirx.const(int(np.iinfo(str(x.dtype)).min), x.dtype)
+    sizes = shape_of(x)[2:]
+    low = tirx.const(-math.inf, x.dtype) if is_float(x.dtype) else tirx.const(int(np.iinfo(str(x.dtype)).min), x.dtype)
     rk = [te.reduce_axis((0, k), name=f"rk{n}") for n, k in enumerate(kernel_shape)]
 
     def body(nb, c, *o):
@@ -265,7 +258,7 @@ def avg_pool(ctx: LowerCtx, x: te.Tensor, *, kernel_shape, strides, pads, ceil_m
     """The divisor counts the window's taps inside the input (or the explicitly padded input)."""
     nsp = len(x.shape) - 2
     strides, pads, _ = _spatial(nsp, strides, pads)
-    sizes = _dims(x)[2:]
+    sizes = shape_of(x)[2:]
     acc = _acc(x.dtype)
     rk = [te.reduce_axis((0, k), name=f"rk{n}") for n, k in enumerate(kernel_shape)]
 
@@ -291,7 +284,7 @@ def avg_pool(ctx: LowerCtx, x: te.Tensor, *, kernel_shape, strides, pads, ceil_m
 
 def _global_pool(ctx: LowerCtx, x: te.Tensor, mean: bool) -> te.Tensor:
     """One flattened reduction axis over all spatial dims (vectorizable by rfactor)."""
-    n, c, *sizes = _dims(x)
+    n, c, *sizes = shape_of(x)
     acc = _acc(x.dtype)
     r = te.reduce_axis((0, math.prod(sizes)), name="r")
     shape = out_shape(ctx)
@@ -349,7 +342,7 @@ def _normalize(ctx: LowerCtx, x: te.Tensor, ax: int, epsilon: float, rms: bool, 
 
     Each reduction runs over one flattened axis so the schedule can vectorize it.
     """
-    dims = _dims(x)
+    dims = shape_of(x)
     rows, inner = dims[:ax] or (1,), dims[ax:]
     n = math.prod(inner)
     acc = _acc(x.dtype)
@@ -439,7 +432,7 @@ def _exp(t: te.Tensor) -> te.Tensor:
 
 def _softmax_parts(ctx: LowerCtx, x: te.Tensor, axis: int):
     """(x - max) and the row sums of its exp, along ``axis``; rows keep a unit dim at ``axis``."""
-    dims = _dims(x)
+    dims = shape_of(x)
     ax = axis % len(dims)
     acc = _acc(x.dtype)
     rows = dims[:ax] + (1,) + dims[ax + 1:]

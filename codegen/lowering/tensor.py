@@ -17,7 +17,7 @@ from tvm.ir.expr import ExprWithOp
 from kiln.ir.ops.tensor import _perm, _slice_params, _slice_range
 from kiln.ir.types import to_numpy_dtype
 
-from . import LowerCtx, lowers, tvm_dtype
+from . import LowerCtx, lowers, shape_of, tvm_dtype
 
 Expr = ExprWithOp
 
@@ -26,13 +26,9 @@ def out_shape(ctx: LowerCtx, i: int = 0) -> tuple[int, ...]:
     return tuple(int(d) for d in ctx.node.outputs[i].type.shape)
 
 
-def _dims(t: te.Tensor) -> tuple[int, ...]:
-    return tuple(int(d) for d in t.shape)
-
-
 def view(x: te.Tensor, shape: tuple[int, ...], name: str = "T_reshape") -> te.Tensor:
     """Row-major reshape; a common trailing part of the shapes maps index to index."""
-    src = _dims(x)
+    src = shape_of(x)
     common = 0
     while common < min(len(src), len(shape)) and src[-1 - common] == shape[-1 - common]:
         common += 1
@@ -167,7 +163,7 @@ def expand(ctx: LowerCtx, x: te.Tensor, *, shape) -> te.Tensor:
 
 @lowers("tile")
 def tile(ctx: LowerCtx, x: te.Tensor, *, repeats) -> te.Tensor:
-    dims = _dims(x)
+    dims = shape_of(x)
     return te.compute(out_shape(ctx), lambda *i: x(*(0 if d == 1 else i[a] % d for a, d in enumerate(dims))),
                       name="T_tile")
 
@@ -187,7 +183,7 @@ def _pad_source(j: Expr, begin: int, dim: int, mode: str) -> Expr:
 
 @lowers("pad")
 def pad(ctx: LowerCtx, x: te.Tensor, *, pads, mode, value) -> te.Tensor:
-    dims, out = _dims(x), out_shape(ctx)
+    dims, out = shape_of(x), out_shape(ctx)
     r = len(dims)
     begins = [pads[a] for a in range(r)]
     fill = tirx.const(np.asarray(value).astype(ctx.node.inputs[0].type.np_dtype).item(), x.dtype)
@@ -220,7 +216,7 @@ def _select_table(i: Expr, values: list, dtype: str) -> Expr:
 
 @lowers("shape")
 def shape(ctx: LowerCtx, x: te.Tensor, *, start=0, end=None) -> te.Tensor:
-    dims = list(_dims(x)[start:end])
+    dims = list(shape_of(x)[start:end])
     return te.compute((len(dims),), lambda i: _select_table(i, dims, "int64"), name="T_shape")
 
 
@@ -261,7 +257,7 @@ def _arg_reduce(ctx: LowerCtx, x: te.Tensor, axis: int, keepdims: int, last: int
     The identity's index loses every tie (INT_MAX for first, -1 for last), so an
     all -inf row still yields a real index.
     """
-    dims = _dims(x)
+    dims = shape_of(x)
     ax = axis % len(dims)
 
     def better(a: Expr, b: Expr) -> Expr:
@@ -303,7 +299,7 @@ def argmin(ctx: LowerCtx, x: te.Tensor, *, axis, keepdims, select_last_index) ->
 @lowers("cumsum")
 def cumsum(ctx: LowerCtx, x: te.Tensor, *, axis, exclusive, reverse) -> te.Tensor:
     """Each output sums a masked row of the input (order-free: exact for ints, reassociated for floats)."""
-    dims = _dims(x)
+    dims = shape_of(x)
     ax = axis % len(dims)
     k = te.reduce_axis((0, dims[ax]), name="k")
     zero = tirx.const(0, x.dtype)

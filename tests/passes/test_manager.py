@@ -28,7 +28,7 @@ class _Scale(Pass):
     factor: float = 2.0
     broken: bool = False
 
-    def apply(self, graph):
+    def apply(self, graph, log):
         if self.broken:
             graph.nodes[0].outputs[0].type = ir.TensorType("i64", (1,))
             return graph

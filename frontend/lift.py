@@ -46,6 +46,8 @@ How a model is lifted
 
 Graph inputs that are also initializers are treated as constants: kiln
 compiles inference graphs, and these are the weights of old exporters.
+With ``params_as_inputs`` the floating-point weights become graph inputs
+instead (see :func:`lift`).
 """
 
 from __future__ import annotations
@@ -161,15 +163,20 @@ def _label(source: ModelSource, model: onnx.ModelProto) -> str:
 # ====================================================================== public entry points
 
 def lift(model: ModelSource, *, canonicalize: bool = True,
-         input_shapes: dict[str, Sequence[int | str]] | None = None) -> Graph:
+         input_shapes: dict[str, Sequence[int | str]] | None = None, params_as_inputs: bool = False) -> Graph:
     """ONNX -> kiln IR (see the module docstring); the result is verified.
 
     ``input_shapes`` overrides the declared shape of graph inputs by name
     (ints and symbol names), e.g. to make a dynamic batch static.
+    ``params_as_inputs`` makes every used floating-point initializer with more
+    than one element a graph input (after the model's own inputs, named as in
+    the ONNX file, listed in ``graph.meta["params"]``), to be fed at run time
+    for weight swapping and fine-tuning loops; integer and scalar initializers
+    (shapes, indices, epsilons) stay constants.
     """
     proto = load_model(model)
     label = _label(model, proto)
-    graph = _Lifter(proto, label, input_shapes or {}).run()
+    graph = _Lifter(proto, label, input_shapes or {}, params_as_inputs).run()
     graph.dce()
     if canonicalize:
         from .canonicalize import canonicalize as canon
@@ -291,8 +298,10 @@ class _Refuse(Exception):
 # ====================================================================== the lifter
 
 class _Lifter:
-    def __init__(self, model: onnx.ModelProto, label: str, input_shapes: dict[str, Sequence[int | str]]):
+    def __init__(self, model: onnx.ModelProto, label: str, input_shapes: dict[str, Sequence[int | str]],
+                 params_as_inputs: bool = False):
         self.model = model
+        self.params_as_inputs = params_as_inputs
         self.label = label
         self.input_shapes = dict(input_shapes)
         self.opsets = {("" if o.domain == "ai.onnx" else o.domain): int(o.version) for o in model.opset_import}
@@ -452,7 +461,11 @@ class _Lifter:
                     self.refusals[("<initializer>", name)] = item
                 self.poisoned.add(name)
                 continue
-            self.env[name] = self.g.add_constant(arr, name)
+            if self.params_as_inputs and arr.dtype.kind == "f" and arr.size > 1 and self.uses[name]:
+                self.env[name] = self.g.add_input(name, TensorType.of(arr))
+                self.g.meta.setdefault("params", []).append(name)
+            else:
+                self.env[name] = self.g.add_constant(arr, name)
 
     def _input_type(self, vi: onnx.ValueInfoProto) -> TensorType:
         kind = vi.type.WhichOneof("value")

@@ -103,6 +103,79 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ opt
+
+def _instruments(args: argparse.Namespace, graph=None):
+    """The pass-manager instruments the flags ask for (``--dump-ir``, ``--check-each-pass``, ``--inputs``)."""
+    from kiln.passes.manager import Instruments
+
+    feeds = _read_npz(args.inputs, "--inputs") if getattr(args, "inputs", None) else None
+    if feeds is not None and graph is not None:
+        missing = [v.name for v in graph.inputs if v.name not in feeds]
+        if missing:
+            raise CliError(f"--inputs {args.inputs}: no array for graph inputs {missing}")
+    return Instruments(dump_ir=Path(args.dump_ir) if args.dump_ir else None,
+                       check_each_pass=args.check_each_pass or feeds is not None, check_inputs=feeds)
+
+
+def _read_npz(path: str, flag: str) -> dict:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError) as e:
+        raise CliError(f"{flag} {path}: not a readable .npz file: {e}") from e
+
+
+def print_pass_table(records, title: str, explain: bool = False) -> None:
+    """The per-pass table (time, nodes, op-count delta, rewrites, refusals, max error) and, with explain, why."""
+    checked = any(r.max_error is not None for r in records)
+    table = Table(title=title, title_justify="left")
+    for col in ("#", "pass", "time ms", "nodes", "op delta", "rewrites", "refused") + (("max rel err",) if checked else ()):
+        table.add_column(col, justify="left" if col in ("pass", "op delta") else "right")
+    for i, r in enumerate(records, 1):
+        row = [str(i), r.name, f"{r.seconds * 1e3:.1f}", f"{r.nodes_before} -> {r.nodes_after}", r.delta_text,
+               str(len(r.log.rewrites)), str(len(r.log.refusals))]
+        if checked:
+            row.append("-" if r.max_error is None else f"{r.max_error:.2e}")
+        table.add_row(*row)
+    console.print(table)
+    if not explain:
+        return
+    for r in records:
+        for at, what in r.log.rewrites:
+            console.print(f"[green]rewrote[/] {r.name} at %{at}: {what}")
+        for ref in r.log.refusals:
+            console.print(f"[yellow]refused[/] {r.name} at %{ref.at}: {ref.reason}")
+
+
+def cmd_opt(args: argparse.Namespace) -> int:
+    """Run a pass pipeline on a model, print the per-pass table, write the rewritten graph as ONNX or IR."""
+    from kiln import ir
+    from kiln.frontend import lift, lower_to_onnx
+    from kiln.passes.manager import DEFAULT_PIPELINE, run_pipeline_report
+
+    if args.model.endswith(".ir") and Path(args.model).exists():
+        graph = ir.verify(ir.parse(Path(args.model).read_text()))
+    else:
+        graph = lift(load_onnx(args.model), params_as_inputs=args.params_as_inputs)
+    result = run_pipeline_report(graph, args.passes or DEFAULT_PIPELINE, _instruments(args, graph))
+    print_pass_table(result.records, f"kiln opt: {args.model}", explain=args.explain)
+    if args.output:
+        out = Path(args.output)
+        tmp = out.with_name(out.name + ".tmp")
+        if out.suffix == ".ir":
+            tmp.write_text(ir.print_graph(result.graph))
+        else:
+            import onnx
+
+            onnx.save(lower_to_onnx(result.graph), tmp)
+        os.replace(tmp, out)
+        console.print(f"wrote {out}")
+    return 0
+
+
 # ------------------------------------------------------------------ demo
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -222,12 +295,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
         try:
             art = kiln.compile(args.model, passes=args.passes, target=args.target, shapes=_parse_shapes(args.shape),
-                               tune=args.tune, tune_db=args.tune_db, progress=report)
+                               tune=args.tune, tune_db=args.tune_db, params_as_inputs=args.params_as_inputs,
+                               instruments=_instruments(args), progress=report)
         except CompileError as e:
             raise CliError(str(e)) from e
         progress.update(task, description="writing artifact")
         art.save(out)
+        if art.params:
+            params_out = str(Path(out).with_suffix("")) + ".params.npz"
+            _write_npz(params_out, art.params)
     st = art.stats
+    if args.explain or args.check_each_pass:
+        print_pass_table(st["passes"], "passes", explain=args.explain)
     table = Table(title=f"kiln compile: {st['model']} -> {out}", title_justify="left")
     table.add_column("", justify="left")
     table.add_column("", justify="right")
@@ -241,6 +320,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
                                        f"library {st['library_bytes'] / 1e6:.2f} MB)")]:
         table.add_row(key, val)
     console.print(table)
+    if art.params:
+        console.print(f"weights are inputs ({len(art.params)}): initial values written to {params_out} "
+                      f"(kiln run {out} --params {params_out})")
     for note in st["notes"]:
         err_console.print(f"[yellow]note[/]: {note}")
     return 0
@@ -259,6 +341,15 @@ def _random_inputs(sess) -> dict:
     return feeds
 
 
+def _write_npz(path: str, arrays: dict) -> None:
+    """Write arrays to ``path`` through a temporary file, so a failed write leaves nothing half-written."""
+    import numpy as np
+
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Load an artifact, run it on the given (or random) inputs, print a summary of the outputs."""
     import numpy as np
@@ -266,15 +357,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kiln.runtime import load
 
     sess = load(args.artifact)
+    params = _read_npz(args.params, "--params") if args.params else {}
     if args.inputs:
-        try:
-            with np.load(args.inputs, allow_pickle=False) as z:
-                feeds = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as e:
-            raise CliError(f"--inputs {args.inputs}: not a readable .npz file: {e}") from e
+        feeds = _read_npz(args.inputs, "--inputs")
     else:
-        feeds = _random_inputs(sess)
+        feeds = {k: v for k, v in _random_inputs(sess).items() if k not in params}
         err_console.print("no --inputs given: running on seeded random inputs")
+    feeds.update(params)
     outs = sess.run(feeds)
     table = Table(title=f"kiln run: {args.artifact}", title_justify="left")
     for col in ("output", "dtype", "shape", "min", "max", "mean"):
@@ -285,9 +374,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                       *(f"{float(f(a)):.4g}" if num else "-" for f in (np.min, np.max, np.mean)))
     console.print(table)
     if args.out:
-        tmp = args.out + ".tmp.npz"
-        np.savez(tmp, **outs)
-        os.replace(tmp, args.out)
+        _write_npz(args.out, outs)
         console.print(f"outputs written to {args.out}")
     if args.repeat:
         times = np.array(sess.benchmark(feeds, repeat=args.repeat)) * 1e3
@@ -317,12 +404,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("models", nargs="*", help="zoo model names (default: all)")
     demo.add_argument("--no-compile", action="store_true", help="skip compiling and timing the zoo GPT")
     demo.set_defaults(func=cmd_demo)
+    opt = sub.add_parser("opt", help="run a pass pipeline on a model and write the rewritten graph")
+    opt.add_argument("model", help="an .onnx file, a kiln .ir file, or a zoo model name")
+    opt.add_argument("--passes", default=None, help="pass pipeline, e.g. 'canonicalize,fold-conv-bn,dce'")
+    opt.add_argument("-o", "--output", help="write the result: .onnx (default) or .ir (kiln IR text)")
+    opt.add_argument("--inputs", help=".npz of inputs for the per-pass check (implies --check-each-pass)")
+    _pass_arguments(opt)
+    opt.set_defaults(func=cmd_opt)
+
     comp = sub.add_parser("compile", help="compile a model ahead of time into one artifact file")
     comp.add_argument("model", help="an .onnx file or a zoo model name")
     comp.add_argument("-o", "--output", help="artifact path (default: <model>.kiln)")
     comp.add_argument("--passes", default=None, help="pass pipeline, e.g. 'canonicalize,dce'")
     comp.add_argument("--target", default=None, help="TVM target, e.g. 'llvm -mcpu=znver2' (default: this CPU)")
     comp.add_argument("--shape", action="append", metavar="SYM=N", help="value of a symbolic dim (repeatable)")
+    _pass_arguments(comp)
     comp.add_argument("--tune", type=int, default=0, metavar="TRIALS",
                       help="MetaSchedule-tune each distinct kernel with TRIALS candidates (default: off)")
     comp.add_argument("--tune-db", default=None, metavar="DIR",
@@ -331,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a compiled artifact")
     run.add_argument("artifact", help="a .kiln file from kiln compile")
     run.add_argument("--inputs", help=".npz with one array per input name (default: seeded random inputs)")
+    run.add_argument("--params", help=".npz of weights for an artifact compiled with --params-as-inputs")
     run.add_argument("--out", help="write the outputs to this .npz")
     run.add_argument("--repeat", type=int, default=0, help="also time N runs and print median/min/max latency")
     run.set_defaults(func=cmd_run)
@@ -339,6 +436,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
     return p
+
+
+def _pass_arguments(p: argparse.ArgumentParser) -> None:
+    """The pass-manager flags that ``opt`` and ``compile`` share."""
+    p.add_argument("--explain", action="store_true", help="print every rewrite and every refused match with its reason")
+    p.add_argument("--dump-ir", metavar="DIR", help="write the IR after every pass as DIR/NNN_<pass>.ir")
+    p.add_argument("--check-each-pass", action="store_true",
+                   help="run the interpreter after every pass and stop at the first pass that changes the outputs")
+    p.add_argument("--params-as-inputs", action="store_true",
+                   help="lift the weights as graph inputs (fed at run time) instead of constants")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from kiln.ir.text import print_graph
 from kiln.ir.types import bind_shape, is_static_dim
 from kiln.runtime.artifact import ArtifactContents, write_artifact
 
-__all__ = ["Artifact", "CompileError", "compile", "resolve_model"]
+__all__ = ["Artifact", "CompileError", "Resolved", "compile", "initial_params", "model_inputs", "resolve_model"]
 
 
 class CompileError(Exception):
@@ -38,6 +38,7 @@ class Artifact(ArtifactContents):
     """A compiled model in memory (the artifact's members, plus compile statistics): :meth:`save` writes it."""
 
     stats: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, np.ndarray] = field(default_factory=dict)
 
     def save(self, path: str | os.PathLike) -> str:
         """Write the artifact (atomically) and return its path."""
@@ -60,26 +61,53 @@ def _is_torch_module(model: Any) -> bool:
     return mod.startswith("torch") or any(c.__module__.startswith("torch.nn") for c in type(model).__mro__)
 
 
-def resolve_model(model: Any, example_inputs: Any = None) -> tuple[Graph, str, Any]:
-    """Lift any accepted model form into kiln IR; returns (graph, label, example inputs)."""
+@dataclass
+class Resolved:
+    """A model lifted into kiln IR, with its label, example inputs and (params as inputs) initial weights."""
+
+    graph: Graph
+    label: str
+    example_inputs: Any
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def resolve_model(model: Any, example_inputs: Any = None, *, params_as_inputs: bool = False) -> Resolved:
+    """Lift any accepted model form into kiln IR (with ``params_as_inputs``, weights become inputs)."""
     from kiln import frontend, zoo
 
     if isinstance(model, Graph):
-        return model.clone(), model.name, example_inputs
+        return Resolved(model.clone(), model.name, example_inputs)
     if isinstance(model, (str, os.PathLike)) and not os.path.exists(model) and str(model) in zoo.names():
-        name = str(model)
+        label = str(model)
         if example_inputs is None:
-            _, example_inputs = zoo.get(name)
-        return frontend.lift(zoo.onnx_model(name)), name, example_inputs
-    if _is_torch_module(model):
+            _, example_inputs = zoo.get(label)
+        proto = zoo.onnx_model(label)
+    elif _is_torch_module(model):
         if example_inputs is None:
             raise CompileError("compiling a torch module needs example_inputs (a tuple of tensors)")
-        proto = frontend.export(model, example_inputs)
-        return frontend.lift(proto), type(model).__name__, example_inputs
-    if isinstance(model, (str, os.PathLike)) and not os.path.exists(model):
+        proto, label = frontend.export(model, example_inputs), type(model).__name__
+    elif isinstance(model, (str, os.PathLike)) and not os.path.exists(model):
         raise CompileError(f"{os.fspath(model)!r}: no such file, and not a zoo model ({', '.join(zoo.names())})")
-    label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
-    return frontend.lift(model), label, example_inputs
+    else:
+        proto = model  # lifted from the path itself, so that errors name the file
+        label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
+    graph = frontend.lift(proto, params_as_inputs=params_as_inputs)
+    params = initial_params(frontend.load_model(proto), graph) if params_as_inputs else {}
+    return Resolved(graph, label, example_inputs, params)
+
+
+def initial_params(proto: Any, graph: Graph) -> dict[str, np.ndarray]:
+    """The ONNX initializer values of the graph's parameter inputs (``graph.meta["params"]``)."""
+    from onnx import numpy_helper
+
+    names = set(graph.meta.get("params", ()))
+    return {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer if t.name in names}
+
+
+def model_inputs(graph: Graph) -> list:
+    """The graph inputs that are the model's own (not parameters lifted as inputs)."""
+    params = set(graph.meta.get("params", ()))
+    return [v for v in graph.inputs if v.name not in params]
 
 
 def _as_arrays(graph: Graph, example_inputs: Any) -> dict[str, np.ndarray]:
@@ -89,10 +117,11 @@ def _as_arrays(graph: Graph, example_inputs: Any) -> dict[str, np.ndarray]:
         return {k: np.asarray(v) for k, v in example_inputs.items()}
     items = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     arrays = [x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x) for x in items]
-    if len(arrays) != len(graph.inputs):
-        raise CompileError(f"got {len(arrays)} example inputs, the model takes {len(graph.inputs)}: "
-                           f"{[v.name for v in graph.inputs]}")
-    return {v.name: a for v, a in zip(graph.inputs, arrays)}
+    own = model_inputs(graph)
+    if len(arrays) != len(own):
+        raise CompileError(f"got {len(arrays)} example inputs, the model takes {len(own)}: "
+                           f"{[v.name for v in own]}")
+    return {v.name: a for v, a in zip(own, arrays)}
 
 
 def bind_symbols(graph: Graph, example: Mapping[str, np.ndarray],
@@ -145,18 +174,27 @@ def _signature(values: Sequence[Any]) -> list[dict[str, Any]]:
 
 def compile(model: Any, example_inputs: Any = None, *, passes: str | None = None, target: Any = None,
             shapes: Mapping[str, int] | None = None, tune: int = 0, tune_db: str | None = None,
+            params_as_inputs: bool = False, instruments: Any = None,
             progress: Callable[[str, int, int], None] | None = None) -> Artifact:
-    """Compile ``model`` ahead of time for ``target`` (default: this machine's CPU)."""
+    """Compile ``model`` ahead of time for ``target`` (default: this machine's CPU).
+
+    With ``params_as_inputs`` the weights are named inputs of the artifact (listed
+    in its manifest under ``params``); their initial values are ``artifact.params``.
+    ``instruments`` (:class:`kiln.passes.manager.Instruments`) sets IR dumps and
+    the per-pass interpreter check; the per-pass records are ``stats["passes"]``.
+    """
     from kiln.codegen.build import build_graph, specialize
     from kiln.codegen.kernel import CodegenError
     from kiln.codegen.target import host_target, parse_target, target_summary
-    from kiln.passes.manager import DEFAULT_PIPELINE, format_pipeline, parse_pipeline, run_pipeline
+    from kiln.passes.manager import DEFAULT_PIPELINE, format_pipeline, parse_pipeline, run_pipeline_report
 
     t0 = time.perf_counter()
     pipeline = parse_pipeline(passes if passes is not None else DEFAULT_PIPELINE)
-    graph, label, example_inputs = resolve_model(model, example_inputs)
+    resolved = resolve_model(model, example_inputs, params_as_inputs=params_as_inputs)
+    graph, label, example_inputs = resolved.graph, resolved.label, resolved.example_inputs
     t_lift = time.perf_counter() - t0
-    graph = run_pipeline(graph, pipeline)
+    passed = run_pipeline_report(graph, pipeline, instruments)
+    graph = passed.graph
     declared = graph.clone()
     symbols = bind_symbols(graph, _as_arrays(graph, example_inputs), shapes)
     tgt = parse_target(target) if target is not None else host_target()
@@ -179,8 +217,9 @@ def compile(model: Any, example_inputs: Any = None, *, passes: str | None = None
              **{f"{k}_s": v for k, v in compiled.timings.items()},
              "weights_bytes": int(sum(a.nbytes for a in compiled.weights.values())),
              "library_bytes": len(library), "target": target_summary(tgt),
-             "notes": [f"{k.name}: {n}" for k in compiled.kernels for n in k.notes]}
-    return Artifact(manifest, library, compiled.weights, print_graph(declared), stats)
+             "notes": [f"{k.name}: {n}" for k in compiled.kernels for n in k.notes],
+             "passes": passed.records}
+    return Artifact(manifest, library, compiled.weights, print_graph(declared), stats, resolved.params)
 
 
 def _manifest(graph: Graph, compiled: Any, target: Any, pipeline: str, symbols: Mapping[str, int],
@@ -205,6 +244,7 @@ def _manifest(graph: Graph, compiled: Any, target: Any, pipeline: str, symbols: 
         "cpu_features": features,
         "pipeline": pipeline,
         "inputs": _signature(graph.inputs),
+        "params": list(graph.meta.get("params", [])),
         "outputs": [{**sig, "aliases": alias} for sig, alias in zip(_signature(graph.outputs), _output_aliases(graph))],
         "symbols": dict(symbols),
         "weights": list(compiled.weights),

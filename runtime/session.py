@@ -332,13 +332,13 @@ class Session:
         return out.copy() if alias else out
 
     def _to_device(self, arrays: Sequence[np.ndarray]) -> list[Any]:
-        """Zero-copy DLPack views (TVM wants 64-byte aligned data: others are copied into aligned buffers)."""
+        """Zero-copy DLPack views (TVM wants 64-byte aligned, writeable data: others are copied into aligned buffers)."""
         from_dlpack = self._tvm.runtime.from_dlpack
         out = []
         for a in arrays:
             try:
                 out.append(from_dlpack(a))
-            except RuntimeError:  # not 64-byte aligned
+            except (RuntimeError, BufferError):  # not 64-byte aligned, or read-only
                 out.append(from_dlpack(_aligned(a)))
         return out
 
@@ -364,8 +364,8 @@ class Session:
 
 
 def _aligned(a: np.ndarray, alignment: int = 64) -> np.ndarray:
-    """``a`` itself when C-contiguous and aligned, else a copy in an aligned buffer."""
-    if a.flags.c_contiguous and a.ctypes.data % alignment == 0:
+    """``a`` itself when C-contiguous, writeable and aligned, else a copy in an aligned buffer."""
+    if a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % alignment == 0:
         return a
     buf = np.empty(a.nbytes + alignment, np.uint8)
     offset = -buf.ctypes.data % alignment

@@ -80,3 +80,33 @@ def test_package_maps_stage_folders_to_one_import_name():
     root = pathlib.Path(kiln.__file__).resolve().parent.parent
     assert pathlib.Path(kiln.ir.__file__).resolve().parent == root / "ir"
     assert pathlib.Path(kiln.frontend.__file__).resolve().parent == root / "frontend"
+
+
+def test_opt_writes_onnx_that_onnx_runtime_runs_with_the_same_outputs(tmp_path, capsys):
+    import onnxruntime as ort
+
+    path = _tiny_model(tmp_path / "tiny.onnx")
+    out = tmp_path / "opt.onnx"
+    assert main(["opt", str(path), "--passes", "canonicalize,dce", "-o", str(out), "--dump-ir",
+                 str(tmp_path / "dump"), "--check-each-pass"]) == 0
+    text = capsys.readouterr().out
+    assert "canonicalize" in text and "max rel err" in text and f"wrote {out}" in text
+    assert sorted(p.name for p in (tmp_path / "dump").iterdir()) == ["000_input.ir", "001_canonicalize.ir",
+                                                                   "002_dce.ir"]
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    got = ort.InferenceSession(str(out)).run(None, {"x": x})[0]
+    want = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_opt_writes_ir_text_and_checks_given_inputs(tmp_path, capsys):
+    from kiln import ir
+
+    path = _tiny_model(tmp_path / "tiny.onnx")
+    np.savez(tmp_path / "in.npz", x=np.ones((2, 4), np.float32))
+    assert main(["opt", str(path), "-o", str(tmp_path / "g.ir"), "--inputs", str(tmp_path / "in.npz")]) == 0
+    assert ir.verify(ir.parse((tmp_path / "g.ir").read_text())).op_counts() == {"mul": 1, "relu": 1}
+    np.savez(tmp_path / "bad.npz", y=np.ones((2, 4), np.float32))
+    capsys.readouterr()
+    assert main(["opt", str(path), "--inputs", str(tmp_path / "bad.npz")]) == 1
+    assert "no array for graph inputs ['x']" in capsys.readouterr().err

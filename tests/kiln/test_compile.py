@@ -179,3 +179,37 @@ def test_outputs_that_alias_inputs_or_weights_are_copies():
     again = sess.run({"x": x})
     np.testing.assert_array_equal(again["c"], [1, 2, 3, 4])
     np.testing.assert_array_equal(again["y"], x + [1, 2, 3, 4])
+
+
+def test_params_as_inputs_compiles_weights_as_named_inputs_that_can_be_swapped(tmp_path):
+    feeds = _zoo_feeds("mlp")
+    art = kiln.compile("mlp", params_as_inputs=True)
+    names = art.manifest["params"]
+    assert names == list(art.params) and len(names) == 6
+    assert [s["name"] for s in art.manifest["inputs"]] == ["x", *names]
+    assert not art.weights  # nothing left baked in
+    sess = art.load()
+    graph = lift(zoo.onnx_model("mlp"), params_as_inputs=True)
+    ref_graph = lift(zoo.onnx_model("mlp"))
+    out = sess.run({**feeds, **art.params})
+    assert_close(out["logits"], ir.interpret(ref_graph, feeds)["logits"], MODEL_F32)
+    rng = np.random.default_rng(0)
+    swapped = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in art.params.items()}
+    want = ir.interpret(graph, {**feeds, **swapped})["logits"]
+    assert_close(sess.run({**feeds, **swapped})["logits"], want, MODEL_F32)
+    assert not np.allclose(want, out["logits"])
+
+
+def test_cli_compile_params_as_inputs_writes_the_initial_weights_beside_the_artifact(tmp_path, capsys):
+    art = tmp_path / "m.kiln"
+    assert main(["compile", "mlp", "-o", str(art), "--params-as-inputs"]) == 0
+    assert "weights are inputs (6)" in capsys.readouterr().out
+    params = tmp_path / "m.params.npz"
+    with np.load(params, allow_pickle=False) as z:
+        assert sorted(z.files) == sorted(kiln.compile("mlp", params_as_inputs=True).params)
+    np.savez(tmp_path / "x.npz", x=_zoo_feeds("mlp")["x"])
+    assert main(["run", str(art), "--inputs", str(tmp_path / "x.npz"), "--params", str(params),
+                 "--out", str(tmp_path / "y.npz")]) == 0
+    with np.load(tmp_path / "y.npz", allow_pickle=False) as z:
+        want = ir.interpret(lift(zoo.onnx_model("mlp")), _zoo_feeds("mlp"))["logits"]
+        assert_close(z["logits"], want, MODEL_F32)

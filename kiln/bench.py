@@ -312,6 +312,109 @@ def bench_matmul_kernels(shapes: Sequence[tuple[int, int, int]], threads: int, r
     return rows
 
 
+@dataclass
+class Variant:
+    """One way to build a model for the pass-variant table: a label, the ONNX model, the kiln pipeline."""
+
+    model: str
+    label: str
+    proto: Any
+    passes: str
+
+
+def _without_batch_norm(module: Any) -> Any:
+    """A copy of ``module`` with every BatchNorm replaced by Identity: the CNN as if built without BN."""
+    import copy
+
+    import torch
+
+    bare = copy.deepcopy(module)
+    for name, child in list(bare.named_modules()):
+        for attr, sub in list(child.named_children()):
+            if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm):
+                setattr(child, attr, torch.nn.Identity())
+    return bare.eval()
+
+
+def norm_variants() -> tuple[list[Variant], dict[str, dict[str, np.ndarray]]]:
+    """The issue-4 comparisons: GPT and ViT as Pre-LN / Pre-RMSNorm / Pre-CRMSNorm; ResNet with BN, folded, without."""
+    from kiln import zoo
+    from kiln.frontend import export
+
+    base = "canonicalize,dce"
+    variants, feeds = [], {}
+    for name in ("gpt", "vit"):
+        proto = zoo.onnx_model(name)
+        variants += [Variant(name, "Pre-LN", proto, base),
+                     Variant(name, "Pre-RMSNorm", proto, "canonicalize,ln-to-rmsnorm,dce"),
+                     Variant(name, "Pre-CRMSNorm", proto, "canonicalize,ln-to-crmsnorm,dce")]
+        feeds[name] = _zoo_case(name, 1)[1]
+    module, example = zoo.get("resnet")
+    bare = export(_without_batch_norm(module), example, input_names=zoo.input_names("resnet"),
+                  output_names=zoo.output_names("resnet"))
+    proto = zoo.onnx_model("resnet")
+    variants += [Variant("resnet", "BN kept", proto, base),
+                 Variant("resnet", "BN folded", proto, "canonicalize,fold-conv-bn,dce"),
+                 Variant("resnet", "built without BN", bare, base)]
+    feeds["resnet"] = _zoo_case("resnet", 1)[1]
+    return variants, feeds
+
+
+def bench_variants(variants: Sequence[Variant], feeds: Mapping[str, dict[str, np.ndarray]],
+                   repeat: int) -> list[dict[str, Any]]:
+    """Compile every variant, then time each model's variants together in alternating blocks (one run)."""
+    import kiln
+    from kiln import ir
+
+    rows: list[dict[str, Any]] = []
+    for model in dict.fromkeys(v.model for v in variants):
+        group = [v for v in variants if v.model == model]
+        runs: dict[str, Callable[[], Any]] = {}
+        outs: dict[str, dict[str, np.ndarray]] = {}
+        info: dict[str, dict[str, Any]] = {}
+        for v in group:
+            row = {"model": model, "variant": v.label, "passes": v.passes}
+            try:
+                art = kiln.compile(v.proto, feeds[model], passes=v.passes)
+                sess = art.load()
+                outs[v.label] = sess.run(feeds[model])
+                runs[v.label] = (lambda s=sess: s.run(feeds[model]))
+                row.update(kernels=art.stats["kernels"], nodes=art.stats["nodes"],
+                           ops=dict(sorted(ir.parse(art.ir_text).op_counts().items())))
+            except Exception as e:  # noqa: BLE001 - a row records the failure and goes on
+                row["error"] = f"{type(e).__name__}: {e}"
+            info[v.label] = row
+        medians = block_medians(runs, repeat)
+        base = group[0].label
+        for v in group:
+            row = info[v.label]
+            if v.label in medians:
+                row["ms"] = 1e3 * medians[v.label]
+                if base in medians:
+                    row["vs_first"] = medians[v.label] / medians[base]
+                    if v.label != base and base in outs and v.proto is group[0].proto:
+                        row["rel_err_vs_first"] = max(_rel_err(outs[v.label][k], outs[base][k]) for k in outs[base])
+            rows.append(row)
+    return rows
+
+
+def print_variant_table(rows: Sequence[Mapping[str, Any]], title: str) -> None:
+    from rich.table import Table
+
+    from kiln.cli import console
+
+    table = Table(title=title, title_justify="left")
+    for col in ("model", "variant", "kiln ms", "vs first", "kernels", "rel err vs first", "pipeline"):
+        table.add_column(col, justify="left" if col in ("model", "variant", "pipeline") else "right")
+    for r in rows:
+        table.add_row(r["model"], r["variant"], _ms(r.get("ms")), _fmt(r.get("vs_first"), ".3f"),
+                      _fmt(r.get("kernels"), "d"), _fmt(r.get("rel_err_vs_first"), ".1e"), r["passes"])
+    console.print(table)
+    for r in rows:
+        if "error" in r:
+            console.print(f"[red]{r['model']} / {r['variant']}[/]: {r['error']}", soft_wrap=True)
+
+
 def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -344,6 +447,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="*", help="zoo model names (default: all)")
     p.add_argument("--light", action="store_true", help="also benchmark onnx's light CNN models (kiln vs ORT)")
     p.add_argument("--kernels", action="store_true", help="GFLOP/s of kiln's matmul kernels vs ORT and numpy")
+    p.add_argument("--norms", action="store_true",
+                   help="only the norm-folding table: GPT/ViT as Pre-LN, Pre-RMSNorm, Pre-CRMSNorm; ResNet with "
+                        "BN, BN folded, built without BN")
     p.add_argument("--no-tvm", action="store_true", help="skip TVM's own from_onnx path (slow to run)")
     p.add_argument("--repeat", type=int, default=20, help="timed runs per engine (median reported)")
     p.add_argument("--threads", type=int, default=2, help="threads for every engine")
@@ -357,6 +463,14 @@ def run(args: argparse.Namespace) -> int:
 
     configure_threads(args.threads)
     out: dict[str, Any] = {"threads": args.threads, "repeat": args.repeat, "target": target_summary(None)}
+    if args.norms:
+        variants, feeds = norm_variants()
+        rows = bench_variants(variants, feeds, args.repeat)
+        print_variant_table(rows, f"kiln bench --norms: compiled latency by pass pipeline, {args.threads} threads, "
+                                  f"median of {args.repeat}")
+        out["norms"] = rows
+        _write_json(args.json, out)
+        return 0
     names = args.models or zoo.names()
     unknown = [n for n in names if n not in zoo.names()]
     if unknown:
@@ -391,12 +505,16 @@ def run(args: argparse.Namespace) -> int:
                       f"{r['max_abs_err']:.1e}")
         console.print(t)
         out["matmul_kernels"] = rows
-    if args.json:
-        tmp = args.json + ".tmp"
+    _write_json(args.json, out)
+    return 0
+
+
+def _write_json(path: str | None, out: Mapping[str, Any]) -> None:
+    if path:
+        tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(out, f, indent=2)
-        os.replace(tmp, args.json)
-    return 0
+        os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -206,35 +206,7 @@ def _replace(graph: Graph, m: Match) -> Value:
                   else v for v in m.inputs]
         return list(graph.add_node(m.op, inputs, m.attrs, before=before, name=name, out_names=names).outputs)
 
-    return replace_keeping_names(graph, [m.root], m.nodes, build)[0]
-
-
-def replace_keeping_names(graph: Graph, olds: list[Value], dead: list[Node],
-                          build: Callable[[list[str], Node | None], list[Value]]) -> list[Value]:
-    """Replace ``olds`` by values that ``build(names, before)`` creates under the same names.
-
-    ``dead`` are the nodes that become unused once ``olds`` lose their users (they
-    are removed first, which frees the names); ``before`` is the node that followed
-    the last of them, so the new nodes take their place in the order.
-    """
-    uses = [list(o.uses) for o in olds]
-    outputs = list(graph.outputs)
-    for us in uses:
-        for n, i in us:
-            graph.set_input(n, i, None)
-    graph.set_outputs([v for v in outputs if not any(v is o for o in olds)])
-    order = {id(n): k for k, n in enumerate(graph.nodes)}
-    dead = sorted(dead, key=lambda n: order[id(n)])
-    last = order[id(dead[-1])]
-    before = graph.nodes[last + 1] if last + 1 < len(graph.nodes) else None
-    for n in reversed(dead):
-        graph.remove(n)
-    news = build([o.name for o in olds], before)
-    for new, us in zip(news, uses):
-        for n, i in us:
-            graph.set_input(n, i, new)
-    graph.set_outputs([next((nv for o, nv in zip(olds, news) if v is o), v) for v in outputs])
-    return news
+    return graph.replace_keeping_names([m.root], m.nodes, build)[0]
 
 
 # ====================================================================== constant folding and no-ops
@@ -267,7 +239,7 @@ def fold_constants(graph: Graph, report: Report, limit: int | None = None) -> in
             arrays = [_compact(a, limit) for a in arrays]
         if any(a.dtype != o.type.np_dtype or a.shape != tuple(o.type.shape) for a, o in zip(arrays, node.outputs)):
             continue  # the reference disagrees with the type rule: leave it for verify/interpret to report
-        replace_keeping_names(graph, list(node.outputs), [node],
+        graph.replace_keeping_names(list(node.outputs), [node],
                               lambda names, _, arrays=arrays: [graph.add_constant(a, n) for a, n in zip(arrays, names)])
         report.folded += 1
         changed += 1

@@ -8,7 +8,7 @@ Passes never touch ``Value.uses`` or ``Node._inputs`` directly: they call
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -220,6 +220,33 @@ class Graph:
             raise ValueError(f"cannot remove constant %{value.name}: still used")
         del self.constants[value.name]
         self._names.discard(value.name)
+
+    def replace_keeping_names(self, olds: list[Value], dead: list[Node],
+                              build: Callable[[list[str], Node | None], list[Value]]) -> list[Value]:
+        """Replace ``olds`` by values that ``build(names, before)`` creates under the same names.
+
+        ``dead`` are the nodes that become unused once ``olds`` lose their users (they
+        are removed first, which frees the names); ``before`` is the node that followed
+        the last of them, so the new nodes take their place in the order.
+        """
+        uses = [list(o.uses) for o in olds]
+        outputs = list(self.outputs)
+        for us in uses:
+            for n, i in us:
+                self.set_input(n, i, None)
+        self.set_outputs([v for v in outputs if not any(v is o for o in olds)])
+        order = {id(n): k for k, n in enumerate(self.nodes)}
+        dead = sorted(dead, key=lambda n: order[id(n)])
+        last = order[id(dead[-1])]
+        before = self.nodes[last + 1] if last + 1 < len(self.nodes) else None
+        for n in reversed(dead):
+            self.remove(n)
+        news = build([o.name for o in olds], before)
+        for new, us in zip(news, uses):
+            for n, i in us:
+                self.set_input(n, i, new)
+        self.set_outputs([next((nv for o, nv in zip(olds, news) if v is o), v) for v in outputs])
+        return news
 
     def set_outputs(self, outputs: Iterable[Value]) -> None:
         self.outputs = list(outputs)

@@ -145,9 +145,9 @@ def print_pass_table(records, title: str, explain: bool = False) -> None:
         return
     for r in records:
         for at, what in r.log.rewrites:
-            console.print(f"[green]rewrote[/] {r.name} at %{at}: {what}")
+            console.print(f"[green]rewrote[/] {r.name} at %{at}: {what}", soft_wrap=True)
         for ref in r.log.refusals:
-            console.print(f"[yellow]refused[/] {r.name} at %{ref.at}: {ref.reason}")
+            console.print(f"[yellow]refused[/] {r.name} at %{ref.at}: {ref.reason}", soft_wrap=True)
 
 
 def cmd_opt(args: argparse.Namespace) -> int:

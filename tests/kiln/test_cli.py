@@ -110,3 +110,14 @@ def test_opt_writes_ir_text_and_checks_given_inputs(tmp_path, capsys):
     capsys.readouterr()
     assert main(["opt", str(path), "--inputs", str(tmp_path / "bad.npz")]) == 1
     assert "no array for graph inputs ['x']" in capsys.readouterr().err
+
+
+def test_opt_explain_prints_each_refusal_with_its_reason(capsys):
+    assert main(["opt", "resnet", "--params-as-inputs", "--passes", "fold-conv-bn,dce", "--explain"]) == 0
+    out = capsys.readouterr().out
+    refused = [line for line in out.splitlines() if line.startswith("refused fold-conv-bn")]
+    assert len(refused) == 9  # the zoo ResNet's nine BNs: weights are inputs, deploy cannot fold them
+    assert all("mode=tune" in line for line in refused)
+    assert main(["opt", "resnet", "--passes", "fold-conv-bn,dce", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("rewrote fold-conv-bn") == 9 and "batch_norm-9" in out

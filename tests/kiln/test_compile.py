@@ -213,3 +213,20 @@ def test_cli_compile_params_as_inputs_writes_the_initial_weights_beside_the_arti
     with np.load(tmp_path / "y.npz", allow_pickle=False) as z:
         want = ir.interpret(lift(zoo.onnx_model("mlp")), _zoo_feeds("mlp"))["logits"]
         assert_close(z["logits"], want, MODEL_F32)
+
+
+@pytest.mark.slow
+def test_tune_mode_conv_bn_compiles_with_weights_as_inputs_and_matches_eval_mode():
+    feeds = _zoo_feeds("resnet")
+    art = kiln.compile("resnet", params_as_inputs=True, passes="canonicalize,fold-conv-bn{mode=tune},dce")
+    assert "batch_norm" not in art.ir_text and "conv" in art.ir_text
+    assert any(n.startswith("stem.1.") for n in art.manifest["params"])  # BN parameters are inputs too
+    want = ir.interpret(lift(zoo.onnx_model("resnet")), feeds)["logits"]
+    sess = art.load()
+    assert_close(sess.run({**feeds, **art.params})["logits"], want, MODEL_F32)
+    # new BN statistics at run time: the folded weights follow them
+    graph = lift(zoo.onnx_model("resnet"), params_as_inputs=True)
+    params = dict(art.params)
+    params["stem.1.running_var"] = params["stem.1.running_var"] * 4.0
+    assert_close(sess.run({**feeds, **params})["logits"], ir.interpret(graph, {**feeds, **params})["logits"],
+                 MODEL_F32)

@@ -176,6 +176,24 @@ def cmd_opt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_passes(args: argparse.Namespace) -> int:
+    """List the registered passes with their options (defaults) and what each does."""
+    import dataclasses
+
+    from kiln.passes.manager import DEFAULT_PIPELINE, registered_passes
+
+    table = Table(title=f"passes (default pipeline: {DEFAULT_PIPELINE})", title_justify="left")
+    for col in ("pass", "options", "what"):
+        table.add_column(col)
+    for name, cls in sorted(registered_passes().items()):
+        if cls.__module__.startswith("tests."):
+            continue
+        opts = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+        table.add_row(name, opts or "-", (cls.__doc__ or "").strip().splitlines()[0])
+    console.print(table)
+    return 0
+
+
 # ------------------------------------------------------------------ demo
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -411,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--inputs", help=".npz of inputs for the per-pass check (implies --check-each-pass)")
     _pass_arguments(opt)
     opt.set_defaults(func=cmd_opt)
+
+    sub.add_parser("passes", help="list the passes a pipeline may name, with their options").set_defaults(
+        func=cmd_passes)
 
     comp = sub.add_parser("compile", help="compile a model ahead of time into one artifact file")
     comp.add_argument("model", help="an .onnx file or a zoo model name")

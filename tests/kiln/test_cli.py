@@ -121,3 +121,11 @@ def test_opt_explain_prints_each_refusal_with_its_reason(capsys):
     assert main(["opt", "resnet", "--passes", "fold-conv-bn,dce", "--explain"]) == 0
     out = capsys.readouterr().out
     assert out.count("rewrote fold-conv-bn") == 9 and "batch_norm-9" in out
+
+
+def test_passes_lists_every_registered_pass_with_its_options(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("canonicalize", "dce", "fold-conv-bn", "fold-ln-affine", "ln-to-rmsnorm", "ln-to-crmsnorm"):
+        assert name in out
+    assert "mode=deploy" in out and "default pipeline: canonicalize,fold-conv-bn,dce" in out

@@ -329,7 +329,7 @@ def _without_batch_norm(module: Any) -> Any:
     import torch
 
     bare = copy.deepcopy(module)
-    for name, child in list(bare.named_modules()):
+    for child in list(bare.modules()):
         for attr, sub in list(child.named_children()):
             if isinstance(sub, torch.nn.modules.batchnorm._BatchNorm):
                 setattr(child, attr, torch.nn.Identity())
@@ -378,7 +378,7 @@ def bench_variants(variants: Sequence[Variant], feeds: Mapping[str, dict[str, np
                 art = kiln.compile(v.proto, feeds[model], passes=v.passes)
                 sess = art.load()
                 outs[v.label] = sess.run(feeds[model])
-                runs[v.label] = (lambda s=sess: s.run(feeds[model]))
+                runs[v.label] = (lambda s=sess, f=feeds[model]: s.run(f))
                 row.update(kernels=art.stats["kernels"], nodes=art.stats["nodes"],
                            ops=dict(sorted(ir.parse(art.ir_text).op_counts().items())))
             except Exception as e:  # noqa: BLE001 - a row records the failure and goes on

@@ -186,7 +186,12 @@ def compile(model: Any, example_inputs: Any = None, *, passes: str | None = None
     from kiln.codegen.build import build_graph, specialize
     from kiln.codegen.kernel import CodegenError
     from kiln.codegen.target import host_target, parse_target, target_summary
-    from kiln.passes.manager import DEFAULT_PIPELINE, format_pipeline, parse_pipeline, run_pipeline_report
+    from kiln.passes.manager import (
+        DEFAULT_PIPELINE,
+        format_pipeline,
+        parse_pipeline,
+        run_pipeline_report,
+    )
 
     t0 = time.perf_counter()
     pipeline = parse_pipeline(passes if passes is not None else DEFAULT_PIPELINE)

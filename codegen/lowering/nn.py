@@ -394,6 +394,35 @@ def rms_norm(ctx: LowerCtx, x: te.Tensor, scale: te.Tensor, *, axis, epsilon) ->
     return _normalize(ctx, x, ax, epsilon, True, lambda i, y: y * broadcast_read(scale, i[ax:]).astype(acc))
 
 
+@lowers("crms_norm")
+def crms_norm(ctx: LowerCtx, x: te.Tensor, scale: te.Tensor, *, axis, epsilon) -> te.Tensor:
+    """x / sqrt((sum(x^2) + sum(x)^2) / d + eps) * scale over the last axis, d = last dim + 1.
+
+    Two independent row reductions (sum and sum of squares), so both vectorize alike.
+    """
+    dims = shape_of(x)
+    ax = len(dims) - 1
+    rows, n = dims[:ax] or (1,), dims[ax]
+    acc = _acc(x.dtype)
+
+    def at(i, r):
+        return x(*i[:ax], r).astype(acc)
+
+    r1, r2 = te.reduce_axis((0, n), name="r1"), te.reduce_axis((0, n), name="r2")
+    s1 = te.compute(rows, lambda *i: te.sum(at(i, r1), axis=r1), name="crms_sum")
+    s2 = te.compute(rows, lambda *i: te.sum(at(i, r2) * at(i, r2), axis=r2), name="crms_sqsum")
+    inv_d, eps = tirx.const(1.0 / (n + 1), acc), tirx.const(epsilon, acc)
+
+    def out(*i):
+        row = i[:ax] or (0,)
+        ms = (s2(*row) + s1(*row) * s1(*row)) * inv_d
+        y = x(*i).astype(acc) / tirx.sqrt(ms + eps)
+        return (y * broadcast_read(scale, i[ax:]).astype(acc)).astype(x.dtype)
+
+    ctx.kind = "reduction"
+    return te.compute(dims, out, name="T_crms_norm")
+
+
 @lowers("instance_norm")
 def instance_norm(ctx: LowerCtx, x: te.Tensor, scale: te.Tensor, bias: te.Tensor, *, epsilon) -> te.Tensor:
     acc = _acc(x.dtype)

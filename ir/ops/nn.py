@@ -473,6 +473,55 @@ def rms_norm(x, scale, *, axis, epsilon):
     return (x64 / np.sqrt(ms + epsilon) * scale.astype(np.float64)).astype(x.dtype)
 
 
+def _crms_norm_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
+    x = ts[0]
+    require_float(x, "crms_norm: input")
+    if x.rank < 1:
+        raise OpTypeError(f"crms_norm: input must have rank >= 1, got {x}")
+    if norm_axis(attrs.get("axis", -1), x.rank) != x.rank - 1:
+        raise OpTypeError(f"crms_norm: axis {attrs.get('axis')} is not the last axis of {x}; "
+                          f"CRMSNorm normalizes one compressed d-vector per row")
+    if not isinstance(x.shape[-1], int):
+        raise OpTypeError(f"crms_norm: the last dim of {x} must be static (it is d - 1)")
+    return _norm_axis_infer("crms_norm", 1)(ts, attrs)
+
+
+def _decompose_crms_norm(g, node):
+    """crms_norm as reduce_sum/reduce_sum_square/mul/add/div/sqrt/div/mul, inserted before ``node``."""
+    x, scale = node.inputs[0], node.inputs[1]
+    last = [x.type.rank - 1]
+    dt = x.type.np_dtype
+
+    def o(name, *args, **kw):
+        return g.op(name, *args, before=node, **kw)
+
+    s = o("reduce_sum", x, axes=last, keepdims=1)
+    sq = o("reduce_sum_square", x, axes=last, keepdims=1)
+    d = g.add_constant(np.array(x.type.shape[-1] + 1, dtype=dt), g.fresh_name("crms_d"))
+    eps = g.add_constant(np.array(node.attrs["epsilon"], dtype=dt), g.fresh_name("eps"))
+    ms = o("div", o("add", sq, o("mul", s, s)), d)
+    return [o("mul", o("div", x, o("sqrt", o("add", ms, eps))), scale)]
+
+
+@op("crms_norm", inputs=("x", "scale"), attrs={"axis": Attr("int", -1), "epsilon": Attr("float", 1e-5)},
+    infer=_crms_norm_infer, fusion=RED, decompose=_decompose_crms_norm)
+def crms_norm(x, scale, *, axis, epsilon):
+    """Compressed RMS norm (Pre-CRMSNorm) over the last axis, computed in float64.
+
+    ``x`` holds the first d-1 components of a zero-mean d-vector whose dropped last
+    component is -sum(x); with d = x.shape[-1] + 1,
+    y = x / sqrt((sum(x**2) + sum(x)**2) / d + epsilon) * scale,
+    the first d-1 components of that vector's RMS norm (scale has d-1 entries). ``axis``
+    must name the last axis. No ONNX spelling: ``decompose`` writes it as
+    reduce_sum/reduce_sum_square/mul/add/div/sqrt/div/mul.
+    """
+    x64 = x.astype(np.float64)
+    d = x.shape[-1] + 1
+    s = x64.sum(axis=-1, keepdims=True)
+    ms = ((x64 * x64).sum(axis=-1, keepdims=True) + s * s) / d
+    return (x64 / np.sqrt(ms + epsilon) * scale.astype(np.float64)).astype(x.dtype)
+
+
 def _instance_norm_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
     x = ts[0]
     require_float(x, "instance_norm: input")

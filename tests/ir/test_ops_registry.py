@@ -10,11 +10,18 @@ from kiln import ir
 from kiln.ir import FusionKind
 from kiln.ir.registry import REQUIRED, check_attr
 
-from . import test_ops_elementwise, test_ops_nn, test_ops_quant, test_ops_reduce, test_ops_tensor
+from . import (
+    test_ops_crms_norm,
+    test_ops_elementwise,
+    test_ops_nn,
+    test_ops_quant,
+    test_ops_reduce,
+    test_ops_tensor,
+)
 
-MODULES = [test_ops_elementwise, test_ops_nn, test_ops_tensor, test_ops_reduce, test_ops_quant]
+MODULES = [test_ops_elementwise, test_ops_nn, test_ops_tensor, test_ops_reduce, test_ops_quant, test_ops_crms_norm]
 OPS = ir.all_ops()
-NO_ONNX = {"silu": "decompose", "range": "folded to a constant by the lifter"}
+NO_ONNX = {"silu": "decompose", "crms_norm": "decompose", "range": "folded to a constant by the lifter"}
 
 
 def test_every_registered_op_is_exercised_by_a_test_file():
@@ -60,7 +67,7 @@ EXPECTED_FUSION = {
     "unsqueeze": "injective", "flatten": "injective", "split": "injective", "trilu": "injective",
     "quantize": "injective", "dequantize": "injective",
     "reduce_mean": "reduction", "reduce_sum": "reduction", "softmax": "reduction", "layer_norm": "reduction",
-    "rms_norm": "reduction", "argmax": "reduction", "global_avg_pool": "reduction", "cumsum": "reduction",
+    "rms_norm": "reduction", "crms_norm": "reduction", "argmax": "reduction", "global_avg_pool": "reduction", "cumsum": "reduction",
     "conv": "out-elementwise-fusable", "conv_transpose": "out-elementwise-fusable",
     "matmul": "out-elementwise-fusable", "max_pool": "out-elementwise-fusable", "avg_pool": "out-elementwise-fusable",
     "shape": "opaque",

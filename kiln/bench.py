@@ -337,7 +337,11 @@ def _without_batch_norm(module: Any) -> Any:
 
 
 def norm_variants() -> tuple[list[Variant], dict[str, dict[str, np.ndarray]]]:
-    """The issue-4 comparisons: GPT and ViT as Pre-LN / Pre-RMSNorm / Pre-CRMSNorm; ResNet with BN, folded, without."""
+    """GPT and ViT as Pre-LN (γ/β kept or folded), Pre-RMSNorm, Pre-CRMSNorm; ResNet with BN, BN folded, without BN.
+
+    Pre-RMSNorm folds γ/β into the next linear layers as Pre-CRMSNorm does, so
+    the two differ from "Pre-LN, affine folded" only by the norm itself.
+    """
     from kiln import zoo
     from kiln.frontend import export
 
@@ -346,7 +350,8 @@ def norm_variants() -> tuple[list[Variant], dict[str, dict[str, np.ndarray]]]:
     for name in ("gpt", "vit"):
         proto = zoo.onnx_model(name)
         variants += [Variant(name, "Pre-LN", proto, base),
-                     Variant(name, "Pre-RMSNorm", proto, "canonicalize,ln-to-rmsnorm,dce"),
+                     Variant(name, "Pre-LN, affine folded", proto, "canonicalize,fold-ln-affine,dce"),
+                     Variant(name, "Pre-RMSNorm", proto, "canonicalize,ln-to-rmsnorm,fold-ln-affine,dce"),
                      Variant(name, "Pre-CRMSNorm", proto, "canonicalize,ln-to-crmsnorm,dce")]
         feeds[name] = _zoo_case(name, 1)[1]
     module, example = zoo.get("resnet")

@@ -570,3 +570,30 @@ def test_converted_vit_compiles_and_matches_torch(pipeline, tmp_path):
     (got,) = sess.run({sess.inputs[0].name: x.numpy()}).values()
     want = module(x).detach().numpy()
     assert np.abs(got - want).max() / np.abs(want).max() < F32_TOLERANCE
+
+
+@pytest.mark.parametrize("pipeline", ["ln-to-rmsnorm,fold-ln-affine", "ln-to-crmsnorm"])
+def test_torchscript_exporter_form(pipeline):
+    """The TorchScript exporter (dynamo=False) spells the same GPT differently; after canonicalization it converts."""
+    import io
+    import warnings
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = _perturbed(zoo.GPT(vocab=32, d=16, n_heads=2, n_layers=2, max_len=8), 1)
+        example = (torch.randint(0, 32, (1, 8)),)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example, buf, dynamo=False, opset_version=18, input_names=["x"],
+                          output_names=["y"])
+    proto = onnx.load_from_string(buf.getvalue())
+    assert "Constant" in {n.op_type for n in proto.graph.node}  # not the dynamo spelling
+    g = kiln.frontend.lift(proto)
+    feeds = {"x": example[0].numpy()}
+    res = run_pipeline_report(g.clone(), pipeline, Instruments(check_each_pass=True, check_inputs=feeds,
+                                                                check_tolerance=F64))
+    assert not res.refusals and "layer_norm" not in res.graph.op_counts()
+    with torch.no_grad():
+        want = module(*example).numpy()
+    assert _rel_err(_outputs(res.graph, feeds), [want]) < 1e-12

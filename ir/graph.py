@@ -48,13 +48,18 @@ class Value:
 
 
 class Node:
-    """One operation: op name, attributes, input values (None for an absent optional), outputs."""
+    """One operation: op name, attributes, input values (None for an absent optional), outputs.
 
-    __slots__ = ("op", "name", "attrs", "_inputs", "outputs", "graph")
+    ``block`` names the fused block the node belongs to ("" when none): nodes
+    with the same block become one kernel (set by the ``fuse-blocks`` pass).
+    """
+
+    __slots__ = ("op", "name", "attrs", "_inputs", "outputs", "graph", "block")
 
     def __init__(self, op: str, attrs: Attrs | None = None, name: str = ""):
         self.op = op
         self.name = name
+        self.block = ""
         self.attrs: Attrs = dict(attrs or {})
         self._inputs: list[Value | None] = []
         self.outputs: list[Value] = []
@@ -295,6 +300,7 @@ class Graph:
             m = g.make_node(n.op, [None if v is None else vmap[id(v)] for v in n.inputs], n.attrs,
                             name=n.name, out_types=[o.type for o in n.outputs],
                             out_names=[o.name for o in n.outputs])
+            m.block = n.block
             g.nodes.append(m)
             for a, b in zip(n.outputs, m.outputs):
                 vmap[id(a)] = b
@@ -327,7 +333,7 @@ def structurally_equal(a: Graph, b: Graph) -> str | None:
     if len(a.nodes) != len(b.nodes):
         return f"{len(a.nodes)} nodes vs {len(b.nodes)}"
     for na, nb in zip(a.nodes, b.nodes):
-        key = lambda n: (n.op, n.name, [None if v is None else v.name for v in n.inputs],  # noqa: E731
+        key = lambda n: (n.op, n.name, n.block, [None if v is None else v.name for v in n.inputs],  # noqa: E731
                          [(o.name, o.type) for o in n.outputs])
         if key(na) != key(nb):
             return f"node {na!r} != {nb!r}"

@@ -102,8 +102,9 @@ def print_graph(g: Graph, *, elide_constants: bool = False) -> str:
         if n.attrs:
             attrs = " {" + ", ".join(f"{k}={_attr(n.attrs[k])}" for k in sorted(n.attrs)) + "}"
         types = ", ".join(str(o.type) for o in n.outputs)
+        block = f" block({json.dumps(n.block)})" if n.block else ""
         loc = f" loc({json.dumps(n.name)})" if n.name else ""
-        lines.append(f"  {outs_} = {n.op}({args}){attrs} : {types}{loc}")
+        lines.append(f"  {outs_} = {n.op}({args}){attrs} : {types}{block}{loc}")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -346,18 +347,13 @@ def parse(text: str, *, constants: dict[str, np.ndarray] | None = None) -> Graph
             types.append(_type(lx))
         if len(types) != len(names):
             raise lx.error(f"{len(names)} results but {len(types)} types")
-        loc = ""
-        if lx.accept("loc"):
-            lx.expect("(")
-            k, v = lx.next()
-            if k != "str":
-                raise lx.error("expected a string in loc(...)")
-            loc = json.loads(v)
-            lx.expect(")")
+        block = _string_annotation(lx, "block")
+        loc = _string_annotation(lx, "loc")
         try:
             node = g.add_node(opname, args, attrs, name=loc, out_types=types, out_names=names)
         except OpTypeError as e:
             raise lx.error(str(e)) from None
+        node.block = block
         for nm, o in zip(names, node.outputs):
             define(nm, o)
     if lx.peek()[0] != "eof":
@@ -367,3 +363,15 @@ def parse(text: str, *, constants: dict[str, np.ndarray] | None = None) -> Graph
             raise ParseError(f"graph output %{nm} is never defined")
     g.outputs = [env[nm] for nm in out_names]
     return g
+
+
+def _string_annotation(lx: _Lexer, keyword: str) -> str:
+    """The string of an optional ``keyword("...")`` after a node's types, else ""."""
+    if not lx.accept(keyword):
+        return ""
+    lx.expect("(")
+    k, v = lx.next()
+    if k != "str":
+        raise lx.error(f"expected a string in {keyword}(...)")
+    lx.expect(")")
+    return json.loads(v)

@@ -53,10 +53,44 @@ def _shape(t) -> str:
 
 # ------------------------------------------------------------------ inspect
 
+def inspect_artifact(path: str, show_ir: bool) -> int:
+    """An artifact's manifest: signature, target, pipeline, and the kernel list with each kernel's ops."""
+    from kiln.runtime.artifact import read_artifact
+
+    art = read_artifact(path)
+    m = art.manifest
+    tgt = m.get("target", {})
+    console.print(f"[bold]{path}[/]  model [cyan]{m.get('model', '?')}[/]  kiln {m.get('kiln_version')}, "
+                  f"TVM {m.get('tvm_version')}, target {tgt.get('kind', '?')} -mcpu={tgt.get('mcpu', '?')}")
+    console.print(f"pipeline: {m.get('pipeline')}")
+    sig = Table(title="signature", title_justify="left")
+    for col in ("kind", "name", "dtype:shape"):
+        sig.add_column(col)
+    params = set(m.get("params") or [])
+    for kind, key in (("input", "inputs"), ("output", "outputs")):
+        for spec in m[key]:
+            label = "weight input" if spec["name"] in params else kind
+            sig.add_row(label, spec["name"], f"{spec['dtype']}[{','.join(str(d) for d in spec['shape'])}]")
+    console.print(sig)
+    kernels = Table(title=f"kernels ({len(m.get('kernels', []))})", title_justify="left")
+    for col in ("#", "kernel", "anchor", "kind", "ops"):
+        kernels.add_column(col, justify="right" if col == "#" else "left")
+    for i, k in enumerate(m.get("kernels", [])):
+        kernels.add_row(str(i), k["name"], k.get("op", "?"), k.get("kind", "?"), " ".join(k.get("ops", [])))
+    console.print(kernels)
+    n_weights = sum(int(a.size) for a in art.weights.values())
+    console.print(f"weights: {len(art.weights)} arrays ({n_weights:,} elements), library {len(art.library):,} bytes")
+    if show_ir:
+        sys.stdout.write(art.ir_text)
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from kiln import ir
     from kiln.frontend import lift
 
+    if args.model.endswith(".kiln") and Path(args.model).exists():
+        return inspect_artifact(args.model, args.ir)
     if args.model.endswith(".ir") and Path(args.model).exists():
         graph = ir.verify(ir.parse(Path(args.model).read_text()))
         model = None
@@ -414,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", required=True)
     ins = sub.add_parser("inspect", help="show a model's signature, op counts and (with --ir) its kiln IR")
-    ins.add_argument("model", help="an .onnx file, a kiln .ir file, or a zoo model name")
+    ins.add_argument("model", help="an .onnx file, a kiln .ir file, a compiled .kiln artifact, or a zoo model name")
     ins.add_argument("--ir", action="store_true", help="print the kiln IR text")
     ins.add_argument("--full", action="store_true", help="with --ir: print every constant's data, not just small ones")
     ins.set_defaults(func=cmd_inspect)

@@ -230,3 +230,17 @@ def test_tune_mode_conv_bn_compiles_with_weights_as_inputs_and_matches_eval_mode
     params["stem.1.running_var"] = params["stem.1.running_var"] * 4.0
     assert_close(sess.run({**feeds, **params})["logits"], ir.interpret(graph, {**feeds, **params})["logits"],
                  MODEL_F32)
+
+
+def test_cli_inspect_artifact_lists_kernels_with_their_ops(tmp_path, capsys):
+    art = tmp_path / "m.kiln"
+    assert main(["compile", "mlp", "-o", str(art), "--params-as-inputs"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(art), "--ir"]) == 0
+    out = capsys.readouterr().out
+    manifest = kiln.load(str(art)).manifest
+    assert f"kernels ({len(manifest['kernels'])})" in out
+    for k in manifest["kernels"]:
+        assert k["name"] in out and " ".join(k["ops"]) in out
+    assert "weight input" in out and "pipeline: canonicalize,fold-conv-bn,dce" in out
+    assert "graph @" in out  # --ir prints the artifact's IR

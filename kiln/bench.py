@@ -320,6 +320,7 @@ class Variant:
     label: str
     proto: Any
     passes: str
+    engine: str = "kiln"  # or "ort": ONNX Runtime on ``proto``, timed beside kiln's variants
 
 
 def _without_batch_norm(module: Any) -> Any:
@@ -365,27 +366,53 @@ def norm_variants() -> tuple[list[Variant], dict[str, dict[str, np.ndarray]]]:
     return variants, feeds
 
 
-def bench_variants(variants: Sequence[Variant], feeds: Mapping[str, dict[str, np.ndarray]],
-                   repeat: int) -> list[dict[str, Any]]:
-    """Compile every variant, then time each model's variants together in alternating blocks (one run)."""
+FUSION_OFF = "canonicalize,fold-conv-bn,dce"
+FUSION_ON = "canonicalize,fold-conv-bn,dce,fuse-blocks"
+
+
+def fusion_variants(names: Sequence[str]) -> tuple[list[Variant], dict[str, dict[str, np.ndarray]]]:
+    """Each zoo model with block fusion off (anchor + epilogue kernels only) and on, and ONNX Runtime."""
+    variants, feeds = [], {}
+    for name in names:
+        proto, feeds[name], _ = _zoo_case(name, 1)
+        variants += [Variant(name, "fusion off", proto, FUSION_OFF), Variant(name, "fusion on", proto, FUSION_ON),
+                     Variant(name, "ONNX Runtime", proto, "", engine="ort")]
+    return variants, feeds
+
+
+def _variant_runner(v: Variant, feeds: dict[str, np.ndarray], threads: int) -> tuple[Callable[[], Any], dict[str, Any]]:
+    """A callable running variant ``v`` on ``feeds`` and its compile facts (kernels, nodes, ops)."""
     import kiln
     from kiln import ir
 
+    if v.engine == "ort":
+        sess = _ort_session(v.proto, threads)
+        return (lambda: sess.run(None, feeds)), {}
+    art = kiln.compile(v.proto, feeds, passes=v.passes)
+    ksess = art.load()
+    return (lambda: ksess.run(feeds)), {"kernels": art.stats["kernels"], "nodes": art.stats["nodes"],
+                                        "ops": dict(sorted(ir.parse(art.ir_text).op_counts().items()))}
+
+
+def _as_list(out: Any) -> list[np.ndarray]:
+    return list(out.values()) if isinstance(out, Mapping) else list(out)
+
+
+def bench_variants(variants: Sequence[Variant], feeds: Mapping[str, dict[str, np.ndarray]],
+                   repeat: int, threads: int = 2) -> list[dict[str, Any]]:
+    """Compile every variant, then time each model's variants together in alternating blocks (one run)."""
     rows: list[dict[str, Any]] = []
     for model in dict.fromkeys(v.model for v in variants):
         group = [v for v in variants if v.model == model]
         runs: dict[str, Callable[[], Any]] = {}
-        outs: dict[str, dict[str, np.ndarray]] = {}
+        outs: dict[str, list[np.ndarray]] = {}
         info: dict[str, dict[str, Any]] = {}
         for v in group:
-            row = {"model": model, "variant": v.label, "passes": v.passes}
+            row = {"model": model, "variant": v.label, "passes": v.passes if v.engine == "kiln" else v.engine}
             try:
-                art = kiln.compile(v.proto, feeds[model], passes=v.passes)
-                sess = art.load()
-                outs[v.label] = sess.run(feeds[model])
-                runs[v.label] = (lambda s=sess, f=feeds[model]: s.run(f))
-                row.update(kernels=art.stats["kernels"], nodes=art.stats["nodes"],
-                           ops=dict(sorted(ir.parse(art.ir_text).op_counts().items())))
+                runs[v.label], facts = _variant_runner(v, feeds[model], threads)
+                outs[v.label] = _as_list(runs[v.label]())
+                row.update(facts)
             except Exception as e:  # noqa: BLE001 - a row records the failure and goes on
                 row["error"] = f"{type(e).__name__}: {e}"
             info[v.label] = row
@@ -398,7 +425,7 @@ def bench_variants(variants: Sequence[Variant], feeds: Mapping[str, dict[str, np
                 if base in medians:
                     row["vs_first"] = medians[v.label] / medians[base]
                     if v.label != base and base in outs and v.proto is group[0].proto:
-                        row["rel_err_vs_first"] = max(_rel_err(outs[v.label][k], outs[base][k]) for k in outs[base])
+                        row["rel_err_vs_first"] = max(_rel_err(a, b) for a, b in zip(outs[v.label], outs[base]))
             rows.append(row)
     return rows
 
@@ -452,6 +479,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="*", help="zoo model names (default: all)")
     p.add_argument("--light", action="store_true", help="also benchmark onnx's light CNN models (kiln vs ORT)")
     p.add_argument("--kernels", action="store_true", help="GFLOP/s of kiln's matmul kernels vs ORT and numpy")
+    p.add_argument("--fusion", action="store_true",
+                   help="only the fusion table: kernels and latency with fuse-blocks off and on, and ORT")
     p.add_argument("--norms", action="store_true",
                    help="only the norm-folding table: GPT/ViT as Pre-LN, Pre-RMSNorm, Pre-CRMSNorm; ResNet with "
                         "BN, BN folded, built without BN")
@@ -468,9 +497,17 @@ def run(args: argparse.Namespace) -> int:
 
     configure_threads(args.threads)
     out: dict[str, Any] = {"threads": args.threads, "repeat": args.repeat, "target": target_summary(None)}
+    if args.fusion:
+        variants, feeds = fusion_variants(args.models or zoo.names())
+        rows = bench_variants(variants, feeds, args.repeat, args.threads)
+        print_variant_table(rows, f"kiln bench --fusion: block fusion off/on vs ONNX Runtime, {args.threads} threads, "
+                                  f"median of {args.repeat}")
+        out["fusion"] = rows
+        _write_json(args.json, out)
+        return 0
     if args.norms:
         variants, feeds = norm_variants()
-        rows = bench_variants(variants, feeds, args.repeat)
+        rows = bench_variants(variants, feeds, args.repeat, args.threads)
         print_variant_table(rows, f"kiln bench --norms: compiled latency by pass pipeline, {args.threads} threads, "
                                   f"median of {args.repeat}")
         out["norms"] = rows

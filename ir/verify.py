@@ -1,9 +1,23 @@
-"""ir.verify: SSA, use-def links, topological order, attribute schemas and types against the type rules."""
+"""ir.verify: SSA, use-def links, topological order, attribute schemas and types against the type rules.
+
+When some node carries a block name (set by the ``fuse-blocks`` pass), :func:`check`
+also checks the fused-block contract with :func:`check_blocks`; see
+:mod:`kiln.passes.fusion` for the contract in full.
+"""
 
 from __future__ import annotations
 
-from .graph import Graph, Value
-from .registry import OpTypeError, get_op, infer_types
+from collections.abc import Collection, Sequence
+
+from .graph import Graph, Node, Value
+from .registry import FusionKind, OpTypeError, get_op, infer_types
+
+# Shape-only ops that codegen runs as zero-copy views: never a kernel, never in a block.
+VIEW_OPS = frozenset({"reshape", "flatten", "squeeze", "unsqueeze", "identity"})
+# The kinds that make a node the anchor of its block (at most one per block).
+ANCHOR_KINDS = frozenset({FusionKind.OUT_EWISE_FUSABLE, FusionKind.REDUCTION})
+# The kinds that may follow an anchor inside its block (with the anchor's output shape).
+EPILOGUE_KINDS = frozenset({FusionKind.ELEMENTWISE, FusionKind.BROADCAST})
 
 
 class VerifyError(ValueError):
@@ -98,6 +112,148 @@ def check(graph: Graph) -> list[str]:
     for v in graph.outputs:
         if id(v) not in defined:
             problems.append(f"graph output %{v.name} is not defined in the graph")
+    if not problems and any(n.block for n in graph.nodes):
+        problems.extend(check_blocks(graph))
+    return problems
+
+
+# ================================================================== fused blocks
+
+def fusion_kind(node: Node) -> FusionKind:
+    """The op's fusion kind; OPAQUE for an op the registry does not know."""
+    try:
+        return get_op(node.op).fusion
+    except KeyError:
+        return FusionKind.OPAQUE
+
+
+def _desc(node: Node) -> str:
+    return f"{node.op} %{node.outputs[0].name}" if node.outputs else node.op
+
+
+def block_problems(nodes: Sequence[Node], graph_outputs: Collection[Value]) -> list[str]:
+    """Every way the nodes (in graph order) break the block contract; empty when they make a valid block.
+
+    The checks, in this order (the first sentence is the most telling one):
+    membership (no view op; an opaque or multi-output node only alone), at most
+    one anchor, single exit (only the last node is read outside the block or is
+    a graph output; every other node is read inside it), and the composition:
+    without an anchor only elementwise/broadcast/injective nodes; with one, the
+    nodes that feed it (read only by the anchor or by each other) and the
+    elementwise/broadcast epilogue that follows it with its output shape.
+    """
+    problems: list[str] = []
+    if not nodes:
+        return ["the block is empty"]
+    for n in nodes:
+        if n.op in VIEW_OPS:
+            problems.append(f"view op {_desc(n)} is in the block: view ops are never in a block")
+    if len(nodes) == 1:
+        return problems
+    for n in nodes:
+        kind = fusion_kind(n)
+        if kind == FusionKind.OPAQUE:
+            problems.append(f"opaque op {_desc(n)} must be alone in its block")
+        if len(n.outputs) != 1:
+            problems.append(f"{n.op} has {len(n.outputs)} outputs: a multi-output node must be alone in its block")
+    if problems:
+        return problems
+    anchors = [n for n in nodes if fusion_kind(n) in ANCHOR_KINDS]
+    for extra in anchors[1:]:
+        problems.append(f"second anchor ({_desc(extra)}) in one block with {_desc(anchors[0])}")
+    members = {id(n) for n in nodes}
+    outs = {id(v) for v in graph_outputs}
+    for n in nodes[:-1]:
+        o = n.outputs[0]
+        if id(o) in outs:
+            problems.append(f"%{o.name} is a graph output but not the exit (last node) of its block")
+        outside = [r for r in o.users if id(r) not in members]
+        if outside:
+            problems.append(f"%{o.name} has {len(outside)} reader(s) outside the block "
+                            f"({', '.join(_desc(r) for r in outside)}) but is not its exit")
+        elif not o.uses:
+            problems.append(f"%{o.name} is read by nobody but is not the exit of its block")
+    if problems or not anchors:
+        return problems
+    return _composition_problems(nodes, anchors[0], members)
+
+
+def _composition_problems(nodes: Sequence[Node], anchor: Node, members: set[int]) -> list[str]:
+    """Prologue -> anchor -> epilogue: what in ``nodes`` does not fit that shape."""
+    problems: list[str] = []
+    # the prologue: in-block nodes with a path to the anchor
+    prologue: set[int] = set()
+    stack = [anchor]
+    while stack:
+        for v in stack.pop().inputs:
+            p = v.producer if v is not None else None
+            if p is not None and id(p) in members and id(p) not in prologue:
+                prologue.add(id(p))
+                stack.append(p)
+    # the epilogue: in-block nodes with a path from the anchor
+    epilogue: set[int] = set()
+    stack = [anchor]
+    while stack:
+        for r in stack.pop().outputs[0].users:
+            if id(r) in members and id(r) not in epilogue:
+                epilogue.add(id(r))
+                stack.append(r)
+    feeds = prologue | {id(anchor)}
+    shape = anchor.outputs[0].type.shape
+    for n in nodes:
+        if n is anchor:
+            continue
+        o = n.outputs[0]
+        if id(n) in prologue:
+            late = [r for r in o.users if id(r) not in feeds]
+            if late:
+                problems.append(f"%{o.name} feeds the anchor {_desc(anchor)} and is also read after it "
+                                f"({', '.join(_desc(r) for r in late)})")
+        elif id(n) in epilogue:
+            kind = fusion_kind(n)
+            if kind not in EPILOGUE_KINDS:
+                problems.append(f"{_desc(n)} is {kind.value}: only elementwise/broadcast ops may follow "
+                                f"the anchor {_desc(anchor)}")
+            elif o.type.shape != shape:
+                problems.append(f"{_desc(n)} has shape {list(o.type.shape)} but the anchor {_desc(anchor)} has "
+                                f"{list(shape)}: an epilogue keeps the anchor's shape")
+        else:
+            problems.append(f"{_desc(n)} neither feeds nor follows the anchor {_desc(anchor)}")
+    return problems
+
+
+def check_blocks(graph: Graph, max_ops: int | None = None, complete: bool = False) -> list[str]:
+    """Every way the graph's block names break the block contract (see :mod:`kiln.passes.fusion`).
+
+    No view op has a block and each block passes :func:`block_problems` (and has
+    at most ``max_ops`` nodes when given).  A compute node without a block is its
+    own kernel, so passes that run after ``fuse-blocks`` may add nodes.  With
+    ``complete`` (what ``fuse-blocks`` itself produces) every non-view node also
+    has a block, and blocks are named ``b0, b1, ...`` in the graph order of
+    their last nodes.
+    """
+    problems: list[str] = []
+    blocks: dict[str, list[Node]] = {}
+    for pos, n in enumerate(graph.nodes):
+        where = f"node {pos} ({_desc(n)})"
+        if n.op in VIEW_OPS:
+            if n.block:
+                problems.append(f"{where}: view op is in block {n.block!r}; view ops are never in a block")
+            continue
+        if not n.block:
+            if complete:
+                problems.append(f"{where}: compute node has no block")
+            continue
+        blocks.setdefault(n.block, []).append(n)
+    pos_of = {id(n): i for i, n in enumerate(graph.nodes)}
+    by_exit = sorted(blocks.items(), key=lambda kv: pos_of[id(kv[1][-1])])
+    for k, (name, members) in enumerate(by_exit):
+        if complete and name != f"b{k}":
+            problems.append(f"block {name!r} should be named 'b{k}' (blocks are numbered in the graph "
+                            f"order of their last nodes)")
+        if max_ops is not None and len(members) > max_ops:
+            problems.append(f"block {name!r} has {len(members)} nodes, more than {max_ops}")
+        problems.extend(f"block {name!r}: {p}" for p in block_problems(members, graph.outputs))
     return problems
 
 

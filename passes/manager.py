@@ -70,7 +70,7 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-PASS_MODULES = ("kiln.passes.conv_bn", "kiln.passes.norm")
+PASS_MODULES = ("kiln.passes.conv_bn", "kiln.passes.norm", "kiln.passes.fusion")
 
 
 def _load_pass_modules() -> None:

@@ -1,0 +1,274 @@
+"""fuse-blocks: partition the graph into fused blocks, one kernel each (TVM FuseOps rules + kiln's contract).
+
+The pass only names blocks (``Node.block``); it changes no node, operand or
+value, so the graph computes exactly what it computed before.  Any existing
+block names are cleared first, so running it twice gives the same blocks.
+
+The block contract
+------------------
+Codegen compiles the nodes that share a block name as ONE kernel and relies on
+these rules, which :func:`kiln.ir.verify.check_blocks` checks (``ir.verify``
+runs it whenever some node has a block):
+
+1. Every non-view compute node has a block named ``b<k>``, k = 0, 1, ... in
+   the graph order of the block's last node.  View ops (``VIEW_OPS``:
+   reshape, flatten, squeeze, unsqueeze, identity; codegen runs them as
+   zero-copy views) have block ``""`` and are never in a block.
+2. Single exit: only the last node of a block (graph order) may be read by a
+   node outside the block or be a graph output; every other node's output is
+   read, and only inside the block.  So edges between blocks run forward in
+   the order of their exits and the block graph has no cycle.  Every node of a
+   block of two or more nodes has exactly one output (a multi-output node such
+   as ``split`` is alone in its block).
+3. At most one anchor per block: a node of fusion kind OUT_EWISE_FUSABLE
+   (matmul, conv, conv_transpose, pools) or REDUCTION (reduce_*, softmax,
+   layer_norm, rms_norm, crms_norm, argmax, global pools, cumsum, ...).
+   OPAQUE nodes are alone in their block.
+4. The compositions codegen schedules:
+   (a) elementwise/broadcast/injective producers that feed the anchor and are
+       read only by the anchor or by each other (a transposed operand, the
+       dequantize of a constant weight, a scale before softmax) -> the
+       anchor -> an elementwise/broadcast epilogue whose every node has the
+       anchor's output shape (bias, activation, residual add, batch_norm as
+       an affine, requantize), possibly a diamond that re-joins, with the
+       single exit of rule 2;
+   (b) no anchor: elementwise/broadcast/injective nodes only (for example a
+       diamond of elementwise branches into an add);
+   (c) a reduction anchor (norms, softmax included) and its epilogue as in
+       (a): a norm fused with what follows it up to the next anchor.
+   An epilogue node's other operands come from outside the block or from the
+   block itself; every node of the block feeds or follows the anchor.
+5. At most ``max_ops`` nodes per block (default 16).
+
+The partition
+-------------
+As TVM's FuseOps: the dataflow graph of the nodes (views included, plus a sink
+that every graph output and every unread output flows into) is built with
+networkx and its post-dominator tree computed (``immediate_dominators`` of the
+reversed graph, from the sink).  Nodes are visited in graph order, in two
+phases: phase 0 anchors and elementwise/broadcast nodes, phase 1 injective
+nodes (TVM defers injective fusion the same way).  A visited node's group is
+merged with its immediate post-dominator's group and the groups of every node
+on a path between them when the union is a valid block (rules 2-5 above,
+:func:`kiln.ir.verify.block_problems`); otherwise the reason is recorded.  A
+post-dominator that is the sink (a graph output, readers that never re-join)
+or a view op ends the block.  Where kiln differs from TVM, it follows the
+contract: a reduction takes an epilogue (TVM: never fuses into consumers), and
+producers may fuse into the operands of a matmul/conv (TVM: not fused into it).
+
+The log has one rewrite per block of two or more nodes (``block b3:
+matmul+add+gelu (anchor matmul)``, at the block's exit value) and, for every
+block exit that has readers, the reason its block did not grow into them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import networkx as nx
+
+from kiln.ir.graph import Graph, Node
+from kiln.ir.registry import FusionKind
+from kiln.ir.verify import ANCHOR_KINDS, VIEW_OPS, block_problems, fusion_kind
+
+from .manager import Pass, PassLog, register_pass
+
+__all__ = ["Block", "FuseBlocks", "Partition", "SINK", "VIEW_OPS", "assign_blocks", "dataflow_graph", "partition",
+           "post_dominators"]
+
+SINK = -1  # the dataflow graph's node for "leaves the graph" (graph outputs and unread outputs)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One fused block: its name, its nodes in graph order, its anchor (None when it has none) and exit."""
+
+    name: str
+    nodes: tuple[Node, ...]
+    anchor: Node | None
+    exit: Node
+
+    @property
+    def summary(self) -> str:
+        anchor = f"anchor {self.anchor.op}" if self.anchor is not None else "no anchor"
+        return f"block {self.name}: {'+'.join(n.op for n in self.nodes)} ({anchor})"
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The blocks in the order of their exits, and why each exit's block did not grow: (value name, reason)."""
+
+    blocks: tuple[Block, ...]
+    refusals: tuple[tuple[str, str], ...]
+
+
+def dataflow_graph(graph: Graph) -> nx.DiGraph:
+    """Node positions (graph order) -> the positions of their readers; outputs that leave go to SINK."""
+    dfg = nx.DiGraph()
+    dfg.add_node(SINK)
+    pos = {id(n): i for i, n in enumerate(graph.nodes)}
+    outs = {id(v) for v in graph.outputs}
+    for i, n in enumerate(graph.nodes):
+        dfg.add_node(i)
+        for o in n.outputs:
+            for r, _ in o.uses:
+                dfg.add_edge(i, pos[id(r)])
+            if not o.uses or id(o) in outs:
+                dfg.add_edge(i, SINK)
+    return dfg
+
+
+def post_dominators(dfg: nx.DiGraph) -> dict[int, int]:
+    """Immediate post-dominator of every node of the dataflow graph (SINK's is SINK)."""
+    return dict(nx.immediate_dominators(dfg.reverse(copy=False), SINK))
+
+
+def _between(dfg: nx.DiGraph, src: int, dst: int, limit: int) -> list[int] | None:
+    """The nodes on paths from src to its post-dominator dst (both excluded); None past ``limit`` nodes."""
+    seen: set[int] = set()
+    stack = [src]
+    while stack:
+        for s in dfg.successors(stack.pop()):
+            if s != dst and s not in seen:
+                seen.add(s)
+                if len(seen) > limit:
+                    return None
+                stack.append(s)
+    return sorted(seen)
+
+
+class _Groups:
+    """Union of node positions into groups (each group's members kept sorted on demand)."""
+
+    def __init__(self, n: int):
+        self.of = list(range(n))
+        self.members: dict[int, set[int]] = {i: {i} for i in range(n)}
+
+    def union_of(self, positions: Sequence[int]) -> set[int]:
+        out: set[int] = set()
+        for p in positions:
+            out |= self.members[self.of[p]]
+        return out
+
+    def merge(self, positions: Sequence[int]) -> None:
+        gids = sorted({self.of[p] for p in positions}, key=lambda g: -len(self.members[g]))
+        keep = gids[0]
+        for g in gids[1:]:
+            for p in self.members.pop(g):
+                self.of[p] = keep
+                self.members[keep].add(p)
+
+
+def partition(graph: Graph, max_ops: int = 16) -> Partition:
+    """The fused blocks of ``graph`` under the block contract (module docstring); the graph is not changed."""
+    if max_ops < 1:
+        raise ValueError(f"max_ops must be at least 1, got {max_ops}")
+    nodes = graph.nodes
+    dfg = dataflow_graph(graph)
+    ipdom = post_dominators(dfg)
+    groups = _Groups(len(nodes))
+    reasons: dict[int, str] = {}
+
+    def try_merge(i: int) -> str | None:
+        """Merge node i's group into its post-dominator's; None when merged (or nothing to merge with)."""
+        node = nodes[i]
+        out = node.outputs[0]
+        readers = out.users
+        d = ipdom.get(i, SINK)
+        if d == SINK:
+            if not readers:
+                return None
+            if any(out is v for v in graph.outputs):
+                return f"%{out.name} is a graph output"
+            return f"%{out.name} has {len(readers)} readers outside the block"
+        if groups.of[d] == groups.of[i]:
+            return None
+        dnode = nodes[d]
+        lead = "" if len(readers) == 1 else \
+            f"%{out.name} has {len(readers)} readers, which re-join only at %{dnode.outputs[0].name}: "
+        if dnode.op in VIEW_OPS:
+            return f"{lead}view op {dnode.op} ends the block"
+        path = _between(dfg, i, d, limit=4 * max_ops + 16)
+        if path is None:
+            return f"{lead}size cap {max_ops} reached (more than {4 * max_ops + 16} nodes lie between them)"
+        views = [nodes[p] for p in path if nodes[p].op in VIEW_OPS]
+        if views:
+            return f"{lead}view op {views[0].op} (%{views[0].outputs[0].name}) ends the block"
+        cand = sorted(groups.union_of([i, *path, d]))
+        problems = block_problems([nodes[p] for p in cand], graph.outputs)
+        if problems:
+            return lead + problems[0]
+        if len(cand) > max_ops:
+            return f"{lead}size cap {max_ops} reached (the merged block would have {len(cand)} nodes)"
+        groups.merge([i, *path, d])
+        return None
+
+    for phase in (0, 1):
+        for i, node in enumerate(nodes):
+            if node.op in VIEW_OPS:
+                continue
+            kind = fusion_kind(node)
+            if (kind == FusionKind.INJECTIVE) != (phase == 1):
+                continue
+            has_readers = any(o.uses for o in node.outputs)
+            if kind == FusionKind.OPAQUE:
+                if has_readers:
+                    reasons[i] = f"opaque op {node.op} is alone in its block"
+                continue
+            if len(node.outputs) != 1:
+                if has_readers:
+                    reasons[i] = f"{node.op} has {len(node.outputs)} outputs: alone in its block"
+                continue
+            reason = try_merge(i)
+            if reason is not None:
+                reasons[i] = reason
+
+    found: dict[int, list[int]] = {}
+    for i, node in enumerate(nodes):
+        if node.op not in VIEW_OPS:
+            found.setdefault(groups.of[i], []).append(i)
+    ordered = sorted(found.values(), key=lambda ps: ps[-1])
+    blocks = []
+    for k, ps in enumerate(ordered):
+        members = tuple(nodes[p] for p in ps)
+        anchor = next((n for n in members if fusion_kind(n) in ANCHOR_KINDS), None)
+        blocks.append(Block(f"b{k}", members, anchor, members[-1]))
+    # only exits keep their reason: a node refused early but swallowed later was merged after all
+    refusals = tuple((nodes[ps[-1]].outputs[0].name, reasons[ps[-1]]) for ps in ordered if ps[-1] in reasons)
+    return Partition(tuple(blocks), refusals)
+
+
+def assign_blocks(graph: Graph, part: Partition) -> None:
+    """Write the partition's block names onto the nodes (views and everything else first cleared)."""
+    for n in graph.nodes:
+        n.block = ""
+    for b in part.blocks:
+        for n in b.nodes:
+            n.block = b.name
+
+
+@register_pass
+@dataclass(frozen=True)
+class FuseBlocks(Pass):
+    """Name the fused blocks codegen compiles as one kernel each (module docstring: rules and contract)."""
+
+    name: ClassVar[str] = "fuse-blocks"
+    max_ops: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_ops < 1:
+            raise ValueError(f"max_ops must be at least 1, got {self.max_ops}")
+
+    def apply(self, graph: Graph, log: PassLog) -> Graph:
+        for n in graph.nodes:
+            n.block = ""
+        part = partition(graph, self.max_ops)
+        assign_blocks(graph, part)
+        for b in part.blocks:
+            if len(b.nodes) > 1:
+                log.rewrote(b.exit.outputs[0].name, b.summary)
+        for at, reason in part.refusals:
+            log.refuse(at, reason)
+        return graph

@@ -159,6 +159,8 @@ def block_problems(nodes: Sequence[Node], graph_outputs: Collection[Value]) -> l
     if problems:
         return problems
     anchors = [n for n in nodes if fusion_kind(n) in ANCHOR_KINDS]
+    if is_attention_chain(nodes):
+        anchors = anchors[:1]  # softmax and the second matmul belong to the one attention kernel
     for extra in anchors[1:]:
         problems.append(f"second anchor ({_desc(extra)}) in one block with {_desc(anchors[0])}")
     members = {id(n) for n in nodes}
@@ -173,9 +175,21 @@ def block_problems(nodes: Sequence[Node], graph_outputs: Collection[Value]) -> l
                             f"({', '.join(_desc(r) for r in outside)}) but is not its exit")
         elif not o.uses:
             problems.append(f"%{o.name} is read by nobody but is not the exit of its block")
-    if problems or not anchors:
+    if problems or not anchors or is_attention_chain(nodes):
         return problems
     return _composition_problems(nodes, anchors[0], members)
+
+
+def is_attention_chain(nodes: Sequence[Node]) -> bool:
+    """``matmul -> [mul|div] -> [where|add] -> softmax -> matmul``, each node reading the one before it."""
+    ops = [n.op for n in nodes]
+    if len(ops) < 3 or ops[0] != "matmul" or ops[-2:] != ["softmax", "matmul"]:
+        return False
+    middle = ops[1:-2]
+    if middle not in ([], ["mul"], ["div"], ["where"], ["add"], ["mul", "where"], ["mul", "add"],
+                      ["div", "where"], ["div", "add"]):
+        return False
+    return all(any(v is a.outputs[0] for v in b.inputs) for a, b in zip(nodes, nodes[1:]))
 
 
 def _composition_problems(nodes: Sequence[Node], anchor: Node, members: set[int]) -> list[str]:

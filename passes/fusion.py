@@ -39,6 +39,9 @@ runs it whenever some node has a block):
    An epilogue node's other operands come from outside the block or from the
    block itself; every node of the block feeds or follows the anchor.
 5. At most ``max_ops`` nodes per block (default 16).
+6. The attention block: ``matmul -> [mul|div by a scalar] -> [where|add mask]
+   -> softmax -> matmul`` as one block (two anchors, by exception), formed only
+   where codegen's fused attention kernel matches it; it takes no other node.
 
 The partition
 -------------
@@ -161,6 +164,40 @@ class _Groups:
                 self.members[keep].add(p)
 
 
+_ATTENTION_STEPS = frozenset({"matmul", "mul", "div", "where", "add"})
+
+
+def attention_chains(graph: Graph) -> list[list[int]]:
+    """Positions of each ``matmul -> [scale] -> [mask] -> softmax -> matmul`` chain codegen fuses into one kernel.
+
+    The chain is read back from every softmax; whether it is one is decided by
+    codegen's own matcher (:func:`kiln.codegen.attention.match_attention`), so
+    a block is formed only where the fused attention kernel can build it.
+    """
+    softmaxes = [n for n in graph.nodes if n.op == "softmax"]
+    if not softmaxes:
+        return []
+    from kiln.codegen.attention import match_attention
+
+    pos = {id(n): i for i, n in enumerate(graph.nodes)}
+    chains = []
+    for sm in softmaxes:
+        chain = [sm]
+        while len(chain) < 4 and chain[0].op != "matmul":
+            prev = [v.producer for v in chain[0].inputs
+                    if v is not None and v.producer is not None and v.producer.op in _ATTENTION_STEPS]
+            if len(prev) != 1:
+                break
+            chain.insert(0, prev[0])
+        readers = sm.outputs[0].users
+        if chain[0].op != "matmul" or len(readers) != 1 or readers[0].op != "matmul":
+            continue
+        chain.append(readers[0])
+        if all(id(n) in pos for n in chain) and match_attention(chain) is not None:
+            chains.append([pos[id(n)] for n in chain])
+    return chains
+
+
 def partition(graph: Graph, max_ops: int = 16) -> Partition:
     """The fused blocks of ``graph`` under the block contract (module docstring); the graph is not changed."""
     if max_ops < 1:
@@ -170,9 +207,15 @@ def partition(graph: Graph, max_ops: int = 16) -> Partition:
     ipdom = post_dominators(dfg)
     groups = _Groups(len(nodes))
     reasons: dict[int, str] = {}
+    closed: set[int] = set()
+    for chain in attention_chains(graph):
+        groups.merge(chain)
+        closed.update(chain)
 
     def try_merge(i: int) -> str | None:
         """Merge node i's group into its post-dominator's; None when merged (or nothing to merge with)."""
+        if i in closed:
+            return None
         node = nodes[i]
         out = node.outputs[0]
         readers = out.users
@@ -186,6 +229,8 @@ def partition(graph: Graph, max_ops: int = 16) -> Partition:
         if groups.of[d] == groups.of[i]:
             return None
         dnode = nodes[d]
+        if d in closed:
+            return f"the attention block at %{dnode.outputs[0].name} takes no other node"
         lead = "" if len(readers) == 1 else \
             f"%{out.name} has {len(readers)} readers, which re-join only at %{dnode.outputs[0].name}: "
         if dnode.op in VIEW_OPS:
@@ -196,6 +241,8 @@ def partition(graph: Graph, max_ops: int = 16) -> Partition:
         views = [nodes[p] for p in path if nodes[p].op in VIEW_OPS]
         if views:
             return f"{lead}view op {views[0].op} (%{views[0].outputs[0].name}) ends the block"
+        if closed.intersection(path):
+            return "an attention block lies between them"
         cand = sorted(groups.union_of([i, *path, d]))
         problems = block_problems([nodes[p] for p in cand], graph.outputs)
         if problems:

@@ -18,7 +18,7 @@ from kiln import ir
 from kiln.ir import Graph, TensorType, Value
 from kiln.ir.verify import VIEW_OPS, VerifyError, check_blocks
 from kiln.passes.fusion import FuseBlocks, partition
-from kiln.passes.manager import PassLog, random_inputs, run_pipeline_report
+from kiln.passes.manager import PassLog, random_inputs, run_pipeline, run_pipeline_report
 
 # ====================================================================== helpers
 
@@ -479,3 +479,40 @@ def test_zoo_models_satisfy_the_contract_with_fewer_blocks_than_nodes():
         blocks = {n.block for n in g.nodes if n.block}
         assert len(blocks) < compute, (name, len(blocks), compute)
         assert len(log.rewrites) == sum(1 for b in groups(g) if len(b) > 1)
+
+
+
+def _attention_graph(scale: str = "const f32[] [0.5]"):
+    g = ir.Graph("g")
+    q = g.add_input("q", ir.TensorType("f32", (1, 2, 8, 4)))
+    kt = g.add_input("kt", ir.TensorType("f32", (1, 2, 4, 8)))
+    v = g.add_input("v", ir.TensorType("f32", (1, 2, 8, 4)))
+    sc = g.add_constant(np.array(0.5, np.float32) if scale.startswith("const") else np.full((1, 2, 8, 8), 0.5,
+                                                                                           np.float32), "scale")
+    keep = g.add_constant(np.tril(np.ones((8, 8), bool))[None, None], "keep")
+    fill = g.add_constant(np.array(-np.inf, np.float32), "fill")
+    s = g.op("matmul", q, kt)
+    m = g.op("mul", s, sc)
+    w = g.op("where", keep, m, fill)
+    p = g.op("softmax", w, axis=-1)
+    a = g.op("matmul", p, v)
+    g.set_outputs([g.op("relu", a)])
+    return ir.verify(g)
+
+
+def test_the_attention_chain_is_one_block_with_two_anchors_by_exception():
+    g = run_pipeline(_attention_graph(), "fuse-blocks")
+    blocks = {}
+    for n in g.nodes:
+        blocks.setdefault(n.block, []).append(n.op)
+    assert ["matmul", "mul", "where", "softmax", "matmul"] in blocks.values()
+    assert ["relu"] in blocks.values()  # the attention block takes no epilogue
+    assert check_blocks(g, complete=True) == []
+
+
+def test_a_chain_the_attention_kernel_cannot_build_is_partitioned_by_the_normal_rules():
+    g = run_pipeline(_attention_graph(scale="tensor"), "fuse-blocks")  # a tensor scale: not matched
+    for n in g.nodes:
+        members = [m.op for m in g.nodes if m.block == n.block]
+        assert members.count("matmul") + members.count("softmax") <= 1
+    assert check_blocks(g, complete=True) == []

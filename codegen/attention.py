@@ -1,0 +1,514 @@
+"""Fused attention: ``softmax(mask(scale · Q·Kᵀ)) · V`` as one CPU kernel, without the [Sq, Sk] score matrix.
+
+:func:`match_attention` recognizes the node chain the frontends lift attention
+to (graph order; float32, static shapes, rank 3 or 4, inner values read only
+by the next node)::
+
+    s = matmul(q, kT)                          [..., Sq, Sk]   (K already transposed)
+    s = mul(s, c) | mul(c, s) | div(s, c)      optional, c a one-element constant
+    s = where(m, fill, s) | where(m, s, fill)  optional, m bool, fill a one-element constant
+      | add(s, m) | add(m, s)                  or an additive float mask (any value)
+    p = softmax(s, axis=-1)
+    o = matmul(p, v)                           [..., Sq, Dv]
+
+and :func:`lower_attention` lowers it to one kernel with the parameters of a
+:func:`~kiln.codegen.kernel.lower_block` kernel (q, kT, v, [mask], then out).
+Algorithm, for each (batch, head, tile of ``R`` query rows) - one task of a
+parallel loop:
+
+1. ``dot[r, j] = Σ_d q[r, d] · kT[d, j]`` for the tile's rows into a local
+   ``R × Sk`` buffer (register tile: ``R`` rows × two vectors of ``j``,
+   ``d`` outside the tile, a ``kT`` row loaded once per ``d`` for all rows);
+2. ``x = mask(scale(dot))`` recomputed where it is read (a multiply and a
+   select or add, in the graph's order), ``mx[r] = max_j x`` (identity -inf);
+3. ``e[r, j] = fast_exp(x - mx[r])`` (the polynomial exp kiln's softmax
+   uses), ``l[r] = Σ_j e`` (max and sum in vector partials), ``e`` local;
+4. ``acc[r, c] = Σ_j e[r, j] · v[j, c]`` (register tile: ``R`` rows × two
+   vectors of ``c``, ``j`` outside), then ``out = acc / l``.
+
+Memory per task is ``2·R·Sk + R·Dv`` floats: the scores exist one row tile at
+a time.  Ragged column loops carry TVM's loop-partition hint, so only their
+last chunk is guarded (a guarded vector loop is otherwise scalarized).
+
+Causal masks: when the mask is a constant whose rows end early - no live
+column past ``i + off`` in row ``i``, "dead" meaning -inf or below
+:data:`DEAD_BELOW` - the column loops of every stage stop at the tile's last
+row + ``off`` (``AttentionSpec.causal_offset``): about half the work of a
+causal mask is skipped, and the skipped weights are exactly 0 in the
+interpreter too.
+
+Numerics: dividing by ``l`` after the ``·V`` product instead of before it
+reassociates the reference by one rounding per element.  A row whose max is
+not finite (every entry masked with -inf) is NaN, as the interpreter's
+``exp(-inf - -inf)`` (and kiln's unfused kernels) make it; with a finite fill
+such a row is uniform, as in the interpreter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+from tvm import s_tir, te, tirx, topi
+from tvm.s_tir import Schedule
+from tvm.target import Target
+
+from kiln.ir.graph import Node, Value
+
+from .kernel import Kernel, KernelArg, static_shape
+from .lowering import tvm_dtype
+from .lowering.elementwise import Expr
+from .target import num_cores, vector_lanes
+
+__all__ = ["ATTENTION_ROW_TILE", "AttentionSpec", "attention_te", "lower_attention", "match_attention", "operands",
+           "schedule_attention"]
+
+# Query rows per task: the register tiles are ROWS x 2 vectors (8 accumulators
+# of AVX2's 16 ymm), and 1x4x128 heads still give 4*128/4 = 128 tasks.
+ATTENTION_ROW_TILE = 4
+_DTYPE = "f32"
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """A matched attention chain: its nodes by role, outside operands, scale and mask."""
+
+    nodes: tuple[Node, ...]
+    q: Value
+    k_t: Value
+    v: Value
+    scale: float | None = None  # the one-element constant of the mul / div
+    scale_op: str | None = None  # "mul" or "div" (x / c is kept a division, as the graph computes it)
+    mask_kind: str | None = None  # "select" (where), "additive" (add) or None
+    mask: Value | None = None  # the bool condition or the additive mask
+    fill: float | None = None  # the where's constant branch
+    fill_when: bool = True  # where(m, fill, x): fill where m is True; where(m, x, fill): where False
+    causal_offset: int | None = None  # constant mask: row i reads no column past i + offset (see _causal_offset)
+
+    @property
+    def out(self) -> Value:
+        """The block's output (the second matmul's)."""
+        return self.nodes[-1].outputs[0]
+
+    @property
+    def scores_shape(self) -> tuple[int, ...]:
+        """Shape of the scores the kernel never materializes: [..., Sq, Sk]."""
+        return static_shape(self.nodes[0].outputs[0])
+
+
+# ------------------------------------------------------------------ matching
+
+
+def _scalar(v: Value | None) -> float | None:
+    """The value of a one-element float32 constant, else None."""
+    if v is None or v.const is None or v.type.dtype != _DTYPE or v.const.size != 1:
+        return None
+    return float(np.asarray(v.const, dtype=np.float32).reshape(-1)[0])
+
+
+def _is_f32_static(v: Value | None, rank: int | None = None) -> bool:
+    """A float32 value of static shape (and of ``rank`` when given)."""
+    return (v is not None and v.type.dtype == _DTYPE and v.type.is_static
+            and (rank is None or v.type.rank == rank))
+
+
+def _broadcasts_to(v: Value, shape: tuple[int, ...]) -> bool:
+    """``v``'s static shape broadcasts to ``shape`` (numpy rules, no growth of ``shape``)."""
+    if not v.type.is_static or v.type.rank > len(shape):
+        return False
+    own = static_shape(v)
+    return all(d in (1, s) for d, s in zip(own, shape[len(shape) - len(own):]))
+
+
+def _private(v: Value, reader: Node) -> bool:
+    """``v`` is read by ``reader`` alone, in one operand slot, and is no graph output."""
+    graph = reader.graph
+    if graph is not None and any(o is v for o in graph.outputs):
+        return False
+    return len(v.uses) == 1 and v.uses[0][0] is reader
+
+
+def _other(node: Node, x: Value) -> tuple[int, Value | None] | None:
+    """(position, operand) of a binary node's operand that is not ``x``; None unless ``x`` is one."""
+    ins = node.inputs
+    if len(ins) != 2 or sum(i is x for i in ins) != 1:
+        return None
+    return (1, ins[1]) if ins[0] is x else (0, ins[0])
+
+
+def _match_scale(node: Node, x: Value) -> tuple[float, str] | None:
+    """(constant, op) of ``mul(x, c)``, ``mul(c, x)`` or ``div(x, c)``."""
+    found = _other(node, x)
+    if node.op not in ("mul", "div") or found is None:
+        return None
+    pos, c = found
+    value = _scalar(c)
+    if value is None or (node.op == "div" and pos != 1):
+        return None
+    return value, node.op
+
+
+def _match_mask(node: Node, x: Value, scores: tuple[int, ...]) -> tuple[str, Value, float | None, bool] | None:
+    """(kind, mask, fill, fill_when) of ``where(m, fill, x)`` / ``where(m, x, fill)`` / ``add(x, m)``."""
+    ins = node.inputs
+    if node.op == "where" and len(ins) == 3 and ins[0] is not None and ins[0] is not x:
+        m, a, b = ins
+        if m.type.dtype != "bool" or not _broadcasts_to(m, scores):
+            return None
+        if b is x and a is not x and (fill := _scalar(a)) is not None:
+            return "select", m, fill, True
+        if a is x and b is not x and (fill := _scalar(b)) is not None:
+            return "select", m, fill, False
+        return None
+    found = _other(node, x)
+    if node.op == "add" and found is not None and _is_f32_static(found[1]) and _broadcasts_to(found[1], scores):
+        return "additive", found[1], None, True
+    return None
+
+
+def _matmul_operands(node: Node, rank: int) -> tuple[Value, Value] | None:
+    """Both operands of a float32 static ``matmul`` of rank-``rank`` operands and result."""
+    if node.op != "matmul" or len(node.inputs) != 2 or len(node.outputs) != 1:
+        return None
+    a, b = node.inputs
+    if not all(_is_f32_static(t, rank) for t in (a, b, node.outputs[0])):
+        return None
+    return a, b
+
+
+def match_attention(nodes: Sequence[Node]) -> AttentionSpec | None:
+    """The attention spec of exactly this node list (graph order), or None when it is anything else."""
+    nodes = list(nodes)
+    if not 3 <= len(nodes) <= 5 or nodes[0].op != "matmul":
+        return None
+    rank = nodes[0].outputs[0].type.rank if nodes[0].outputs else 0
+    if rank not in (3, 4) or (qk := _matmul_operands(nodes[0], rank)) is None:
+        return None
+    scores = static_shape(nodes[0].outputs[0])
+    x, rest = nodes[0].outputs[0], nodes[1:]
+    fields: dict = {}
+    if rest and rest[0].op in ("mul", "div"):
+        if (scale := _match_scale(rest[0], x)) is None:
+            return None
+        fields.update(scale=scale[0], scale_op=scale[1])
+        x, rest = _step(x, rest, scores)
+    if rest and rest[0].op in ("where", "add"):
+        if (mask := _match_mask(rest[0], x, scores)) is None:
+            return None
+        fields.update(mask_kind=mask[0], mask=mask[1], fill=mask[2], fill_when=mask[3])
+        x, rest = _step(x, rest, scores)
+    if x is None or len(rest) != 2 or not _is_softmax(rest[0], x, rank):
+        return None
+    x, rest = _step(x, rest, scores)
+    pv = _matmul_operands(rest[0], rank) if x is not None else None
+    if pv is None or pv[0] is not x or pv[1] is x or not _private(x, rest[0]):
+        return None
+    v = pv[1]
+    if static_shape(v)[-2] != scores[-1] or not _batch_ok(qk[0], qk[1], v, scores):
+        return None
+    spec = AttentionSpec(tuple(nodes), qk[0], qk[1], v, **fields)
+    return replace(spec, causal_offset=_causal_offset(spec))
+
+
+# A masked score at or below DEAD_BELOW weighs exactly 0 after softmax when the
+# row's live scores are above LIVE_ABOVE (exp of a gap beyond -1e29 underflows
+# in float64, as in float32): -inf, and finfo.min (the additive masks of HF
+# models) both qualify.
+DEAD_BELOW = -1e30
+LIVE_ABOVE = -1e20
+
+
+def _dead_entries(spec: AttentionSpec) -> np.ndarray | None:
+    """[Sq, Sk] bool: entries a constant mask kills in every batch and head; None when that is not decidable."""
+    m = spec.mask
+    if m is None or m.const is None or m.type.rank < 2 or static_shape(m)[-2:] != spec.scores_shape[-2:]:
+        return None
+    values = np.asarray(m.const)
+    if spec.mask_kind == "select":
+        if spec.fill is None or spec.fill > DEAD_BELOW:
+            return None
+        dead = values == spec.fill_when
+    else:
+        values = values.astype(np.float64)
+        dead = values <= DEAD_BELOW
+        if np.any(~dead & (values <= LIVE_ABOVE)):
+            return None  # live entries too close to the dead ones: their weights would not vanish
+    return dead.reshape((-1,) + dead.shape[-2:]).all(axis=0)
+
+
+def _causal_offset(spec: AttentionSpec) -> int | None:
+    """The least ``off`` such that no row i of a constant mask has a live column past i + off; None if none helps.
+
+    The kernel then computes no column past its tile's last row + ``off``: those
+    weigh exactly 0 (-inf or below DEAD_BELOW).  A row with no live column keeps
+    its -inf result (NaN); with a finite fill it would be uniform over every
+    column, so such a mask gets no offset.
+    """
+    dead = _dead_entries(spec)
+    if dead is None:
+        return None
+    sq, sk = dead.shape
+    live = ~dead
+    has_live = live.any(axis=1)
+    if not has_live.all() and not (spec.mask_kind == "select" and spec.fill == -math.inf):
+        return None
+    last = np.where(has_live, sk - 1 - np.argmax(live[:, ::-1], axis=1), -1)
+    off = int(np.max(last - np.arange(sq)))
+    return off if off < sk - 1 else None
+
+
+def _step(x: Value | None, rest: list[Node], scores: tuple[int, ...]) -> tuple[Value | None, list[Node]]:
+    """Advance past ``rest[0]`` (which reads ``x``): its output, if ``x`` is private to it and shapes hold."""
+    node = rest[0]
+    if x is None or not _private(x, node) or len(node.outputs) != 1:
+        return None, rest[1:]
+    out = node.outputs[0]
+    if not _is_f32_static(out) or static_shape(out) != scores:
+        return None, rest[1:]
+    return out, rest[1:]
+
+
+def _is_softmax(node: Node, x: Value, rank: int) -> bool:
+    """``softmax(x)`` along the last axis."""
+    axis = node.attrs.get("axis", -1)
+    return node.op == "softmax" and node.inputs == (x,) and isinstance(axis, int) and axis % rank == rank - 1
+
+
+def _batch_ok(q: Value, k_t: Value, v: Value, scores: tuple[int, ...]) -> bool:
+    """Every operand's batch dims broadcast to the scores' (the matmuls broadcast them)."""
+    batch = scores[:-2]
+    return all(all(d in (1, b) for d, b in zip(static_shape(t)[:-2], batch)) for t in (q, k_t, v))
+
+
+# ------------------------------------------------------------------ TE compute
+
+
+def _bread(t: te.Tensor, batch: Sequence[Expr], *rest: Expr) -> Expr:
+    """``t[batch..., rest...]`` with ``t``'s size-1 batch dims broadcast."""
+    dims = [int(d) for d in t.shape[:len(batch)]]
+    return t(*(0 if d == 1 else b for d, b in zip(dims, batch)), *rest)
+
+
+def _neg_inf_max() -> Callable:
+    """A max reducer whose identity is -inf (te.max starts at the lowest finite float)."""
+    return te.comm_reducer(lambda a, b: tirx.max(a, b),
+                           lambda t: tirx.const(-math.inf, t), name="max_neg_inf")
+
+
+def _score_fn(spec: AttentionSpec, dot: te.Tensor, mask: te.Tensor | None) -> Callable[..., Expr]:
+    """x[i...] = mask(scale(dot[i...])): the graph's scale then mask, in its op order and float32."""
+    def score(*i: Expr) -> Expr:
+        x = dot(*i)
+        if spec.scale_op == "mul":
+            x = x * tirx.const(spec.scale, "float32")
+        elif spec.scale_op == "div":
+            x = x / tirx.const(spec.scale, "float32")
+        if spec.mask_kind == "select":
+            off = len(i) - len(mask.shape)
+            cond = mask(*(0 if int(d) == 1 else i[off + a] for a, d in enumerate(mask.shape)))
+            fill = tirx.const(spec.fill, "float32")
+            x = tirx.Select(cond, fill, x) if spec.fill_when else tirx.Select(cond, x, fill)
+        elif spec.mask_kind == "additive":
+            off = len(i) - len(mask.shape)
+            x = x + mask(*(0 if int(d) == 1 else i[off + a] for a, d in enumerate(mask.shape)))
+        return x
+    return score
+
+
+def operands(spec: AttentionSpec) -> list[Value]:
+    """The block's outside tensor operands, each distinct value once: q, kT, v, [mask]."""
+    found: dict[int, Value] = {}
+    for value in (spec.q, spec.k_t, spec.v, spec.mask):
+        if value is not None:
+            found.setdefault(id(value), value)
+    return list(found.values())
+
+
+def _row_reduce(fn: Callable[..., Expr], reducer: Callable, rows: tuple[int, ...], sk: int, lanes: int,
+                name: str) -> te.Tensor:
+    """``reducer`` of ``fn(*row, j)`` over j < sk; in ``lanes`` vector partials (``{name}_part``) when sk allows."""
+    if lanes < 2 or sk % lanes or sk < 2 * lanes:
+        rj = te.reduce_axis((0, sk), name=f"{name}_j")
+        return te.compute(rows, lambda *i: reducer(fn(*i, rj), axis=rj), name=name)
+    ro = te.reduce_axis((0, sk // lanes), name=f"{name}_jo")
+    part = te.compute(rows + (lanes,), lambda *i: reducer(fn(*i[:-1], ro * lanes + i[-1]), axis=ro),
+                      name=f"{name}_part")
+    rl = te.reduce_axis((0, lanes), name=f"{name}_lane")
+    return te.compute(rows, lambda *i: reducer(part(*i, rl), axis=rl), name=name)
+
+
+def attention_te(spec: AttentionSpec, lanes: int = 1) -> tuple[list[te.Tensor], te.Tensor]:
+    """(params, output) of the fused attention compute; params are :func:`operands`' placeholders.
+
+    With ``lanes`` > 1 the row max and sum reduce into ``lanes`` partials first (vectorizable).
+    """
+    scores = spec.scores_shape
+    batch, sq, sk = scores[:-2], scores[-2], scores[-1]
+    d_head, dv = static_shape(spec.q)[-1], static_shape(spec.v)[-1]
+    ph = {id(val): te.placeholder(static_shape(val), tvm_dtype(val.type.dtype), name=f"in{n}")
+          for n, val in enumerate(operands(spec))}
+    q, k_t, v = ph[id(spec.q)], ph[id(spec.k_t)], ph[id(spec.v)]
+    mask = ph[id(spec.mask)] if spec.mask is not None else None
+    nb = len(batch)
+    rd = te.reduce_axis((0, d_head), name="d")
+    dot = te.compute(scores, lambda *i: te.sum(_bread(q, i[:nb], i[nb], rd) * _bread(k_t, i[:nb], rd, i[nb + 1]),
+                                               axis=rd), name="attn_qk")
+    score = te.compute(scores, _score_fn(spec, dot, mask), name="attn_score")
+    mx = _row_reduce(score, _neg_inf_max(), batch + (sq,), sk, lanes, "attn_max")
+    shift = te.compute(scores, lambda *i: score(*i) - mx(*i[:-1]), name="attn_shift")
+    e = topi.fast_exp(shift)
+    total = _row_reduce(e, te.sum, batch + (sq,), sk, lanes, "attn_sum")
+    rv = te.reduce_axis((0, sk), name="jv")
+    acc = te.compute(batch + (sq, dv), lambda *i: te.sum(e(*i[:-1], rv) * _bread(v, i[:nb], rv, i[-1]), axis=rv),
+                     name="attn_pv")
+    nan = tirx.const(math.nan, "float32")
+    out = te.compute(batch + (sq, dv),
+                     lambda *i: tirx.Select(tirx.isfinite(mx(*i[:-1])), acc(*i) / total(*i[:-1]), nan),
+                     name="attn_out")
+    return list(ph.values()), out
+
+
+# ------------------------------------------------------------------ schedule
+
+
+def _cores(target: Target) -> int:
+    """Cores the target may use (its ``num-cores``, else this process's)."""
+    return int(target.attrs["num-cores"]) if "num-cores" in target.attrs else num_cores()
+
+
+def _tile_cols(sch: Schedule, blk, rows, cols, red, lanes: int) -> tuple:
+    """Register tile: loops (rows, cols, red) -> (cols_o, red, rows, cols_i), rows unrolled, cols_i vectors.
+
+    Returns (cols_o, red, columns per cols_o iteration).
+    """
+    ext = int(sch.get(cols).extent)
+    nr = 2 * lanes if ext % (2 * lanes) == 0 or ext > 4 * lanes else lanes
+    co, ci = sch.split(cols, [None, nr])
+    sch.reorder(co, red, rows, ci)
+    if ext % nr:
+        sch.annotate(co, "pragma_loop_partition_hint", 1)
+    sch.unroll(rows)
+    sch.vectorize(ci)
+    sch.decompose_reduction(blk, red)
+    return co, red, nr
+
+
+def _interleave_rows(sch: Schedule, blk) -> object:
+    """Row reduction over the tile: loops (rows, red) -> (red, rows unrolled), independent chains; returns red."""
+    rows, red = sch.get_loops(blk)[-2:]
+    sch.reorder(red, rows)
+    sch.unroll(rows)
+    sch.decompose_reduction(blk, red)
+    return red
+
+
+def _vectorize_part(sch: Schedule, blk) -> object:
+    """Partials block loops (rows, lanes, chunks) -> (rows, chunks, lanes), lanes vectorized; returns chunks."""
+    rows, lane, red = sch.get_loops(blk)[-3:]
+    sch.reorder(rows, red, lane)
+    sch.vectorize(lane)
+    sch.decompose_reduction(blk, red)
+    return red
+
+
+def _vectorize_split(sch: Schedule, loop, lanes: int) -> object | None:
+    """Vectorize ``loop`` by ``lanes`` (whole loop when it is one vector or less); returns the outer loop."""
+    ext = int(sch.get(loop).extent)
+    if ext <= lanes:
+        sch.vectorize(loop)
+        return None
+    outer, inner = sch.split(loop, [None, lanes])
+    if ext % lanes:
+        sch.annotate(outer, "pragma_loop_partition_hint", 1)
+    sch.vectorize(inner)
+    return outer
+
+
+def schedule_attention(func: tirx.PrimFunc, target: Target, rows: int = ATTENTION_ROW_TILE,
+                       causal_offset: int | None = None) -> tirx.PrimFunc:
+    """Parallel over batch·heads·row tiles, every stage computed inside the tile, tiles vectorized.
+
+    With ``causal_offset`` the loops over score columns stop after the tile's last row + offset.
+    """
+    sch = Schedule(func)
+    lanes = vector_lanes(target, "float32")
+    sch.compute_inline(sch.get_sblock("attn_score"))
+    sch.compute_inline(sch.get_sblock("attn_shift"))
+    out = sch.get_sblock("attn_out")
+    *batch, i, c = sch.get_loops(out)
+    rows = min(rows, int(sch.get(i).extent))
+    tiles = -(-int(sch.get(i).extent) // rows)
+    io, ii = sch.split(i, [None, rows])
+    tile = sch.fuse(*batch, io) if batch else io
+    if _cores(target) > 1 and int(sch.get(tile).extent) > 1:
+        sch.parallel(tile)
+    names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    for name in ("attn_pv", "attn_sum", "attn_sum_part", "T_fast_exp", "attn_max", "attn_max_part", "attn_qk"):
+        if name in names:
+            sch.compute_at(sch.get_sblock(name), tile, preserve_unit_loops=True)  # loops stay one per axis
+    if int(sch.get(c).extent) % lanes == 0:
+        sch.vectorize(c)
+    qk = sch.get_sblock("attn_qk")
+    co, _, nr = _tile_cols(sch, qk, *sch.get_loops(qk)[-3:], lanes)
+    column_loops = [(co, nr)]  # (loop, score columns per iteration)
+    pv = sch.get_sblock("attn_pv")
+    _, j, _ = _tile_cols(sch, pv, *sch.get_loops(pv)[-3:], lanes)
+    column_loops.append((j, 1))
+    exp_outer = _vectorize_split(sch, sch.get_loops(sch.get_sblock("T_fast_exp"))[-1], lanes)
+    if exp_outer is not None:
+        column_loops.append((exp_outer, lanes))
+    for name in ("attn_max", "attn_sum"):
+        if f"{name}_part" in names:
+            column_loops.append((_vectorize_part(sch, sch.get_sblock(f"{name}_part")), lanes))
+            _interleave_rows(sch, sch.get_sblock(name))
+        else:
+            column_loops.append((_interleave_rows(sch, sch.get_sblock(name)), 1))
+    func = sch.mod["main"]
+    if causal_offset is None:
+        return func
+    tv = sch.get(tile).loop_var
+    t = tv % tiles if batch else tv
+    live = tirx.max((t + 1) * rows + causal_offset, 0)  # columns the tile's rows may read
+    bounds = [(sch.get(lp).loop_var, tirx.min(sch.get(lp).extent, (live + step - 1) // step))
+              for lp, step in column_loops]
+    return func.with_body(_set_extents(func.body, bounds))
+
+
+def _set_extents(stmt: tirx.Stmt, bounds: list[tuple[tirx.Var, Expr]]) -> tirx.Stmt:
+    """``stmt`` with the loops over the given vars given the new extents (the rest shared, not copied)."""
+    if isinstance(stmt, tirx.For):
+        body = _set_extents(stmt.body, bounds)
+        ext = next((e for var, e in bounds if var.same_as(stmt.loop_var)), None)
+        if ext is None and body.same_as(stmt.body):
+            return stmt
+        return tirx.For(stmt.loop_var, stmt.min, stmt.extent if ext is None else ext, stmt.kind, body,
+                        stmt.thread_binding, stmt.annotations, stmt.step)
+    if isinstance(stmt, tirx.SeqStmt):
+        seq = [_set_extents(x, bounds) for x in stmt.seq]
+        return stmt if all(a.same_as(b) for a, b in zip(seq, stmt.seq)) else tirx.SeqStmt(seq)
+    if isinstance(stmt, s_tir.SBlockRealize):
+        block = _set_extents(stmt.block, bounds)
+        return stmt if block.same_as(stmt.block) else s_tir.SBlockRealize(stmt.iter_values, stmt.predicate, block)
+    if isinstance(stmt, s_tir.SBlock):
+        body = _set_extents(stmt.body, bounds)
+        return stmt if body.same_as(stmt.body) else s_tir.SBlock(
+            stmt.iter_vars, stmt.reads, stmt.writes, stmt.name_hint, body, stmt.init, stmt.alloc_buffers,
+            stmt.match_buffers, stmt.annotations)
+    return stmt
+
+
+# ------------------------------------------------------------------ kernel
+
+
+def lower_attention(spec: AttentionSpec, target: Target, name: str | None = None, *,
+                    schedule: bool = True) -> Kernel:
+    """The fused attention kernel of ``spec``, called like a :func:`~kiln.codegen.kernel.lower_block` kernel."""
+    params, out = attention_te(spec, vector_lanes(target, "float32"))
+    func = te.create_prim_func([*params, out]).with_attr("global_symbol", name or "kernel")
+    args = [KernelArg(value) for value in operands(spec)]
+    kernel = Kernel(name or "kernel", list(spec.nodes), func, "attention", args, [spec.out])
+    if schedule:
+        kernel.func = schedule_attention(func, target, causal_offset=spec.causal_offset)
+    return kernel

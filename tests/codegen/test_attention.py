@@ -1,0 +1,308 @@
+"""codegen.attention: the attention chain is recognized, and lowers to one kernel that matches the interpreter."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import tvm
+from tvm import s_tir
+
+from kiln.codegen.attention import AttentionSpec, lower_attention, match_attention
+from kiln.codegen.kernel import run_kernel
+from kiln.codegen.target import host_target
+from kiln.codegen.tolerance import assert_close
+from kiln.ir.interpret import interpret
+from kiln.ir.text import parse
+
+TARGET = host_target()
+rng = np.random.default_rng(7)
+
+GPT = """graph @gpt(%q: f32[1,4,128,64], %kT: f32[1,4,64,128], %v: f32[1,4,128,64]) -> (%out) {
+  %scale = const f32[] [0.125]
+  %neg_inf = const f32[] [-inf]
+  %mask = const bool[1,1,128,128] dense<elided>
+  %matmul = matmul(%q, %kT) : f32[1,4,128,128]
+  %mul = mul(%matmul, %scale) : f32[1,4,128,128]
+  %masked_fill = where(%mask, %neg_inf, %mul) : f32[1,4,128,128]
+  %softmax = softmax(%masked_fill) {axis=-1} : f32[1,4,128,128]
+  %out = matmul(%softmax, %v) : f32[1,4,128,64]
+}"""
+
+VIT = """graph @vit(%q: f32[1,3,65,64], %kT: f32[1,3,64,65], %v: f32[1,3,65,64]) -> (%out) {
+  %scale = const f32[] [0.125]
+  %matmul = matmul(%q, %kT) : f32[1,3,65,65]
+  %mul = mul(%matmul, %scale) : f32[1,3,65,65]
+  %softmax = softmax(%mul) {axis=-1} : f32[1,3,65,65]
+  %out = matmul(%softmax, %v) : f32[1,3,65,64]
+}"""
+
+LLAMA = """graph @llama(%q: f32[1,4,128,64], %kT: f32[1,4,64,128], %v: f32[1,4,128,64]) -> (%out) {
+  %sqrt_d = const f32[] [8.0]
+  %mask = const f32[1,1,128,128] dense<elided>
+  %matmul = matmul(%q, %kT) : f32[1,4,128,128]
+  %div = div(%matmul, %sqrt_d) : f32[1,4,128,128]
+  %add = add(%div, %mask) : f32[1,4,128,128]
+  %softmax = softmax(%add) {axis=-1} : f32[1,4,128,128]
+  %out = matmul(%softmax, %v) : f32[1,4,128,64]
+}"""
+
+
+def causal_bool(s: int) -> np.ndarray:
+    """True above the diagonal: the entries ``where(mask, -inf, x)`` hides (GPT's ``~tril``)."""
+    return ~np.tril(np.ones((s, s), bool))[None, None]
+
+
+def causal_additive(s: int) -> np.ndarray:
+    """LLaMA's additive causal mask: finfo.min above the diagonal, 0 elsewhere."""
+    return np.triu(np.full((s, s), np.finfo(np.float32).min, np.float32), 1)[None, None]
+
+
+def gpt(s: int = 128):
+    return parse(GPT, constants={"mask": causal_bool(s)})
+
+
+def llama():
+    return parse(LLAMA, constants={"mask": causal_additive(128)})
+
+
+def feeds_for(graph) -> dict[str, np.ndarray]:
+    return {v.name: rng.standard_normal(v.type.shape).astype(np.float32) for v in graph.inputs}
+
+
+def check_numerics(graph, feeds: dict[str, np.ndarray] | None = None) -> tuple[AttentionSpec, object]:
+    """Match the whole graph, lower and run the kernel, compare with the interpreter."""
+    spec = match_attention(graph.nodes)
+    assert spec is not None
+    feeds = feeds if feeds is not None else feeds_for(graph)
+    kernel = lower_attention(spec, TARGET, "attention")
+    assert not kernel.notes, kernel.notes
+    (got,) = run_kernel(kernel, feeds, TARGET)
+    assert_close(got, interpret(graph, feeds)[graph.outputs[0].name], what="attention")
+    return spec, kernel
+
+
+# ------------------------------------------------------------------ matching
+
+
+def test_gpt_causal_form_is_matched():
+    g = gpt()
+    spec = match_attention(g.nodes)
+    assert spec is not None
+    assert [n.op for n in spec.nodes] == ["matmul", "mul", "where", "softmax", "matmul"]
+    assert (spec.q.name, spec.k_t.name, spec.v.name) == ("q", "kT", "v")
+    assert (spec.scale, spec.scale_op) == (0.125, "mul")
+    assert (spec.mask_kind, spec.mask.name, spec.fill, spec.fill_when) == ("select", "mask", -np.inf, True)
+    assert spec.out is g.outputs[0] and spec.scores_shape == (1, 4, 128, 128)
+
+
+def test_vit_form_without_mask_is_matched():
+    spec = match_attention(parse(VIT).nodes)
+    assert spec is not None and spec.mask_kind is None and spec.mask is None
+    assert (spec.scale, spec.scale_op) == (0.125, "mul")
+
+
+def test_llama_form_keeps_the_division_and_the_additive_mask():
+    spec = match_attention(llama().nodes)
+    assert spec is not None
+    assert (spec.scale, spec.scale_op) == (8.0, "div")
+    assert (spec.mask_kind, spec.mask.name, spec.fill) == ("additive", "mask", None)
+
+
+def test_operand_order_variants_are_matched():
+    text = """graph @g(%q: f32[2,9,8], %kT: f32[2,8,9], %v: f32[2,9,5], %m: bool[9,9]) -> (%out) {
+      %c = const f32[1] [0.5]
+      %fill = const f32[] [-10000.0]
+      %s = matmul(%q, %kT) : f32[2,9,9]
+      %x = mul(%c, %s) : f32[2,9,9]
+      %y = where(%m, %x, %fill) : f32[2,9,9]
+      %p = softmax(%y) {axis=2} : f32[2,9,9]
+      %out = matmul(%p, %v) : f32[2,9,5]
+    }"""
+    spec = match_attention(parse(text).nodes)
+    assert spec is not None
+    assert (spec.scale, spec.scale_op, spec.fill, spec.fill_when) == (0.5, "mul", -10000.0, False)
+    assert spec.scores_shape == (2, 9, 9)
+
+
+def test_bare_matmul_softmax_matmul_is_matched():
+    text = """graph @g(%q: f32[1,2,6,4], %kT: f32[1,2,4,7], %v: f32[1,2,7,3]) -> (%out) {
+      %s = matmul(%q, %kT) : f32[1,2,6,7]
+      %p = softmax(%s) {axis=-1} : f32[1,2,6,7]
+      %out = matmul(%p, %v) : f32[1,2,6,3]
+    }"""
+    spec = match_attention(parse(text).nodes)
+    assert spec is not None and spec.scale is None and spec.mask is None
+
+
+NEAR_MISSES = {
+    "softmax on another axis": (VIT.replace("{axis=-1}", "{axis=2}"), None),
+    "an inner value read outside": (VIT.replace("-> (%out)", "-> (%out, %mul)"), None),
+    "an inner value read by a later node": (VIT.replace(
+        "  %out = matmul(%softmax, %v) : f32[1,3,65,64]\n",
+        "  %out = matmul(%softmax, %v) : f32[1,3,65,64]\n  %extra = relu(%matmul) : f32[1,3,65,65]\n"), 4),
+    "divided into the constant": (VIT.replace("mul(%matmul, %scale)", "div(%scale, %matmul)"), None),
+    "scale by a tensor": (VIT.replace("%scale = const f32[] [0.125]", "%scale = const f32[65] dense<elided>"),
+                          None),
+    "softmax output as the right operand": (VIT.replace("matmul(%softmax, %v) : f32[1,3,65,64]",
+                                                        "matmul(%v, %softmax) : f32[1,3,65,65]"), None),
+    "float64": (VIT.replace("f32", "f64"), None),
+    "mask fill not a constant": (GPT.replace("%neg_inf = const f32[] [-inf]\n", "").replace(
+        "(%q: f32[1,4,128,64],", "(%neg_inf: f32[], %q: f32[1,4,128,64],"), None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NEAR_MISSES))
+def test_near_misses_are_refused(case):
+    text, count = NEAR_MISSES[case]
+    consts = {"scale": np.ones(65, np.float32)} if case == "scale by a tensor" else {}
+    if "%mask" in text:
+        consts["mask"] = causal_bool(128)
+    g = parse(text, constants=consts)
+    nodes = g.nodes[:count] if count else g.nodes
+    assert match_attention(nodes) is None
+
+
+def test_a_partial_or_reordered_chain_is_refused():
+    g = gpt()
+    assert match_attention(g.nodes[:-1]) is None
+    assert match_attention(g.nodes[1:]) is None
+    assert match_attention([g.nodes[0], g.nodes[2], g.nodes[1], *g.nodes[3:]]) is None
+
+
+# ------------------------------------------------------------------ numerics
+
+
+def test_gpt_causal_matches_the_interpreter():
+    check_numerics(gpt())
+
+
+def test_vit_without_mask_matches_the_interpreter():
+    check_numerics(parse(VIT))
+
+
+def test_llama_additive_constant_mask_matches_the_interpreter():
+    check_numerics(llama())
+
+
+def test_computed_additive_mask_is_a_kernel_parameter():
+    text = LLAMA.replace("%mask = const f32[1,1,128,128] dense<elided>\n", "").replace(
+        "%v: f32[1,4,128,64])", "%v: f32[1,4,128,64], %mask: f32[1,4,1,128])").replace(
+        "add(%div, %mask)", "add(%mask, %div)")
+    g = parse(text)
+    feeds = feeds_for(g)
+    feeds["mask"] = np.where(rng.random((1, 4, 1, 128)) < 0.3, -np.inf, 0.0).astype(np.float32)
+    _, kernel = check_numerics(g, feeds)
+    assert [a.value.name for a in kernel.args] == ["q", "kT", "v", "mask"]
+
+
+def test_rank3_broadcast_batch_and_ragged_sizes():
+    text = """graph @g(%q: f32[3,13,24], %kT: f32[1,24,37], %v: f32[3,37,20]) -> (%out) {
+      %c = const f32[] [3.0]
+      %s = matmul(%q, %kT) : f32[3,13,37]
+      %x = div(%s, %c) : f32[3,13,37]
+      %p = softmax(%x) {axis=-1} : f32[3,13,37]
+      %out = matmul(%p, %v) : f32[3,13,20]
+    }"""
+    check_numerics(parse(text))
+
+
+def test_a_value_used_twice_is_passed_once():
+    text = """graph @g(%x: f32[2,16,16]) -> (%out) {
+      %s = matmul(%x, %x) : f32[2,16,16]
+      %p = softmax(%s) {axis=-1} : f32[2,16,16]
+      %out = matmul(%p, %x) : f32[2,16,16]
+    }"""
+    g = parse(text)
+    _, kernel = check_numerics(g, {"x": (rng.standard_normal((2, 16, 16)) * 0.3).astype(np.float32)})
+    assert [a.value.name for a in kernel.args] == ["x"]
+
+
+def test_fully_masked_rows_match_the_interpreter():
+    """-inf everywhere in a row: the interpreter's exp(-inf - -inf) is NaN; a finite fill gives a uniform row."""
+    mask = causal_bool(128).copy()
+    mask[..., 5, :] = True
+    for fill in ("-inf", "-1e9"):
+        g = parse(GPT.replace("[-inf]", f"[{fill}]"), constants={"mask": mask})
+        feeds = feeds_for(g)
+        want = interpret(g, feeds)["out"]
+        spec = match_attention(g.nodes)
+        (got,) = run_kernel(lower_attention(spec, TARGET, "attention"), feeds, TARGET)
+        assert np.isnan(want[..., 5, :]).all() == (fill == "-inf")
+        assert_close(got, want, what=f"fill {fill}")
+
+
+@pytest.mark.parametrize("sq,sk", [(37, 37), (16, 48), (128, 128)])
+def test_causal_masks_skip_dead_columns_and_match(sq, sk):
+    """Constant causal masks (offset sk - sq: the last rows of a longer key sequence) bound the column loops."""
+    text = (GPT.replace("%v: f32[1,4,128,64]", f"%v: f32[1,4,{sk},64]").replace("128,64]", f"{sq},64]")
+            .replace("64,128]", f"64,{sk}]").replace("128,128]", f"{sq},{sk}]"))
+    mask = ~np.tril(np.ones((sq, sk), bool), sk - sq)[None, None]
+    spec, kernel = check_numerics(parse(text, constants={"mask": mask}))
+    assert spec.causal_offset == sk - sq
+    assert "T.min(" in kernel.func.script()  # loop extents bounded by the tile's last live column
+
+
+def test_sliding_window_and_additive_offset_masks():
+    window = np.tril(np.ones((128, 128), bool)) & ~np.tril(np.ones((128, 128), bool), -9)
+    g = parse(GPT, constants={"mask": ~window[None, None]})
+    spec, _ = check_numerics(g)
+    assert spec.causal_offset == 0
+    additive = np.where(np.tril(np.ones((128, 128), bool), 3), 0.0, -np.inf).astype(np.float32)[None, None]
+    spec, _ = check_numerics(parse(LLAMA, constants={"mask": additive}))
+    assert spec.causal_offset == 3
+
+
+def test_masks_that_do_not_end_rows_early_get_no_offset():
+    assert match_attention(parse(GPT, constants={"mask": causal_bool(128)[..., ::-1].copy()}).nodes) \
+        .causal_offset is None  # anti-causal: every row reaches the last column
+    finite = parse(GPT.replace("[-inf]", "[-1e9]"), constants={"mask": causal_bool(128)})
+    assert match_attention(finite.nodes).causal_offset is None  # -1e9 is not dead enough to skip
+    mixed = causal_additive(128).copy()
+    mixed[..., 0, 5] = -1e25  # neither dead nor safely live
+    assert match_attention(parse(LLAMA, constants={"mask": mixed}).nodes).causal_offset is None
+    dead_row = causal_additive(128).copy()
+    dead_row[..., 7, :] = np.finfo(np.float32).min  # a fully masked row with a finite value is uniform
+    assert match_attention(parse(LLAMA, constants={"mask": dead_row}).nodes).causal_offset is None
+
+
+def test_keep_mask_orientation_matches_the_interpreter():
+    text = GPT.replace("where(%mask, %neg_inf, %mul)", "where(%mask, %mul, %neg_inf)")
+    check_numerics(parse(text, constants={"mask": ~causal_bool(128)}))
+
+
+# ------------------------------------------------------------------ schedule
+
+
+def _allocations(func) -> dict[str, int]:
+    """Element count of every buffer the kernel allocates, after TVM compacts them to the regions used."""
+    passes = tvm.transform.Sequential([
+        s_tir.transform.LowerInitBlock(),
+        s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+        s_tir.transform.ConvertBlocksToOpaque(),
+        s_tir.transform.CompactBufferAllocation(),
+        s_tir.transform.LowerOpaqueBlock(),
+    ])
+    text = passes(tvm.IRModule({"main": func}))["main"].script()
+    found = re.findall(r"(\w+) = T\.alloc_buffer\(\(([\d, ]+)\)", text)
+    assert found, text
+    return {name: int(np.prod([int(d) for d in dims.split(",") if d.strip()])) for name, dims in found}
+
+
+@pytest.mark.parametrize("make", [gpt, llama, lambda: parse(VIT)], ids=["gpt", "llama", "vit"])
+def test_no_buffer_holds_the_score_matrix(make):
+    spec = match_attention(make().nodes)
+    kernel = lower_attention(spec, TARGET, "attention")
+    sq, sk = spec.scores_shape[-2:]
+    sizes = _allocations(kernel.func)
+    assert max(sizes.values()) < sq * sk, sizes
+    assert max(sizes.values()) <= 8 * sk, sizes  # a row tile of scores, not more
+
+
+def test_schedule_is_parallel_and_vectorized():
+    kernel = lower_attention(match_attention(gpt().nodes), TARGET, "attention")
+    text = kernel.func.script()
+    assert text.count("T.parallel(") == 1
+    assert text.count("T.vectorized(") >= 5
+    assert kernel.kind == "attention" and [v.name for v in kernel.outputs] == ["out"]

@@ -1,8 +1,12 @@
 """Graph -> Relax ``main`` calling one scheduled kernel per block -> TVM executable.
 
-Every compute node becomes a kernel, an anchor (matmul, conv) together with
-its pointwise epilogue (:func:`epilogue_blocks`, :func:`kiln.codegen.kernel.lower_block`);
-kernels that come out structurally equal are compiled once.  Shape-only ops
+Every block of compute nodes becomes one kernel
+(:func:`kiln.codegen.kernel.lower_block`; an attention block the fused
+attention kernel, :mod:`kiln.codegen.attention`): the blocks the
+``fuse-blocks`` pass named (``Node.block``, :func:`named_blocks`), else an
+anchor (matmul, conv) together with its pointwise epilogue
+(:func:`epilogue_blocks`); kernels that come out structurally equal are
+compiled once.  Shape-only ops
 (reshape, flatten, squeeze, unsqueeze, identity) become Relax reshapes, which
 the VM runs as views (no kernel, no copy).  Constants become trailing
 parameters of ``main`` (the artifact's weights), so the library holds code only.
@@ -23,14 +27,16 @@ from tvm.target import Target
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.registry import FusionKind, get_op
 from kiln.ir.types import eval_shape, is_static_dim
+from kiln.ir.verify import VIEW_OPS
 
+from .attention import lower_attention, match_attention
 from .kernel import CodegenError, Kernel, lower_block, static_shape
 from .lowering import tvm_dtype
 from .tune import TuneOptions
 
-__all__ = ["EPILOGUE_ANCHORS", "VIEW_OPS", "CompiledGraph", "build_graph", "epilogue_blocks", "specialize"]
+__all__ = ["EPILOGUE_ANCHORS", "VIEW_OPS", "CompiledGraph", "build_graph", "epilogue_blocks", "kernel_blocks",
+           "lower_kernel", "named_blocks", "specialize"]
 
-VIEW_OPS = frozenset({"reshape", "flatten", "squeeze", "unsqueeze", "identity"})
 # Anchors whose schedules fold a pointwise epilogue into the output tile (schedules._epilogue_at).
 EPILOGUE_ANCHORS = frozenset({"matmul", "conv", "conv_transpose"})
 EPILOGUE_KINDS = frozenset({FusionKind.ELEMENTWISE, FusionKind.BROADCAST})
@@ -85,14 +91,11 @@ def epilogue_blocks(graph: Graph) -> list[list[Node]]:
     A node joins the block of the node before it when it is the only reader of
     that node's output (not a graph output) and is elementwise or broadcast
     with the same output shape: bias, batch norm, activation, residual add.
-    Its other operands come from outside the chain, so no cycle can form.  The
-    block-fusion pass replaces this rule with a real partition.
+    Its other operands come from outside the chain, so no cycle can form.  A
+    graph the ``fuse-blocks`` pass annotated uses its partition instead
+    (:func:`named_blocks`).
     """
-    uses: dict[int, list[Node]] = {}
-    for n in graph.nodes:
-        for v in n.inputs:
-            if v is not None:
-                uses.setdefault(id(v), []).append(n)
+    uses = _readers(graph)
     outputs = {id(v) for v in graph.outputs}
     taken: set[int] = set()
     blocks: list[list[Node]] = []
@@ -106,6 +109,60 @@ def epilogue_blocks(graph: Graph) -> list[list[Node]]:
         taken.update(id(n) for n in block)
         blocks.append(block)
     return blocks
+
+
+def named_blocks(graph: Graph) -> list[list[Node]]:
+    """Compute nodes grouped by ``Node.block`` (the fuse-blocks partition), blocks ordered by their first node.
+
+    A compute node with no block name is a block of its own; view ops stay
+    views whatever their block.  Each block is checked against the
+    partition's contract (:func:`check_block`).
+    """
+    named: dict[str, list[Node]] = {}
+    blocks: list[list[Node]] = []
+    for node in graph.nodes:
+        if node.op in VIEW_OPS:
+            continue
+        if not node.block:
+            blocks.append([node])
+        elif node.block in named:
+            named[node.block].append(node)
+        else:
+            named[node.block] = [node]
+            blocks.append(named[node.block])
+    readers = _readers(graph)
+    outputs = {id(v) for v in graph.outputs}
+    for name, block in named.items():
+        check_block(name, block, readers, outputs)
+    return blocks
+
+
+def _readers(graph: Graph) -> dict[int, list[Node]]:
+    """Value id -> the nodes reading it."""
+    uses: dict[int, list[Node]] = {}
+    for n in graph.nodes:
+        for v in n.inputs:
+            if v is not None:
+                uses.setdefault(id(v), []).append(n)
+    return uses
+
+
+def check_block(name: str, block: list[Node], readers: Mapping[int, list[Node]], outputs: set[int]) -> None:
+    """Refuse a block that one kernel called at its last node cannot compute: only that node's outputs may leave it."""
+    members = {id(n) for n in block}
+    for node in block[:-1]:
+        for v in node.outputs:
+            outside = [r for r in readers.get(id(v), []) if id(r) not in members]
+            if outside or id(v) in outputs:
+                who = f"read by {outside[0].op} ({outside[0].outputs[0].name})" if outside else "a graph output"
+                raise CodegenError(f"block {name!r}: value {v.name!r} of {node.op} is {who}, but only the "
+                                   f"block's last node ({block[-1].op} -> {block[-1].outputs[0].name}) may "
+                                   f"have outputs used outside the block")
+
+
+def kernel_blocks(graph: Graph) -> list[list[Node]]:
+    """The kernels' blocks: the named partition when any node has a block name, else anchor + epilogue chains."""
+    return named_blocks(graph) if any(n.block for n in graph.nodes) else epilogue_blocks(graph)
 
 
 def _tensor_type(v: Value) -> relax.TensorType:
@@ -139,10 +196,23 @@ def _tune(kernels: list[Kernel], alias: dict[int, str], target: Target, opts: Tu
         if progress:
             progress("tune", n, len(unique))
         k = kernels[i]
-        plain = lower_block(k.nodes, target, name=k.name, schedule=False)
+        plain = lower_kernel(k.nodes, target, name=k.name, schedule=False)
         res = tune_kernel(plain.func, k.func, target, opts)
         k.func = res.func
         k.tuning = f"{res.source} (hand {res.hand_us or 0:.1f} us, MetaSchedule {res.tuned_us or 0:.1f} us)"
+
+
+def lower_kernel(block: list[Node], target: Target, *, name: str, schedule: bool = True) -> Kernel:
+    """One block's kernel: the fused attention kernel where it matches the block, else :func:`lower_block`."""
+    spec = match_attention(block) if block[0].op == "matmul" and len(block) >= 3 else None
+    if spec is None:
+        return lower_block(block, target, name=name, schedule=schedule)
+    try:
+        return lower_attention(spec, target, name, schedule=schedule)
+    except Exception as e:  # noqa: BLE001 - the generic kernel computes the same, more slowly
+        kernel = lower_block(block, target, name=name, schedule=schedule)
+        kernel.notes.append(f"fused attention failed ({type(e).__name__}: {e}); lowered as a plain block")
+        return kernel
 
 
 def _kernel_name(block: list[Node], i: int) -> str:
@@ -154,12 +224,12 @@ def build_graph(graph: Graph, target: Target, *, tune: TuneOptions | None = None
     """Lower, schedule (optionally tune) and compile ``graph`` (static shapes) for ``target``."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    blocks = epilogue_blocks(graph)
+    blocks = kernel_blocks(graph)
     kernels: list[Kernel] = []
     for i, block in enumerate(blocks):
         if progress:
             progress("lower", i, len(blocks))
-        kernels.append(lower_block(block, target, name=_kernel_name(block, i)))
+        kernels.append(lower_kernel(block, target, name=_kernel_name(block, i)))
     timings["lower+schedule"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()

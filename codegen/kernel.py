@@ -1,12 +1,14 @@
-"""One node -> one scheduled PrimFunc (a *kernel*), from the op's registry lowering.
+"""A block of nodes -> one scheduled PrimFunc (a *kernel*), from the ops' registry lowerings.
 
-A block is an anchor node, or an anchor with its elementwise epilogue
-(codegen/build.py groups them; the block-fusion pass will make blocks
-bigger).  :func:`lower_block` calls each node's registry lowering on the TE
-tensors before it (placeholders of the operands' static types at the
-block's edge), builds the PrimFunc and applies the schedule the anchor's
-lowering asked for; :func:`run_kernel` builds and runs one kernel (tests and
-``kiln bench --kernels`` use it).
+A block is what codegen/build.py groups: the ``fuse-blocks`` partition (an
+anchor - matmul, conv, pool or a reduction - with its elementwise/injective
+producers and its pointwise epilogue, or anchor-free pointwise nodes), else
+an anchor with its elementwise epilogue chain, else one node.
+:func:`lower_block` calls each node's registry lowering on the TE tensors
+before it (placeholders of the operands' static types at the block's edge),
+builds the PrimFunc and applies the schedule the anchor's lowering asked
+for; :func:`run_kernel` builds and runs one kernel (tests and ``kiln bench
+--kernels`` use it).
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ from tvm import te, tirx
 from tvm.target import Target
 
 from kiln.ir.graph import Node, Value
-from kiln.ir.registry import get_op
+from kiln.ir.registry import FusionKind, get_op
 
 from . import lowering  # noqa: F401  (registers every lowering)
 from .lowering import LowerCtx, tvm_dtype
 from .schedules import schedule_for
 
-__all__ = ["CodegenError", "Kernel", "KernelArg", "build_kernel", "lower_block", "lower_node", "run_kernel",
-           "static_shape"]
+__all__ = ["ANCHOR_FUSION", "CodegenError", "Kernel", "KernelArg", "anchor_index", "build_kernel", "lower_block",
+           "lower_node", "run_kernel", "static_shape"]
+
+# Fusion kinds of a block's anchor: the node whose lowering names the kernel's schedule.
+ANCHOR_FUSION = frozenset({FusionKind.OUT_EWISE_FUSABLE, FusionKind.REDUCTION})
 
 
 class CodegenError(Exception):
@@ -47,18 +52,24 @@ class Kernel:
     """A scheduled PrimFunc with what to feed it: ``args`` then ``outputs`` are its parameters."""
 
     name: str
-    nodes: list[Node]  # the block: its anchor first
+    nodes: list[Node]  # the block, in graph order
     func: tirx.PrimFunc
     kind: str
     args: list[KernelArg]
     outputs: list[Value]
     notes: list[str] = field(default_factory=list)
     tuning: str | None = None
+    scheduled: bool = True  # False: lower_block was asked for no schedule, or the schedule failed (see notes)
 
     @property
     def node(self) -> Node:
-        """The block's anchor."""
-        return self.nodes[0]
+        """The block's anchor (its schedule is the kernel's)."""
+        return self.nodes[anchor_index(self.nodes)]
+
+
+def anchor_index(nodes: Sequence[Node]) -> int:
+    """Index of the block's anchor: its first matmul/conv/pool or reduction node, else its first node."""
+    return next((i for i, n in enumerate(nodes) if get_op(n.op).fusion in ANCHOR_FUSION), 0)
 
 
 def static_shape(value: Value) -> tuple[int, ...]:
@@ -104,16 +115,18 @@ def _lower_one(node: Node, target: Target, operands: list[te.Tensor | None],
 
 def lower_block(nodes: Sequence[Node], target: Target, *, name: str | None = None,
                 schedule: bool = True) -> Kernel:
-    """Lower a block (an anchor node, then nodes reading only its chain and outside values) to one kernel.
+    """Lower a block (nodes in graph order; only the last one's outputs leave it) to one kernel.
 
     Each node's lowering gets the TE tensors of the nodes before it; the block's
-    outputs are the last node's outputs, scheduled by the anchor's schedule.
+    outputs are the last node's outputs, scheduled by the schedule the anchor's
+    lowering named (:func:`anchor_index`).
     """
     nodes = list(nodes)
     inner = {id(v) for n in nodes for v in n.outputs}
     env: dict[int, te.Tensor] = {}
     args: list[KernelArg] = []
     params: list[te.Tensor] = []
+    anchor = anchor_index(nodes)
     anchor_ctx: LowerCtx | None = None
     for n_idx, node in enumerate(nodes):
         operands: list[te.Tensor | None] = []
@@ -136,7 +149,8 @@ def lower_block(nodes: Sequence[Node], target: Target, *, name: str | None = Non
                     params.append(env[id(v)])
                 operands.append(env[id(v)])
         ctx, outs = _lower_one(node, target, operands, consts)
-        anchor_ctx = anchor_ctx or ctx
+        if n_idx == anchor:
+            anchor_ctx = ctx
         for i, (v, ph) in fresh.items():
             if i in ctx.replaced:
                 array, new_ph = ctx.replaced[i]
@@ -157,11 +171,12 @@ def lower_block(nodes: Sequence[Node], target: Target, *, name: str | None = Non
             for t in outs]
     func = te.create_prim_func([*params, *outs]).with_attr("global_symbol", name or "kernel")
     kind = anchor_ctx.kind
-    kernel = Kernel(name or "kernel", nodes, func, kind, args, list(last.outputs))
+    kernel = Kernel(name or "kernel", nodes, func, kind, args, list(last.outputs), scheduled=False)
     if schedule:
         try:
             sch = schedule_for(kind, func, anchor_ctx.block, target=target, **anchor_ctx.schedule_kwargs)
             kernel.func = sch.mod["main"]
+            kernel.scheduled = True
         except Exception as e:  # noqa: BLE001 - an unscheduled kernel is slow, not wrong
             kernel.notes.append(f"schedule {kind!r} failed ({type(e).__name__}: {e}); kernel left unscheduled")
     return kernel

@@ -38,15 +38,18 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import tvm
 from tvm import te, tirx
 from tvm.ir import IRModule
-from tvm.s_tir import Schedule, ScheduleError
+from tvm.ir.expr import TensorLoad
+from tvm.ir.prim.expr import Add as PrimAdd
+from tvm.s_tir import SBlockRealize, Schedule, ScheduleError
 from tvm.target import Target
+from tvm.tirx.analysis import undefined_vars
 
 from .target import host_target, num_cores, vector_lanes
 
@@ -67,6 +70,8 @@ __all__ = [
     "schedule_injective",
     "schedule_reduction",
     "schedule_for",
+    "fold_block",
+    "serial_stages",
     "build",
     "loop_kinds",
 ]
@@ -166,15 +171,17 @@ def _is_output(sch: Schedule, blk) -> bool:
     return any(_block_name(sch, b) == name for b in _output_blocks(sch))
 
 
-def _inline_injective(sch: Schedule, keep: Sequence = ()) -> None:
-    """``compute_inline`` every non-output, non-reduction block not in ``keep``."""
+def _inline_injective(sch: Schedule, keep: Sequence = (), only: Collection[str] | None = None) -> None:
+    """``compute_inline`` every non-output, non-reduction block not in ``keep`` (and in ``only``, if given)."""
     keep_names = {_block_name(sch, b) if not isinstance(b, str) else b for b in keep}
     changed = True
     while changed:
         changed = False
         for blk in _all_blocks(sch):
             name = _block_name(sch, blk)
-            if name in keep_names or _is_reduction(sch, blk) or _is_output(sch, blk):
+            if name in keep_names or (only is not None and name not in only):
+                continue
+            if _is_reduction(sch, blk) or _is_output(sch, blk):
                 continue
             consumers = list(sch.get_consumers(blk))
             if len(consumers) > 1 and _EXPENSIVE.search(sch.get(blk).body.script()):
@@ -188,6 +195,91 @@ def _inline_injective(sch: Schedule, keep: Sequence = ()) -> None:
                 changed = True
             except ScheduleError:
                 continue
+
+
+def _reachable(sch: Schedule, blk, step: Callable) -> set[str]:
+    """Names of the blocks reachable from ``blk`` by ``step`` (``sch.get_producers`` / ``get_consumers``)."""
+    seen: set[str] = set()
+    frontier = [blk]
+    while frontier:
+        nxt = []
+        for b in frontier:
+            for other in step(b):
+                name = _block_name(sch, other)
+                if name not in seen:
+                    seen.add(name)
+                    nxt.append(other)
+        frontier = nxt
+    return seen
+
+
+def fold_block(sch: Schedule, anchor: str) -> None:
+    """Inline a fused block's pointwise stages around its anchor (matmul, conv) before the anchor's schedule.
+
+    Producer chains are inlined into the stages the anchor reads (its pad /
+    pack stage, or the one operand stage left at the root: computed once, not
+    once per register tile).  Epilogue chains (bias, activation, a diamond
+    that re-joins) are inlined into the stage writing the block's output,
+    which :func:`_epilogue_at` then computes inside the anchor's tile.
+    """
+    blk = sch.get_sblock(anchor)
+    direct = {_block_name(sch, b) for b in sch.get_producers(blk)}
+    around = (_reachable(sch, blk, sch.get_producers) - direct) | _reachable(sch, blk, sch.get_consumers)
+    _inline_injective(sch, keep=[anchor], only=around)
+
+
+def _is_copy(sch: Schedule, blk) -> bool:
+    """Is ``blk`` a plain load (transpose, slice, broadcast): no arithmetic, no guard?"""
+    body = sch.get(blk).body
+    return isinstance(body, tirx.BufferStore) and isinstance(body.value, TensorLoad)
+
+
+def _keeps_last_axis(sch: Schedule, blk) -> bool:
+    """Does copy ``blk`` read along its last axis with stride 1 (or not at all), so vector loads stay contiguous?"""
+    block = sch.get(blk)
+    if not block.iter_vars:
+        return True
+    last = block.iter_vars[-1].var
+    *lead, tail = block.body.value.indices or [None]
+    if any(_uses(i, last) for i in lead):
+        return False
+    return tail is None or not _uses(tail, last) or tail.same_as(last) or (
+        isinstance(tail, PrimAdd) and (tail.a.same_as(last) and not _uses(tail.b, last)
+                                       or tail.b.same_as(last) and not _uses(tail.a, last)))
+
+
+def _scalar_operand(sch: Schedule, anchor, producer) -> bool:
+    """Does ``anchor`` read ``producer``'s output independently of its last spatial axis (a broadcast scalar)?"""
+    block = sch.get(anchor)
+    spatial = [iv.var for iv in block.iter_vars if int(iv.iter_type) == tirx.IterVar.DataPar]
+    buf = sch.get(producer).writes[0].source
+    regions = [r for r in block.reads if r.source.same_as(buf)]
+    return bool(spatial) and all(not _uses(rng.min, spatial[-1]) for r in regions for rng in r.region)
+
+
+def _uses(expr, var) -> bool:
+    return any(v.same_as(var) for v in undefined_vars(expr, []))
+
+
+def _inline_operands(sch: Schedule, anchor: str) -> None:
+    """Inline the anchor's operand stages that are plain copies (a transposed, sliced or broadcast operand).
+
+    A copy costs only address arithmetic inside the anchor's loops as long as
+    the vectorized operand stays contiguous along its last axis; the operand
+    read as a broadcast scalar (matmul's left, conv's weight) may be permuted.
+    """
+    blk = sch.get_sblock(anchor)
+    for prod in sch.get_producers(blk):
+        name = _block_name(sch, prod)
+        if name.startswith(anchor + "_") or name.endswith("_pad") or _is_output(sch, prod):
+            continue  # the anchor's own layout stages, and pad_einsum's
+        if len(sch.get_consumers(prod)) != 1 or not _is_copy(sch, prod):
+            continue
+        if _keeps_last_axis(sch, prod) or _scalar_operand(sch, blk, prod):
+            try:
+                sch.compute_inline(prod)
+            except ScheduleError:
+                pass
 
 
 def _work(sch: Schedule, blk) -> int:
@@ -277,20 +369,23 @@ def _reads_pointwise(sch: Schedule, producer, consumer) -> bool:
     """
     buf = sch.get(producer).writes[0].source
     cons = sch.get(consumer)
-    ivars = [iv.var for iv in cons.iter_vars]
     found = False
     for r in cons.reads:
         if not r.source.same_as(buf):
             continue
         found = True
-        if len(r.region) != len(ivars):
+        if len(r.region) != len(cons.iter_vars):
             return False
-        for rng, v in zip(r.region, ivars):
-            if not (
-                rng.min.same_as(v) and isinstance(rng.extent, tirx.IntImm) and int(rng.extent) == 1
-            ):
+        for rng, iv in zip(r.region, cons.iter_vars):
+            # a unit axis may be read at 0 (a broadcasting consumer's index)
+            at = rng.min.same_as(iv.var) or (_is_const(rng.min, 0) and _is_const(iv.dom.extent, 1))
+            if not (at and _is_const(rng.extent, 1)):
                 return False
     return found
+
+
+def _is_const(expr, value: int) -> bool:
+    return isinstance(expr, tirx.IntImm) and int(expr) == value
 
 
 def _epilogue_at(sch: Schedule, blk, loop) -> object:
@@ -773,6 +868,7 @@ def schedule_matmul(
     slower).  Pack / pad stages are scheduled as parallel vectorized copies.
     """
     sch = as_schedule(sch)
+    fold_block(sch, block_name)
     blk = sch.get_sblock(block_name)
     dtype = _out_dtype(sch, blk)
     vec = _lanes(target, dtype)
@@ -794,7 +890,10 @@ def schedule_matmul(
             sch.pad_einsum(blk, [1] * (len(spatial) - 2) + [pad_i, pad_j] + [1] * len(reduce))
         except ScheduleError:
             pass  # not an einsum (e.g. a packed operand): ragged tiles are guarded
-        spatial, reduce = _split_loops(sch, blk)
+        fold_block(sch, block_name)  # a producer pad_einsum padded: into its pad stage
+    _inline_operands(sch, block_name)
+    blk = sch.get_sblock(block_name)
+    spatial, reduce = _split_loops(sch, blk)
     *batch, i, j = spatial
     k = sch.fuse(*reduce) if len(reduce) > 1 else reduce[0]
     io, ii = sch.split(i, [None, mr])
@@ -847,6 +946,8 @@ def schedule_conv2d_nchw(
     convs (a ragged ``ow`` tile is guarded).
     """
     sch = as_schedule(sch)
+    fold_block(sch, block_name)
+    _inline_operands(sch, block_name)
     blk = sch.get_sblock(block_name)
     dtype = _out_dtype(sch, blk)
     vec = _lanes(target, dtype)
@@ -1110,8 +1211,8 @@ def _vectorize_rf(sch: Schedule, rf, vec: int) -> None:
             if value.same_as(sch.get(lp).loop_var):
                 if int(iv.iter_type) == tirx.IterVar.CommReduce:
                     red = lp
-                elif _extent(sch, lp) == vec:
-                    lane = lp
+                elif lane is None and _extent(sch, lp) == vec:
+                    lane = lp  # rfactor's lane var comes first (a row axis may have vec rows too)
     if lane is None or red is None:
         return
     try:
@@ -1147,6 +1248,37 @@ def build(sch: ScheduleLike, target: Target | None = None) -> tvm.runtime.Module
     ``time_evaluator("main", dev)`` it)."""
     mod = as_schedule(sch).mod
     return tvm.compile(mod, target=_target(target)).mod
+
+
+def serial_stages(func: tirx.PrimFunc, min_work: int = 1024) -> list[str]:
+    """Stages of ``func`` whose loops are all serial over ``min_work`` or more iterations (reductions: 16x that).
+
+    Such a stage is one no schedule touched: scalar code on one core, a perf
+    cliff.  Reductions get a higher bar: the cross-lane step of an rfactored
+    reduction is serial by design.
+    """
+    found: list[str] = []
+
+    def visit(stmt, loops: tuple) -> bool:
+        """Record the serial leaf stages under ``stmt``; does it hold any block?"""
+        if isinstance(stmt, tirx.For):
+            return visit(stmt.body, (*loops, stmt))
+        if isinstance(stmt, tirx.SeqStmt):
+            return any([visit(s, loops) for s in stmt.seq])
+        if isinstance(stmt, SBlockRealize):
+            block = stmt.block
+            if not visit(block.body, loops):
+                reduction = any(int(iv.iter_type) == tirx.IterVar.CommReduce for iv in block.iter_vars)
+                exts = [int(lp.extent) if isinstance(lp.extent, tirx.IntImm) else min_work for lp in loops]
+                bar = min_work * (16 if reduction else 1)
+                if math.prod(exts) >= bar and all(lp.kind == tirx.ForKind.SERIAL for lp in loops):
+                    found.append(str(block.name_hint))
+            return True
+        children = [getattr(stmt, a, None) for a in ("body", "then_case", "else_case")]
+        return any([visit(c, loops) for c in children if c is not None])
+
+    visit(func.body, ())
+    return found
 
 
 _LOOP_KIND_RE = re.compile(r"\bT\.(parallel|vectorized|unroll|serial|thread_binding)\(")

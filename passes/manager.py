@@ -33,7 +33,7 @@ __all__ = ["DEFAULT_PIPELINE", "Instruments", "Pass", "PassError", "PassLog", "P
            "PipelineResult", "Refusal", "RewritePass", "format_pipeline", "parse_pipeline", "random_inputs",
            "register_pass", "registered_passes", "run_pipeline", "run_pipeline_report"]
 
-DEFAULT_PIPELINE = "canonicalize,fold-conv-bn,dce"
+DEFAULT_PIPELINE = "canonicalize,fold-conv-bn,dce,fuse-blocks"
 
 
 class PipelineError(ValueError):

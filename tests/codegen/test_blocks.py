@@ -282,17 +282,10 @@ def test_a_block_whose_inner_value_leaves_it_is_refused_with_the_value_named():
         build_graph(graph, TARGET)
 
 
-def _fusion_available() -> bool:
-    from kiln.passes.manager import registered_passes
-
-    return "fuse-blocks" in registered_passes()
-
-
 BASE = "canonicalize,fold-conv-bn,dce"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _fusion_available(), reason="no fuse-blocks pass registered")
 @pytest.mark.parametrize("name", zoo.names())
 def test_zoo_model_under_fusion_matches_the_interpreter_with_fewer_scheduled_kernels(name, built):
     """Fewer kernels than the epilogue partition, unless fusion found the same blocks."""

@@ -26,10 +26,15 @@ def _zoo_feeds(name):
     return {n: t.numpy() for n, t in zip(zoo.input_names(name), example)}
 
 
+# the default pipeline (block fusion on) and the same without fuse-blocks (anchor + epilogue kernels)
+PIPELINES = {"fusion-on": None, "fusion-off": "canonicalize,fold-conv-bn,dce"}
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("pipeline", PIPELINES)
 @pytest.mark.parametrize("name", zoo.names())
-def test_zoo_model_compiles_and_matches_the_interpreter(name, tmp_path):
-    art = kiln.compile(name)
+def test_zoo_model_compiles_and_matches_the_interpreter(name, pipeline, tmp_path):
+    art = kiln.compile(name, passes=PIPELINES[pipeline])
     assert not art.stats["notes"], art.stats["notes"]
     sess = kiln.load(art.save(tmp_path / f"{name}.kiln"))
     feeds = _zoo_feeds(name)
@@ -41,13 +46,14 @@ def test_zoo_model_compiles_and_matches_the_interpreter(name, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("pipeline", PIPELINES)
 @pytest.mark.parametrize("name", LIGHT)
-def test_light_model_compiles_and_matches_the_interpreter(name):
+def test_light_model_compiles_and_matches_the_interpreter(name, pipeline):
     """With random weights (the stored ones make every output the same number)."""
     from kiln.bench import _light_case, light_models
 
     proto, feeds = _light_case(light_models()[name])
-    art = kiln.compile(proto, feeds)
+    art = kiln.compile(proto, feeds, passes=PIPELINES[pipeline])
     assert not art.stats["notes"], art.stats["notes"]
     got = art.load().run(feeds)
     expected = ir.interpret(lift(proto), feeds)

@@ -25,9 +25,9 @@ from tvm import relax
 from tvm.target import Target
 
 from kiln.ir.graph import Graph, Node, Value
-from kiln.ir.registry import FusionKind, get_op
+from kiln.ir.registry import get_op
 from kiln.ir.types import eval_shape, is_static_dim
-from kiln.ir.verify import VIEW_OPS
+from kiln.ir.verify import EPILOGUE_KINDS, VIEW_OPS
 
 from .attention import lower_attention, match_attention
 from .kernel import CodegenError, Kernel, lower_block, static_shape
@@ -39,7 +39,6 @@ __all__ = ["EPILOGUE_ANCHORS", "VIEW_OPS", "CompiledGraph", "build_graph", "epil
 
 # Anchors whose schedules fold a pointwise epilogue into the output tile (schedules._epilogue_at).
 EPILOGUE_ANCHORS = frozenset({"matmul", "conv", "conv_transpose"})
-EPILOGUE_KINDS = frozenset({FusionKind.ELEMENTWISE, FusionKind.BROADCAST})
 
 
 @dataclass

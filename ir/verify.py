@@ -180,6 +180,11 @@ def block_problems(nodes: Sequence[Node], graph_outputs: Collection[Value]) -> l
     return _composition_problems(nodes, anchors[0], members)
 
 
+def is_requantize(node: Node) -> bool:
+    """A per-tensor or per-axis ``quantize`` (no blocks): pointwise on its input, so it may end an epilogue."""
+    return node.op == "quantize" and not node.attrs.get("block_size")
+
+
 def is_attention_chain(nodes: Sequence[Node]) -> bool:
     """``matmul -> [mul|div] -> [where|add] -> softmax -> matmul``, each node reading the one before it."""
     ops = [n.op for n in nodes]
@@ -225,7 +230,7 @@ def _composition_problems(nodes: Sequence[Node], anchor: Node, members: set[int]
                                 f"({', '.join(_desc(r) for r in late)})")
         elif id(n) in epilogue:
             kind = fusion_kind(n)
-            if kind not in EPILOGUE_KINDS:
+            if kind not in EPILOGUE_KINDS and not is_requantize(n):
                 problems.append(f"{_desc(n)} is {kind.value}: only elementwise/broadcast ops may follow "
                                 f"the anchor {_desc(anchor)}")
             elif o.type.shape != shape:

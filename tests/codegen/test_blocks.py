@@ -306,3 +306,37 @@ def test_zoo_model_under_fusion_matches_the_interpreter_with_fewer_scheduled_ker
     if len(fused.kernels) >= len(plain.kernels):
         ops = [[n.op for n in k.nodes] for k in fused.kernels]
         assert ops == [[n.op for n in k.nodes] for k in plain.kernels], "fusion made more or other kernels"
+
+
+QDQ_LINEAR = """graph @g(%xq: u8[4,32]) -> (%y) {
+  %sx = const f32[] [0.05]
+  %zx = const u8[] [128]
+  %wq = const i8[32,24] dense<elided>
+  %sw = const f32[24] dense<elided>
+  %b = const f32[24] dense<elided>
+  %so = const f32[] [0.02]
+  %zo = const u8[] [3]
+  %x = dequantize(%xq, %sx, %zx) : f32[4,32]
+  %w = dequantize(%wq, %sw, _) {axis=1} : f32[32,24]
+  %m = matmul(%x, %w) : f32[4,24]
+  %a = add(%m, %b) : f32[4,24]
+  %r = relu(%a) : f32[4,24]
+  %y = quantize(%r, %so, %zo) {dtype="u8"} : u8[4,24]
+}"""
+
+
+def test_a_quantized_linear_is_one_block_and_one_kernel_dequantize_and_requantize_folded_in(built):
+    """dequantize (activation and int8 weight) -> matmul -> bias -> relu -> quantize: the fusion pass makes
+    it one block and codegen one scheduled kernel, whose u8 output is the interpreter's to within one step."""
+    graph = _graph(QDQ_LINEAR)
+    graph.value("sw").const[...] = np.abs(graph.value("sw").const) * 0.01 + 1e-3
+    feeds = {"xq": np.random.default_rng(2).integers(0, 256, (4, 32)).astype(np.uint8)}
+    art = kiln.compile(graph, feeds, passes="fuse-blocks")
+    (compiled,) = built
+    assert [[n.op for n in k.nodes] for k in compiled.kernels] == [
+        ["dequantize", "dequantize", "matmul", "add", "relu", "quantize"]]
+    _assert_scheduled(compiled.kernels)
+    got = art.load().run(feeds)["y"].astype(np.int32)
+    want = ir.interpret(graph, feeds)["y"].astype(np.int32)
+    assert np.abs(got - want).max() <= 1 and np.mean(got == want) > 0.95
+    assert np.unique(want).size > 10

@@ -249,4 +249,5 @@ def test_cli_inspect_artifact_lists_kernels_with_their_ops(tmp_path, capsys):
     for k in manifest["kernels"]:
         assert k["name"] in out and " ".join(k["ops"]) in out
     assert "weight input" in out and "pipeline: canonicalize,fold-conv-bn,dce" in out
-    assert "graph @" in out  # --ir prints the artifact's IR
+    assert "graph @" in out  # --ir prints the artifact's IR, with its fused blocks
+    assert 'block("b0")' in out and 'block("b0")' in kiln.load(str(art)).ir_text

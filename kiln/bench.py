@@ -497,22 +497,16 @@ def run(args: argparse.Namespace) -> int:
 
     configure_threads(args.threads)
     out: dict[str, Any] = {"threads": args.threads, "repeat": args.repeat, "target": target_summary(None)}
-    if args.fusion:
-        variants, feeds = fusion_variants(args.models or zoo.names())
-        rows = bench_variants(variants, feeds, args.repeat, args.threads)
-        print_variant_table(rows, f"kiln bench --fusion: block fusion off/on vs ONNX Runtime, {args.threads} threads, "
-                                  f"median of {args.repeat}")
-        out["fusion"] = rows
-        _write_json(args.json, out)
-        return 0
-    if args.norms:
-        variants, feeds = norm_variants()
-        rows = bench_variants(variants, feeds, args.repeat, args.threads)
-        print_variant_table(rows, f"kiln bench --norms: compiled latency by pass pipeline, {args.threads} threads, "
-                                  f"median of {args.repeat}")
-        out["norms"] = rows
-        _write_json(args.json, out)
-        return 0
+    tables = {"fusion": (lambda: fusion_variants(args.models or zoo.names()), "block fusion off/on vs ONNX Runtime"),
+              "norms": (norm_variants, "compiled latency by pass pipeline")}
+    for key, (make, what) in tables.items():
+        if getattr(args, key):
+            variants, feeds = make()
+            rows = bench_variants(variants, feeds, args.repeat, args.threads)
+            print_variant_table(rows, f"kiln bench --{key}: {what}, {args.threads} threads, median of {args.repeat}")
+            out[key] = rows
+            _write_json(args.json, out)
+            return 0
     names = args.models or zoo.names()
     unknown = [n for n in names if n not in zoo.names()]
     if unknown:

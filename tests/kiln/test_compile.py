@@ -166,6 +166,16 @@ def test_bench_writes_ratios_as_json(tmp_path):
     assert os.path.getsize(out) > 0
 
 
+def test_bench_fusion_times_fusion_off_on_and_ort_together(tmp_path):
+    out = tmp_path / "fusion.json"
+    assert main(["bench", "--fusion", "mlp", "--repeat", "3", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["fusion"]
+    assert [r["variant"] for r in rows] == ["fusion off", "fusion on", "ONNX Runtime"]
+    assert all(r["ms"] > 0 and "error" not in r for r in rows)
+    assert rows[0]["kernels"] == rows[1]["kernels"] == 3  # matmul+add(+relu) three times: nothing more to fuse
+    assert rows[1]["rel_err_vs_first"] == 0.0 and rows[2]["rel_err_vs_first"] < 1e-5
+
+
 def test_outputs_that_alias_inputs_or_weights_are_copies():
     """Outputs are handed out without a copy, except views of an input or weight: writing to
     those must change neither the caller's input nor the next run's weights."""

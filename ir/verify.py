@@ -186,7 +186,20 @@ def is_requantize(node: Node) -> bool:
 
 
 def is_attention_chain(nodes: Sequence[Node]) -> bool:
-    """``matmul -> [mul|div] -> [where|add] -> softmax -> matmul``, each node reading the one before it."""
+    """``[transpose…] matmul -> [mul|div] -> [where|add] -> softmax -> matmul``, each node reading the one before it.
+
+    Leading transposes (at most three) must each feed one of the two matmuls (its q, kT or v).
+    """
+    nodes = list(nodes)
+    lead = 0
+    while lead < len(nodes) and nodes[lead].op == "transpose":
+        lead += 1
+    transposes, nodes = nodes[:lead], nodes[lead:]
+    if lead > 3 or (transposes and len(nodes) < 3):
+        return False
+    if any(len(t.outputs) != 1 or not any(t.outputs[0] is v for m in (nodes[0], nodes[-1]) for v in m.inputs)
+           for t in transposes):
+        return False
     ops = [n.op for n in nodes]
     if len(ops) < 3 or ops[0] != "matmul" or ops[-2:] != ["softmax", "matmul"]:
         return False

@@ -170,6 +170,9 @@ _ATTENTION_STEPS = frozenset({"matmul", "mul", "div", "where", "add"})
 def attention_chains(graph: Graph) -> list[list[int]]:
     """Positions of each ``matmul -> [scale] -> [mask] -> softmax -> matmul`` chain codegen fuses into one kernel.
 
+    A ``transpose`` that makes q, kT or v, read by that matmul alone, leads the
+    chain (the kernel reads its input through the permutation, with no copy).
+
     The chain is read back from every softmax; whether it is one is decided by
     codegen's own matcher (:func:`kiln.codegen.attention.match_attention`), so
     a block is formed only where the fused attention kernel can build it.
@@ -194,8 +197,28 @@ def attention_chains(graph: Graph) -> list[list[int]]:
             continue
         chain.append(readers[0])
         if all(id(n) in pos for n in chain) and match_attention(chain) is not None:
+            lead = [t for t in _operand_transposes(chain, pos) if match_attention([t, *chain]) is not None]
+            if lead and match_attention(lead + chain) is not None:
+                chain = lead + chain
             chains.append([pos[id(n)] for n in chain])
     return chains
+
+
+def _operand_transposes(chain: list[Node], pos: dict[int, int]) -> list[Node]:
+    """The ``transpose`` producers of the chain's q, kT and v before its first node (graph order), read by it alone.
+
+    The fused attention kernel reads their inputs through the permutation
+    (:func:`kiln.codegen.attention.match_attention` has the final word).
+    """
+    first, last = chain[0], chain[-1]
+    found = []
+    for reader, v in ((first, first.inputs[0]), (first, first.inputs[1]), (last, last.inputs[1])):
+        t = v.producer if v is not None else None
+        if (t is None or t.op != "transpose" or id(t) not in pos or pos[id(t)] > pos[id(first)]
+                or len(v.uses) != 1 or v.uses[0][0] is not reader or any(t is f for f in found)):
+            continue
+        found.append(t)
+    return sorted(found, key=lambda n: pos[id(n)])
 
 
 def partition(graph: Graph, max_ops: int = 16) -> Partition:

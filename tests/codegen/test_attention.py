@@ -306,3 +306,115 @@ def test_schedule_is_parallel_and_vectorized():
     assert text.count("T.parallel(") == 1
     assert text.count("T.vectorized(") >= 5
     assert kernel.kind == "attention" and [v.name for v in kernel.outputs] == ["out"]
+
+
+# ------------------------------------------------------------------ fused operand transposes
+
+# The zoo GPT's form: q, kT and v are transposes of the [1, S, H, D] projections.
+GPT_T = """graph @gpt(%xq: f32[1,128,4,64], %xk: f32[1,128,4,64], %xv: f32[1,128,4,64]) -> (%out) {
+  %scale = const f32[] [0.125]
+  %neg_inf = const f32[] [-inf]
+  %mask = const bool[1,1,128,128] dense<elided>
+  %q = transpose(%xq) {perm=[0, 2, 1, 3]} : f32[1,4,128,64]
+  %v = transpose(%xv) {perm=[0, 2, 1, 3]} : f32[1,4,128,64]
+  %kT = transpose(%xk) {perm=[0, 2, 3, 1]} : f32[1,4,64,128]
+  %matmul = matmul(%q, %kT) : f32[1,4,128,128]
+  %mul = mul(%matmul, %scale) : f32[1,4,128,128]
+  %masked_fill = where(%mask, %neg_inf, %mul) : f32[1,4,128,128]
+  %softmax = softmax(%masked_fill) {axis=-1} : f32[1,4,128,128]
+  %out = matmul(%softmax, %v) : f32[1,4,128,64]
+}"""
+
+# ViT's form (ragged 65 tokens, no mask), kT given as a last-axis-keeping transpose of [1, 3, 64, 65].
+VIT_T = """graph @vit(%xq: f32[1,65,3,64], %xk: f32[3,1,64,65], %xv: f32[1,65,3,64]) -> (%out) {
+  %scale = const f32[] [0.125]
+  %q = transpose(%xq) {perm=[0, 2, 1, 3]} : f32[1,3,65,64]
+  %kT = transpose(%xk) {perm=[1, 0, 2, 3]} : f32[1,3,64,65]
+  %v = transpose(%xv) {perm=[0, 2, 1, 3]} : f32[1,3,65,64]
+  %matmul = matmul(%q, %kT) : f32[1,3,65,65]
+  %mul = mul(%matmul, %scale) : f32[1,3,65,65]
+  %softmax = softmax(%mul) {axis=-1} : f32[1,3,65,65]
+  %out = matmul(%softmax, %v) : f32[1,3,65,64]
+}"""
+
+
+def gpt_t():
+    return parse(GPT_T, constants={"mask": causal_bool(128)})
+
+
+def test_q_and_v_transposes_are_folded_into_the_spec():
+    g = gpt_t()
+    q_t, v_t, k_t = g.nodes[:3]
+    spec = match_attention([q_t, v_t, *g.nodes[3:]])
+    assert spec is not None
+    assert [n.op for n in spec.nodes] == ["transpose", "transpose", "matmul", "mul", "where", "softmax", "matmul"]
+    assert (spec.q.name, spec.k_t.name, spec.v.name) == ("xq", "kT", "xv")
+    assert (spec.q_perm, spec.k_perm, spec.v_perm) == ((0, 2, 1, 3), None, (0, 2, 1, 3))
+    assert spec.qk is g.nodes[3] and spec.scores_shape == (1, 4, 128, 128) and spec.out is g.outputs[0]
+    assert spec.causal_offset == 0
+
+
+def test_a_kt_transpose_that_moves_the_last_axis_is_refused():
+    g = gpt_t()
+    assert match_attention(g.nodes) is None  # kT = transpose(k, [0,2,3,1]): its column loads would be gathers
+    assert match_attention([g.nodes[2], *g.nodes[3:]]) is None
+    assert match_attention(g.nodes[3:]) is not None
+
+
+def test_transposes_that_do_not_feed_the_chain_privately_are_refused():
+    g = gpt_t()
+    q_t, v_t, _ = g.nodes[:3]
+    chain = list(g.nodes[3:])
+    assert match_attention([q_t, q_t, *chain]) is None  # one operand, two transposes
+    assert match_attention([*chain[:1], q_t, *chain[1:]]) is None  # not leading
+    text = GPT_T.replace("-> (%out)", "-> (%out, %q)")  # q is also a graph output
+    g2 = parse(text, constants={"mask": causal_bool(128)})
+    assert match_attention([g2.nodes[0], *g2.nodes[3:]]) is None
+    text = """graph @g(%x: f32[1,2,8,4], %kT: f32[1,2,4,8], %v: f32[1,2,8,4]) -> (%out, %r) {
+      %t = transpose(%x) {perm=[0, 1, 3, 2]} : f32[1,2,4,8]
+      %q = transpose(%t) {perm=[0, 1, 3, 2]} : f32[1,2,8,4]
+      %s = matmul(%q, %kT) : f32[1,2,8,8]
+      %p = softmax(%s) {axis=-1} : f32[1,2,8,8]
+      %out = matmul(%p, %v) : f32[1,2,8,4]
+      %r = relu(%t) : f32[1,2,4,8]
+    }"""
+    g3 = parse(text)
+    assert match_attention(g3.nodes[1:5]) is not None
+    assert match_attention(g3.nodes[:5]) is None  # %t feeds a transpose, not the chain
+
+
+def test_gpt_form_with_transposes_matches_the_interpreter():
+    sub = parse(GPT_T.replace("%xk: f32[1,128,4,64]", "%kT: f32[1,4,64,128]").replace(
+        "  %kT = transpose(%xk) {perm=[0, 2, 3, 1]} : f32[1,4,64,128]\n", ""),
+        constants={"mask": causal_bool(128)})
+    spec, kernel = check_numerics(sub)
+    assert [a.value.name for a in kernel.args] == ["xq", "kT", "xv", "mask"]
+    assert spec.q_perm is not None and spec.v_perm is not None
+
+
+def test_vit_form_with_transposes_matches_the_interpreter():
+    spec, kernel = check_numerics(parse(VIT_T))
+    assert (spec.q_perm, spec.k_perm, spec.v_perm) == ((0, 2, 1, 3), (1, 0, 2, 3), (0, 2, 1, 3))
+    assert [a.value.name for a in kernel.args] == ["xq", "xk", "xv"]
+
+
+def test_a_transposed_operand_broadcasts_its_batch_dims_and_q_may_move_its_last_axis():
+    text = """graph @g(%xq: f32[8,1,2,5], %kT: f32[1,1,8,5], %xv: f32[1,5,1,3]) -> (%out) {
+      %q = transpose(%xq) {perm=[1, 2, 3, 0]} : f32[1,2,5,8]
+      %v = transpose(%xv) {perm=[0, 2, 1, 3]} : f32[1,1,5,3]
+      %s = matmul(%q, %kT) : f32[1,2,5,5]
+      %p = softmax(%s) {axis=-1} : f32[1,2,5,5]
+      %out = matmul(%p, %v) : f32[1,2,5,3]
+    }"""
+    spec, _ = check_numerics(parse(text))
+    assert spec.q_perm == (1, 2, 3, 0) and spec.v_perm == (0, 2, 1, 3)
+
+
+def test_codegen_lowers_a_transpose_led_block_to_the_fused_kernel():
+    from kiln.codegen.build import lower_kernel
+
+    g = gpt_t()
+    block = [g.nodes[0], g.nodes[1], *g.nodes[3:]]  # q's and v's transposes, then the chain
+    kernel = lower_kernel(block, TARGET, name="attention")
+    assert kernel.kind == "attention" and not kernel.notes
+    assert [a.value.name for a in kernel.args] == ["xq", "kT", "xv", "mask"]

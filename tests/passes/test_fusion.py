@@ -516,3 +516,72 @@ def test_a_chain_the_attention_kernel_cannot_build_is_partitioned_by_the_normal_
         members = [m.op for m in g.nodes if m.block == n.block]
         assert members.count("matmul") + members.count("softmax") <= 1
     assert check_blocks(g, complete=True) == []
+
+
+def _transposed_attention_graph(gpt_kt: bool = False, q_extra_reader: bool = False):
+    """Attention whose q, kT and v are transposes; kT GPT's transpose(k, [0,2,3,1]) or one keeping its last axis."""
+    g = ir.Graph("g")
+    xq = g.add_input("xq", ir.TensorType("f32", (1, 8, 2, 4)))
+    xk = g.add_input("xk", ir.TensorType("f32", (1, 8, 2, 4) if gpt_kt else (2, 1, 4, 8)))
+    xv = g.add_input("xv", ir.TensorType("f32", (1, 8, 2, 4)))
+    sc = g.add_constant(np.array(0.5, np.float32), "scale")
+    q = g.op("transpose", xq, perm=[0, 2, 1, 3])
+    kt = g.op("transpose", xk, perm=[0, 2, 3, 1] if gpt_kt else [1, 0, 2, 3])
+    v = g.op("transpose", xv, perm=[0, 2, 1, 3])
+    s = g.op("matmul", q, kt)
+    p = g.op("softmax", g.op("mul", s, sc), axis=-1)
+    outs = [g.op("matmul", p, v)]
+    if q_extra_reader:
+        outs.append(g.op("relu", q))
+    g.set_outputs(outs)
+    return ir.verify(g)
+
+
+def _blocks(g: Graph) -> list[list[str]]:
+    by: dict[str, list[str]] = {}
+    for n in g.nodes:
+        by.setdefault(n.block, []).append(n.op)
+    return list(by.values())
+
+
+def test_operand_transposes_join_the_attention_block():
+    g, _ = fuse(_transposed_attention_graph())
+    assert ["transpose"] * 3 + ["matmul", "mul", "softmax", "matmul"] in _blocks(g)
+    before = _transposed_attention_graph()
+    feeds = random_inputs(before)
+    want, got = ir.interpret(before, feeds), ir.interpret(g, feeds)
+    for k in want:
+        np.testing.assert_array_equal(want[k], got[k])
+
+
+def test_a_kt_transpose_moving_the_last_axis_and_a_shared_q_stay_out():
+    g, _ = fuse(_transposed_attention_graph(gpt_kt=True))  # GPT's kT: the kernel's loads would be gathers
+    assert ["transpose", "transpose", "matmul", "mul", "softmax", "matmul"] in _blocks(g)
+    assert ["transpose"] in _blocks(g)
+    g, _ = fuse(_transposed_attention_graph(gpt_kt=True, q_extra_reader=True))
+    attention = next(b for b in _blocks(g) if "softmax" in b)
+    assert attention == ["transpose", "matmul", "mul", "softmax", "matmul"]  # only v's transpose
+
+
+def test_is_attention_chain_accepts_leading_operand_transposes():
+    from kiln.ir.verify import is_attention_chain
+
+    nodes = list(_transposed_attention_graph(q_extra_reader=True).nodes)
+    chain, relu = nodes[3:-1], nodes[-1]
+    assert [n.op for n in chain] == ["matmul", "mul", "softmax", "matmul"] and relu.op == "relu"
+    assert is_attention_chain(nodes[:-1]) and is_attention_chain(nodes[1:-1]) and is_attention_chain(chain)
+    assert not is_attention_chain(nodes[:3])  # transposes alone
+    assert not is_attention_chain([relu, *chain])  # a leading node that is no transpose
+    assert not is_attention_chain([nodes[0], nodes[0], nodes[1], nodes[2], *chain])  # more than three
+
+
+@pytest.mark.slow
+def test_zoo_gpt_attention_blocks_take_the_q_and_v_transposes():
+    from kiln import zoo
+    from kiln.frontend import lift
+
+    g, _ = fuse(lift(zoo.onnx_model("gpt")))
+    attention = [b for b in _blocks(g) if "softmax" in b]
+    assert len(attention) == 4
+    for b in attention:
+        assert b == ["transpose", "transpose", "matmul", "mul", "where", "softmax", "matmul"]

@@ -346,21 +346,21 @@ def norm_variants() -> tuple[list[Variant], dict[str, dict[str, np.ndarray]]]:
     from kiln import zoo
     from kiln.frontend import export
 
-    base = "canonicalize,dce"
+    base = "canonicalize,dce,fuse-blocks"
     variants, feeds = [], {}
     for name in ("gpt", "vit"):
         proto = zoo.onnx_model(name)
         variants += [Variant(name, "Pre-LN", proto, base),
-                     Variant(name, "Pre-LN, affine folded", proto, "canonicalize,fold-ln-affine,dce"),
-                     Variant(name, "Pre-RMSNorm", proto, "canonicalize,ln-to-rmsnorm,fold-ln-affine,dce"),
-                     Variant(name, "Pre-CRMSNorm", proto, "canonicalize,ln-to-crmsnorm,dce")]
+                     Variant(name, "Pre-LN, affine folded", proto, "canonicalize,fold-ln-affine,dce,fuse-blocks"),
+                     Variant(name, "Pre-RMSNorm", proto, "canonicalize,ln-to-rmsnorm,fold-ln-affine,dce,fuse-blocks"),
+                     Variant(name, "Pre-CRMSNorm", proto, "canonicalize,ln-to-crmsnorm,dce,fuse-blocks")]
         feeds[name] = _zoo_case(name, 1)[1]
     module, example = zoo.get("resnet")
     bare = export(_without_batch_norm(module), example, input_names=zoo.input_names("resnet"),
                   output_names=zoo.output_names("resnet"))
     proto = zoo.onnx_model("resnet")
     variants += [Variant("resnet", "BN kept", proto, base),
-                 Variant("resnet", "BN folded", proto, "canonicalize,fold-conv-bn,dce"),
+                 Variant("resnet", "BN folded", proto, "canonicalize,fold-conv-bn,dce,fuse-blocks"),
                  Variant("resnet", "built without BN", bare, base)]
     feeds["resnet"] = _zoo_case("resnet", 1)[1]
     return variants, feeds

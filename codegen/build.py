@@ -203,7 +203,7 @@ def _tune(kernels: list[Kernel], alias: dict[int, str], target: Target, opts: Tu
 
 def lower_kernel(block: list[Node], target: Target, *, name: str, schedule: bool = True) -> Kernel:
     """One block's kernel: the fused attention kernel where it matches the block, else :func:`lower_block`."""
-    spec = match_attention(block) if block[0].op in ("matmul", "transpose") and len(block) >= 3 else None
+    spec = match_attention(block)
     if spec is None:
         return lower_block(block, target, name=name, schedule=schedule)
     try:

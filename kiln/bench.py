@@ -191,6 +191,14 @@ def bench_model(name: str, proto: Any, feeds: dict[str, np.ndarray], *, torch_fn
     return res
 
 
+def zoo_feeds(name: str) -> dict[str, np.ndarray]:
+    """Zoo model ``name``'s example inputs by input name."""
+    from kiln import zoo
+
+    _, example = zoo.get(name)
+    return {n: t.numpy() for n, t in zip(zoo.input_names(name), example)}
+
+
 def _zoo_case(name: str, threads: int) -> tuple[Any, dict[str, np.ndarray], Callable[[], Any]]:
     import torch
 
@@ -354,7 +362,7 @@ def norm_variants() -> tuple[list[Variant], dict[str, dict[str, np.ndarray]]]:
                      Variant(name, "Pre-LN, affine folded", proto, "canonicalize,fold-ln-affine,dce,fuse-blocks"),
                      Variant(name, "Pre-RMSNorm", proto, "canonicalize,ln-to-rmsnorm,fold-ln-affine,dce,fuse-blocks"),
                      Variant(name, "Pre-CRMSNorm", proto, "canonicalize,ln-to-crmsnorm,dce,fuse-blocks")]
-        feeds[name] = _zoo_case(name, 1)[1]
+        feeds[name] = zoo_feeds(name)
     module, example = zoo.get("resnet")
     bare = export(_without_batch_norm(module), example, input_names=zoo.input_names("resnet"),
                   output_names=zoo.output_names("resnet"))
@@ -362,7 +370,7 @@ def norm_variants() -> tuple[list[Variant], dict[str, dict[str, np.ndarray]]]:
     variants += [Variant("resnet", "BN kept", proto, base),
                  Variant("resnet", "BN folded", proto, "canonicalize,fold-conv-bn,dce,fuse-blocks"),
                  Variant("resnet", "built without BN", bare, base)]
-    feeds["resnet"] = _zoo_case("resnet", 1)[1]
+    feeds["resnet"] = zoo_feeds("resnet")
     return variants, feeds
 
 
@@ -372,9 +380,11 @@ FUSION_ON = "canonicalize,fold-conv-bn,dce,fuse-blocks"
 
 def fusion_variants(names: Sequence[str]) -> tuple[list[Variant], dict[str, dict[str, np.ndarray]]]:
     """Each zoo model with block fusion off (anchor + epilogue kernels only) and on, and ONNX Runtime."""
+    from kiln import zoo
+
     variants, feeds = [], {}
     for name in names:
-        proto, feeds[name], _ = _zoo_case(name, 1)
+        proto, feeds[name] = zoo.onnx_model(name), zoo_feeds(name)
         variants += [Variant(name, "fusion off", proto, FUSION_OFF), Variant(name, "fusion on", proto, FUSION_ON),
                      Variant(name, "ONNX Runtime", proto, "", engine="ort")]
     return variants, feeds

@@ -19,6 +19,7 @@ import dataclasses
 import os
 import re
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,14 +46,14 @@ class PassError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Pass:
+class Pass(ABC):
     """Base of every pass: subclasses set ``name`` and implement :meth:`apply`."""
 
     name: ClassVar[str] = ""
 
+    @abstractmethod
     def apply(self, graph: Graph, log: PassLog) -> Graph:
         """Rewrite ``graph`` (in place or anew) and return it; record rewrites and refusals in ``log``."""
-        raise NotImplementedError
 
     def __str__(self) -> str:
         opts = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
@@ -174,14 +175,16 @@ class RewritePass(Pass):
     removed by an earlier rewrite are skipped.
     """
 
+    @abstractmethod
     def match(self, graph: Graph, node: Node) -> Any | None:
-        raise NotImplementedError
+        """The match object for ``node`` (structure only), or None."""
 
     def check(self, graph: Graph, m: Any) -> str | None:
         return None
 
+    @abstractmethod
     def rewrite(self, graph: Graph, m: Any) -> str:
-        raise NotImplementedError
+        """Change the graph for an accepted match and say what was done."""
 
     def where(self, m: Any) -> str:
         node = m if isinstance(m, Node) else getattr(m, "node", None)

@@ -171,6 +171,9 @@ def test_option_validation_in_the_pass_becomes_a_pipeline_error():
             if self.mode not in ("a", "b"):
                 raise ValueError(f"mode must be 'a' or 'b', got {self.mode!r}")
 
+        def apply(self, graph, log):
+            return graph
+
     register_pass(_Mode)
     assert parse_pipeline("test-mode{mode=b}")[0].mode == "b"
     with pytest.raises(PipelineError, match="pass 'test-mode': mode must be 'a' or 'b', got 'c'"):

@@ -213,6 +213,8 @@ class _Lowerer:
         for k, v in n.attrs.items():
             if k in as_inputs or v is None:
                 continue
+            if isinstance(v, list) and not v and opdef.attrs[k].default == []:
+                continue  # kiln's empty list means "the ONNX default"; ONNX rejects an empty list (dilations=[])
             oname = spec.attr_names.get(k, k)
             kind = opdef.attrs[k].kind
             if oname not in schema.attributes:

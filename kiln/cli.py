@@ -441,6 +441,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.run(args)
 
 
+def cmd_fuzz(args: argparse.Namespace) -> int:
+    from kiln.fuzz.cli import run
+
+    return run(args)
+
+
 # ------------------------------------------------------------------ entry point
 
 def build_parser() -> argparse.ArgumentParser:
@@ -490,6 +496,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="latency of kiln vs ONNX Runtime, PyTorch and TVM on the zoo")
     add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+    from kiln.fuzz.cli import add_arguments as fuzz_arguments
+    fuzz = sub.add_parser("fuzz", help="fuzz the compiler: graphs + pass pipelines, TIR + TVM pass sequences")
+    fuzz_arguments(fuzz)
+    fuzz.set_defaults(func=cmd_fuzz)
     return p
 
 

@@ -325,6 +325,7 @@ class FuseBlocks(Pass):
     """Name the fused blocks codegen compiles as one kernel each (module docstring: rules and contract)."""
 
     name: ClassVar[str] = "fuse-blocks"
+    keeps_blocks: ClassVar[bool] = True  # it clears and re-derives the partition
     max_ops: int = 16
 
     def __post_init__(self) -> None:

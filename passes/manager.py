@@ -31,7 +31,7 @@ from kiln.ir.graph import Graph, Node
 from kiln.ir.verify import VerifyError, verify
 
 __all__ = ["DEFAULT_PIPELINE", "Instruments", "Pass", "PassError", "PassLog", "PassRecord", "PipelineError",
-           "PipelineResult", "Refusal", "RewritePass", "format_pipeline", "parse_pipeline", "random_inputs",
+           "PipelineResult", "Refusal", "RewritePass", "check_order", "format_pipeline", "parse_pipeline", "random_inputs",
            "register_pass", "registered_passes", "run_pipeline", "run_pipeline_report"]
 
 DEFAULT_PIPELINE = "canonicalize,fold-conv-bn,dce,fuse-blocks"
@@ -50,6 +50,8 @@ class Pass(ABC):
     """Base of every pass: subclasses set ``name`` and implement :meth:`apply`."""
 
     name: ClassVar[str] = ""
+    # Whether the pass leaves a fuse-blocks partition valid; only such passes may follow fuse-blocks.
+    keeps_blocks: ClassVar[bool] = False
 
     @abstractmethod
     def apply(self, graph: Graph, log: PassLog) -> Graph:
@@ -129,7 +131,21 @@ def parse_pipeline(text: str) -> list[Pass]:
         except (TypeError, ValueError) as e:
             raise PipelineError(f"pass {name!r}: {e}") from None
         pos = m.end()
+    check_order(passes)
     return passes
+
+
+def check_order(passes: list[Pass]) -> None:
+    """PipelineError when a pass that rewrites the graph follows fuse-blocks (it would break the partition
+    codegen compiles; found by the fuzzer as a verifier failure after such a pass)."""
+    fused = False
+    for p in passes:
+        if fused and not p.keeps_blocks:
+            raise PipelineError(
+                f"pass {str(p)!r} comes after fuse-blocks: fuse-blocks partitions the final graph into "
+                f"kernels and a rewrite after it would break that partition; put fuse-blocks last "
+                f"(only {', '.join(sorted(n for n, c in _PASSES.items() if c.keeps_blocks))} may follow it)")
+        fused = fused or p.name == "fuse-blocks"
 
 
 def format_pipeline(passes: list[Pass]) -> str:
@@ -324,6 +340,7 @@ def run_pipeline_report(graph: Graph, pipeline: str | list[Pass], instruments: I
     """
     ins = instruments or Instruments()
     passes = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
+    check_order(passes)
     feeds = want = None
     if ins.check_each_pass:
         feeds = dict(ins.check_inputs) if ins.check_inputs is not None else random_inputs(graph, ins.seed)
@@ -395,6 +412,7 @@ class DeadCodeElimination(Pass):
     """Remove nodes and constants that no output depends on."""
 
     name: ClassVar[str] = "dce"
+    keeps_blocks: ClassVar[bool] = True  # a dead block's members are dead too, so blocks stay whole
 
     def apply(self, graph: Graph, log: PassLog) -> Graph:
         removed = graph.dce()

@@ -31,6 +31,10 @@ from kiln.fuzz.worker import Task, Worker, execute, wait_any
 __all__ = ["Campaign", "Finding", "FuzzOptions", "parse_duration", "run_campaign"]
 
 LEVELS = ("graph", "tir", "both")
+# Bigger cases always reach more arcs, so unchecked feedback grows them (and slows every test):
+# mutants above these sizes are tested but never kept (AFL trims for the same reason).
+MAX_GRAPH_NODES = 24
+MAX_TIR_LINES = 200
 
 
 def parse_duration(text: str) -> float:
@@ -64,6 +68,7 @@ class FuzzOptions:
     max_nodes: int = 8
     harvest_every: int = 8
     trace: bool = True
+    models: tuple[str, ...] = ()  # extra graph seeds: zoo names, "light:<name>" (onnx's light CNNs) or .onnx paths
     known_crashes: bool = False  # also draw TVM passes with a known crash (fuzz/FINDINGS.md) into TIR sequences
     reduce_s: float = 90.0  # wall-clock cap on reducing one finding
 
@@ -84,6 +89,10 @@ class Entry:
     case: dict[str, Any]
     added: int
     origin: str
+
+    @property
+    def size(self) -> int:
+        return _size(self.level, self.case)
 
 
 @dataclass
@@ -111,6 +120,18 @@ class Slot:
     stale: int = 0
     pending: tuple[str, dict[str, Any], str] | None = None  # (level, case, mutator) in flight
     started: float = 0.0
+
+
+def _reclassify(level: str, case: dict[str, Any], out: Outcome) -> Outcome:
+    """A mutated TIR function that kills the process when built by the unmutated pipeline (division by
+    zero, a wild load it was mutated into) is an invalid test, as Tzer counts it; on kiln's own kernel
+    it stays a finding."""
+    mutated = "|ir-" in case.get("origin", "")
+    if level == "tir" and out.status == "finding" and out.stage == "tir-run" and out.pass_name == "reference" \
+            and mutated:
+        out.status = "invalid"
+        out.features.append(f"err:tir-run-reference-{out.message}")
+    return out
 
 
 def _source(feature: str) -> str:
@@ -152,6 +173,10 @@ class Campaign:
         from kiln.fuzz.mutate import random_pipeline
 
         if self.opts.level in ("graph", "both"):
+            for name in self.opts.models:
+                passes = random_pipeline(self.rng, self.opts.pass_pool)
+                case = GraphCase.of(model_graph(name), passes, int(self.rng.integers(1 << 30)), f"seed:{name}")
+                self.corpus["graph"].append(Entry("graph", case.to_json(), 0, case.origin))
             for label, g in seed_graphs(self.rng):
                 passes = random_pipeline(self.rng, self.opts.pass_pool)
                 case = GraphCase.of(g, passes, int(self.rng.integers(1 << 30)), f"seed:{label}")
@@ -164,9 +189,9 @@ class Campaign:
 
     # ------------------------------------------------------------------ mutation
     def _pick(self, level: str) -> Entry:
-        """A corpus entry, newer and more productive ones more often (Tzer-like energy)."""
+        """A corpus entry: productive and small ones more often (energy ~ (1 + sqrt(added)) / size)."""
         entries = self.corpus[level]
-        weights = np.array([1.0 + e.added ** 0.5 for e in entries])
+        weights = np.array([(1.0 + e.added ** 0.5) / max(e.size, 1) for e in entries])
         return entries[int(self.rng.choice(len(entries), p=weights / weights.sum()))]
 
     def _level(self) -> str:
@@ -254,7 +279,7 @@ class Campaign:
         assert slot.pending is not None
         level, case, how = slot.pending
         slot.pending = None
-        out = Outcome.from_json(result)
+        out = _reclassify(level, case, Outcome.from_json(result))
         self.n += 1
         self.tests[level] += 1
         self.busy_s[level] += wall_s
@@ -266,7 +291,8 @@ class Campaign:
                 self.corpus["tir"].append(Entry("tir", tc, 0, tc.get("origin", "kernel")))
         if out.status == "finding":
             self._finding(level, case, out)
-        if new and self.opts.feedback and out.status in ("ok", "unsupported", "finding"):
+        small = _size(level, case) <= (MAX_GRAPH_NODES if level == "graph" else MAX_TIR_LINES)
+        if new and small and self.opts.feedback and out.status in ("ok", "unsupported", "finding"):
             self.productive[how] += 1
             child = Entry(level, case, new, case.get("origin", ""))
             self.corpus[level].append(child)
@@ -285,7 +311,7 @@ class Campaign:
             self.findings[key].count += 1
             return
         self.findings[key] = Finding(f"{out.symptom}-{out.stage}-{out.key_id}", level, out.to_json(), case,
-                                     first_s=self.elapsed())
+                                     first_s=self.elapsed(), size_before=_size(level, case))
 
     # ------------------------------------------------------------------ loop
     def elapsed(self) -> float:
@@ -404,6 +430,33 @@ class Campaign:
         plot_coverage(self.timeline, root / "coverage.png",
                       title=f"kiln fuzz --level {self.opts.level}{'' if self.opts.feedback else ' --no-feedback'}")
         return root
+
+
+def model_graph(name: str) -> Any:
+    """A seed graph from a model: a zoo name, ``light:<name>`` (with seeded random weights) or an .onnx
+    path; symbolic dims bound by the zoo's example inputs, else to 1."""
+    import warnings
+
+    from kiln.codegen.build import specialize
+    from kiln.compiler import bind_symbols, resolve_model
+
+    model: Any = name
+    if name.startswith("light:"):
+        from kiln.bench import light_models, randomized_weights
+
+        paths = light_models()
+        if name[6:] not in paths:
+            raise ValueError(f"--models {name}: no light model {name[6:]!r}; there are {', '.join(paths)}")
+        import onnx
+
+        model = randomized_weights(onnx.load(paths[name[6:]]))
+    res = resolve_model(model)
+    example = res.example_inputs
+    if example is not None and not isinstance(example, dict):
+        example = {v.name: np.asarray(a) for v, a in zip(res.graph.inputs, example)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return specialize(res.graph, bind_symbols(res.graph, example or {}))
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="import MODULE in every worker first (e.g. to register an extra pass)")
     p.add_argument("--passes", default=None, metavar="POOL",
                    help="';'-separated pass strings the pipeline mutator draws from (default: every registered pass)")
+    p.add_argument("--models", default="", metavar="M1,M2",
+                   help="also seed with these models: zoo names, light:<name> (onnx's light CNNs), .onnx paths")
     p.add_argument("--known-crashes", action="store_true",
                    help="also put TVM passes with a known crash (fuzz/FINDINGS.md) into TIR pass sequences")
     p.add_argument("--replay", default=None, metavar="DIR",
@@ -56,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     opts = FuzzOptions(level=args.level, time_s=time_s, iterations=args.iterations, seed=args.seed,
                        jobs=args.jobs, out=args.out, feedback=not args.no_feedback, timeout_s=args.timeout,
                        plugins=plugins, pass_pool=pool, reduce=not args.no_reduce,
-                       known_crashes=args.known_crashes)
+                       known_crashes=args.known_crashes,
+                       models=tuple(m.strip() for m in args.models.split(",") if m.strip()))
     with Live(console=console, refresh_per_second=4, transient=False) as live:
         camp = run_campaign(opts, progress=lambda s: live.update(status_line(s)))
         live.update(status_line(camp.status()))

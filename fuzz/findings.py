@@ -107,6 +107,12 @@ def write_finding(folder: str | os.PathLike, finding: Finding) -> Path:
         (tmp / "func.tvmscript").write_text(reduced["script"])
         (tmp / "original.tvmscript").write_text(finding.case["script"])
         (tmp / "passes.txt").write_text("\n".join(reduced["passes"]) + "\n")
+        try:
+            from kiln.fuzz.tir import case_inputs as tir_inputs
+
+            np.savez(tmp / "inputs.npz", **tir_inputs(reduced["script"], int(reduced.get("seed", 0))))
+        except Exception as e:  # noqa: BLE001 - a function TVM cannot parse still gets its folder
+            meta["inputs_error"] = f"{type(e).__name__}: {e}"
     (tmp / "finding.json").write_text(json.dumps(meta, indent=1, default=str))
     (tmp / "repro.sh").write_text(REPRO)
     (tmp / "repro.sh").chmod((tmp / "repro.sh").stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)

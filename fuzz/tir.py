@@ -36,6 +36,7 @@ from tvm.ir.expr import Call, StringImm, TensorLoad
 from kiln.fuzz.worker import set_stage
 
 __all__ = [
+    "case_inputs",
     "pass_pool",
     "CRASHING_PASSES", "MUTATORS", "PASS_POOL", "SAFE_PASS_POOL", "MutationFailed", "TirCase", "TirOutcome", "case_from_kernel", "crossover_passes",
     "make_pass", "mutate_case", "mutate_func", "mutate_passes", "parse_func", "reduce_case", "run_case",
@@ -946,6 +947,12 @@ def _params(func: tirx.PrimFunc) -> list[_Param]:
         shape = tuple(int(d) for d in p.shape)
         out.append(_Param(str(p.name), shape, str(p.dtype), str(p.name) in written))
     return out
+
+
+def case_inputs(script: str, seed: int) -> dict[str, np.ndarray]:
+    """The arrays a case's buffer parameters start from (saved beside a finding's reproducer)."""
+    params = _params(parse_func(script))
+    return {p.name: a for p, a in zip(params, _inputs(params, seed))}
 
 
 def _inputs(params: Sequence[_Param], seed: int) -> list[np.ndarray]:

@@ -215,7 +215,13 @@ _unary("silu", None, lambda x: x / (1.0 + np.exp(-x.astype(np.float64))),
 _unary("identity", "Identity", lambda x: x, "x.", float_only=False)
 
 
-@op("gelu", inputs=("x",), attrs={"approximate": Attr("str", "none")}, infer=float_same_as(),
+def _gelu_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
+    if attrs.get("approximate", "none") not in ("none", "tanh"):
+        raise OpTypeError(f"gelu: approximate must be 'none' or 'tanh', got {attrs.get('approximate')!r}")
+    return float_same_as()(ts, attrs)
+
+
+@op("gelu", inputs=("x",), attrs={"approximate": Attr("str", "none")}, infer=_gelu_infer,
     fusion=EW, onnx="Gelu")
 def gelu(x, approximate):
     """GELU: x*Phi(x) exactly ("none", erf form) or its tanh approximation ("tanh")."""

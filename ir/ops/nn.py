@@ -585,6 +585,8 @@ def _softmax_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType
 def softmax(x, *, axis):
     """exp(x) / sum(exp(x)) along one axis (ONNX opset-13 Softmax), max-subtracted, in float64."""
     x64 = x.astype(np.float64)
+    if x.size == 0:
+        return x.copy()
     with np.errstate(invalid="ignore"):
         e = np.exp(x64 - x64.max(axis=axis, keepdims=True))
         return (e / e.sum(axis=axis, keepdims=True)).astype(x.dtype)
@@ -595,6 +597,8 @@ def softmax(x, *, axis):
 def log_softmax(x, *, axis):
     """x - log(sum(exp(x))) along one axis (ONNX opset-13 LogSoftmax), max-subtracted, in float64."""
     x64 = x.astype(np.float64)
+    if x.size == 0:
+        return x.copy()
     with np.errstate(invalid="ignore", divide="ignore"):
         d = x64 - x64.max(axis=axis, keepdims=True)
         return (d - np.log(np.exp(d).sum(axis=axis, keepdims=True))).astype(x.dtype)

@@ -293,7 +293,11 @@ def _gather_elements_infer(ts: list[TensorType | None], attrs: Attrs) -> list[Te
     _index_dtype(idx, "gather_elements")
     if x.rank == 0 or idx.rank != x.rank:
         raise OpTypeError(f"gather_elements: indices {idx} must have the data's rank ({x}), >= 1")
-    norm_axis(attrs.get("axis", 0), x.rank)
+    ax = norm_axis(attrs.get("axis", 0), x.rank)
+    for i, (di, dx) in enumerate(zip(idx.shape, x.shape)):
+        if i != ax and isinstance(di, int) and isinstance(dx, int) and di > dx:
+            raise OpTypeError(f"gather_elements: indices {idx} dim {i} ({di}) exceeds the data's ({x}; "
+                              f"only the axis {ax} dim may be larger)")
     return [x.with_shape(idx.shape)]
 
 

@@ -77,3 +77,15 @@ def test_without_feedback_the_corpus_never_grows():
     camp = run_campaign(opts)
     assert all(e.added == 0 for e in camp.corpus["graph"])
     assert camp.coverage.total > 0
+
+
+@pytest.mark.slow
+def test_zoo_models_seed_the_graph_corpus():
+    opts = FuzzOptions(level="graph", iterations=3, seed=0, jobs=0, models=("mlp",), stages=("passes",),
+                       reduce=False, pass_pool=PRODUCT_PASSES)
+    camp = run_campaign(opts)
+    seed = camp.corpus["graph"][0]
+    assert seed.origin == "seed:mlp"
+    assert "matmul" in GraphCase.from_json(seed.case).graph().op_counts()
+    with pytest.raises(ValueError, match="no light model 'nope'"):
+        run_campaign(FuzzOptions(level="graph", iterations=1, jobs=0, models=("light:nope",), reduce=False))

@@ -359,3 +359,11 @@ def test_symbolic_dims_flow():
     assert infer("add", ["f32[N,1,64]", "f32[S,1]"]) == [T("f32[N,S,64]")]
     assert infer("where", ["bool[B,1,S,S]", "f32[]", "f32[B,H,S,S]"]) == [T("f32[B,H,S,S]")]
     assert infer("cast", ["f32[N,3]"], to="i8") == [T("i8[N,3]")]
+
+
+def test_gelu_rejects_an_unknown_approximation_in_its_type_rule():
+    """Fuzzer finding: approximate="bogus" verified and only the reference refused it."""
+    g = ir.Graph("g")
+    x = g.add_input("x", TensorType("f32", (2,)))
+    with pytest.raises(OpTypeError, match="approximate must be 'none' or 'tanh'"):
+        g.op("gelu", x, approximate="bogus")

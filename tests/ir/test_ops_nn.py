@@ -404,3 +404,15 @@ def test_type_errors(op, types, attrs, match):
     with pytest.raises(OpTypeError, match=match) as e:
         infer(op, types, **attrs)
     assert str(e.value).startswith(f"{op}:")
+
+
+@pytest.mark.parametrize("op", ["softmax", "log_softmax"])
+def test_softmax_of_an_empty_tensor_is_empty(op):
+    """Fuzzer finding: split with a 0-size piece verified, then the reference failed on the empty softmax."""
+    g = ir.parse(f"""graph @g(%x: f32[4,3]) -> (%y) {{
+      %a, %b = split(%x) {{axis=0, split=[4, 0]}} : f32[4,3], f32[0,3]
+      %y = {op}(%b) {{axis=-1}} : f32[0,3]
+    }}""")
+    ir.verify(g)
+    out = ir.interpret(g, {"x": np.ones((4, 3), np.float32)})["y"]
+    assert out.shape == (0, 3) and out.dtype == np.float32

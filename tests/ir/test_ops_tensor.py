@@ -360,3 +360,10 @@ def test_type_errors(op, types, attrs, match):
 def test_range_by_hand():
     (y,), _ = run_kiln("range", [], {"start": 1, "limit": 10, "delta": 4, "dtype": "i64"})
     np.testing.assert_array_equal(y, np.array([1, 5, 9], np.int64))
+
+
+def test_gather_elements_indices_may_not_outgrow_the_data_off_the_axis():
+    """Fuzzer finding: the type rule accepted indices wider than the data off the axis; the reference raised."""
+    with pytest.raises(OpTypeError, match="dim 0 .* exceeds"):
+        infer("gather_elements", [TensorType("f32", (1, 3)), TensorType("i64", (2, 3))], axis=1)
+    assert infer("gather_elements", [TensorType("f32", (1, 3)), TensorType("i64", (1, 5))], axis=1)[0].shape == (1, 5)

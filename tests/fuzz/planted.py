@@ -20,23 +20,24 @@ def _register(cls: type[Pass]) -> type[Pass]:
 
 @dataclass(frozen=True)
 class PlantedSubToAdd(RewritePass):
-    """A plausible strength-reduction bug: ``a - f(b)`` meant to become ``a + neg(f(b))``, the neg forgotten
-    (only when the subtrahend is computed, so constants and inputs hide it)."""
+    """A plausible sign bug in a strength reduction: ``a - f(b)`` becomes ``a + f(b)`` and ``a + f(b)``
+    becomes ``a - f(b)`` (the neg forgotten; only when the second operand is computed, so constants and
+    inputs hide it)."""
 
     name: ClassVar[str] = "planted-sub-to-add"
 
     def match(self, graph: Graph, node: Node) -> Any | None:
-        if node.op != "sub" or node.outputs[0].type.dtype not in ("f32", "f64"):
+        if node.op not in ("sub", "add") or node.outputs[0].type.dtype not in ("f32", "f64"):
             return None
         b = node.inputs[1]
         return node if b is not None and b.producer is not None else None
 
     def rewrite(self, graph: Graph, m: Node) -> str:
         a, b = m.inputs
-        y = graph.op("add", a, b, before=m)
+        y = graph.op("add" if m.op == "sub" else "sub", a, b, before=m)
         graph.replace_all_uses(m.output, y)
         graph.remove(m)
-        return "sub(a, f(b)) -> add(a, f(b))"
+        return f"{m.op}(a, f(b)) with the sign of f(b) flipped"
 
 
 @dataclass(frozen=True)

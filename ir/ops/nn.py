@@ -188,6 +188,10 @@ def _conv_transpose_infer(ts: list[TensorType | None], attrs: Attrs) -> list[Ten
     opad = list(attrs.get("output_padding") or [0] * nsp)
     if len(opad) != nsp or any(v < 0 for v in opad):
         raise OpTypeError(f"conv_transpose: output_padding {opad} must be {nsp} values >= 0")
+    for i, (p, st, d) in enumerate(zip(opad, strides, dil)):
+        if p >= max(st, d):  # as ONNX requires (ONNX Runtime refuses it at run time)
+            raise OpTypeError(f"conv_transpose: output_padding[{i}] = {p} must be less than "
+                              f"max(stride, dilation) = {max(st, d)}")
     if w.shape[0] != x.shape[1]:
         raise OpTypeError(f"conv_transpose: input has {x.shape[1]} channels but the weight expects {w.shape[0]}")
     if isinstance(w.shape[0], int) and w.shape[0] % group:

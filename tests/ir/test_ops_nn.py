@@ -416,3 +416,11 @@ def test_softmax_of_an_empty_tensor_is_empty(op):
     ir.verify(g)
     out = ir.interpret(g, {"x": np.ones((4, 3), np.float32)})["y"]
     assert out.shape == (0, 3) and out.dtype == np.float32
+
+
+def test_conv_transpose_output_padding_must_stay_below_the_stride():
+    """Fuzzer finding: output_padding=1 with stride 1 verified; ONNX Runtime refused it at run time."""
+    x, w = TensorType("f32", (1, 2, 5)), TensorType("f32", (2, 3, 3))
+    with pytest.raises(OpTypeError, match=r"output_padding\[0\] = 1 must be less than max\(stride, dilation\) = 1"):
+        infer("conv_transpose", [x, w], output_padding=[1])
+    assert infer("conv_transpose", [x, w], output_padding=[1], strides=[2])[0].shape == (1, 3, 12)

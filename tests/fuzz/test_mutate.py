@@ -82,7 +82,8 @@ def test_mutate_graph_verifies_and_round_trips(seed):
 
 def test_pass_pool_covers_every_pass_and_option():
     names = {p.split("{")[0] for p in PASS_POOL}
-    assert names == set(registered_passes())
+    product = {n for n, c in registered_passes().items() if c.__module__.startswith("kiln.passes")}
+    assert product <= names <= set(registered_passes())  # other tests may register passes of their own
     assert "fold-conv-bn{mode=tune}" in PASS_POOL
     assert "ln-to-rmsnorm{untie=true}" in PASS_POOL
     assert "fuse-blocks{max_ops=1}" in PASS_POOL

@@ -19,13 +19,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kiln.fuzz.coverage import Coverage
-from kiln.fuzz.oracle import STAGES, GraphCase, Outcome, case_inputs
+from kiln.fuzz.oracle import STAGES, GraphCase, Outcome
 from kiln.fuzz.worker import Task, Worker, execute, wait_any
 
 __all__ = ["Campaign", "Finding", "FuzzOptions", "parse_duration", "run_campaign"]
@@ -90,8 +91,9 @@ class Entry:
     added: int
     origin: str
 
-    @property
+    @cached_property
     def size(self) -> int:
+        """Parsed once: every pick weighs every entry by it."""
         return _size(self.level, self.case)
 
 
@@ -480,12 +482,6 @@ def run_campaign(opts: FuzzOptions, progress: Callable[[dict[str, Any]], None] |
     if opts.out:
         camp.write(opts.out)
     return camp
-
-
-def graph_inputs(case: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The inputs a graph case runs on (saved next to its reproducer)."""
-    gc = GraphCase.from_json(case)
-    return case_inputs(gc.graph(), gc.seed)
 
 
 def iter_finding_dirs(path: str | os.PathLike) -> Iterable[Path]:

@@ -189,9 +189,8 @@ def _run_passes(graph: Graph, passes: list[str], feeds: Mapping[str, np.ndarray]
     for p in pipeline:
         set_stage("pass", str(p))
         log = PassLog(p.name)
-        work = graph.clone()
         try:
-            graph = p.apply(work, log)
+            graph = p.apply(graph, log)
         except Exception as e:  # noqa: BLE001 - a crashing pass is the finding
             return graph, _exception_outcome("crash", "pass", e, str(p))
         features.append(f"pass:{p}:{'rewrote' if log.rewrites else 'idle'}")

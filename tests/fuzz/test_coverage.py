@@ -18,20 +18,9 @@ from kiln.fuzz.coverage import (
     trace_arcs,
 )
 from kiln.passes.manager import run_pipeline
+from tests.passes.test_conv_bn import TEXT as CONV_BN  # conv -> batch_norm -> relu
 
 PIPELINE = "canonicalize,fold-conv-bn,dce,fuse-blocks"
-
-CONV_BN = """graph @g(%x: f32[1,1,3,3]) -> (%z) {
-  %w = const f32[2,1,1,1] [1.0, 3.0]
-  %b = const f32[2] [1.0, 1.0]
-  %g = const f32[2] [2.0, 4.0]
-  %be = const f32[2] [0.0, 1.0]
-  %mu = const f32[2] [0.5, 2.0]
-  %var = const f32[2] [3.0, 3.0]
-  %c = conv(%x, %w, %b) : f32[1,2,3,3]
-  %y = batch_norm(%c, %g, %be, %mu, %var) {epsilon=1.0} : f32[1,2,3,3]
-  %z = relu(%y) : f32[1,2,3,3]
-}"""
 
 CONV_ONLY = """graph @g(%x: f32[1,1,3,3]) -> (%z) {
   %w = const f32[2,1,1,1] [1.0, 3.0]

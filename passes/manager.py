@@ -73,7 +73,8 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-PASS_MODULES = ("kiln.passes.conv_bn", "kiln.passes.norm", "kiln.passes.fusion")
+PASS_MODULES = ("kiln.passes.conv_bn", "kiln.passes.norm", "kiln.passes.fusion", "kiln.passes.qdq",
+               "kiln.passes.reparam", "kiln.passes.weight_only", "kiln.passes.qlinear")
 
 
 def _load_pass_modules() -> None:

@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/kiln demo
 
+# One BLAS thread per xdist worker: OpenBLAS threads spin-waiting on shared cores slow matmuls 5-10x.
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup
+	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --dist loadgroup
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n $(JOBS) -m "not slow"

@@ -66,6 +66,7 @@ __all__ = [
     "conv_ow_tile",
     "schedule_matmul",
     "schedule_batch_matmul",
+    "schedule_matmul_int16_pairs",
     "schedule_conv2d_nchw",
     "schedule_injective",
     "schedule_reduction",
@@ -919,6 +920,66 @@ def schedule_matmul(
     return sch
 
 
+# Register tile of the int16-pair (vpmaddwd) micro-kernel: rows x 8-column vectors,
+# 12 int32 accumulators + 2 weight vectors + 1 broadcast pair on AVX2's 16 ymm.
+QMATMUL_MR = 6
+QMATMUL_NV = 2
+
+
+def schedule_matmul_int16_pairs(
+    sch: ScheduleLike,
+    block_name: str = "qmatmul",
+    *,
+    mr: int | None = None,
+    nv: int | None = None,
+    target: Target | None = None,
+) -> Schedule:
+    """Integer matmul on int16 pairs: block ``C[r, jo, ji] = sum_{kp, kk} A[r, kp, kk] * W[jo, kp, ji, kk]``.
+
+    ``A`` is ``[R, K/2, 2]`` int16 (rows padded to ``mr``), ``W`` the packed
+    ``[N/8, K/2, 8, 2]`` int16 weight (``jo`` padded to ``nv``), ``C`` int32.
+    An ``mr x (nv*8)`` tile of C stays in registers (a local cache written back
+    at the tile), ``kp`` runs outside the tile and each ``(ji, kk)`` 8x2 step is
+    one ``vpmaddwd`` (:data:`kiln.codegen.intrin.DOT_8X2_I16`); the epilogue
+    reading C (requantize, activation) is computed at the tile when its region
+    allows, else in its own parallel vectorized loop.
+    """
+    from .intrin import DOT_8X2_I16
+
+    sch = as_schedule(sch)
+    fold_block(sch, block_name)
+    blk = sch.get_sblock(block_name)
+    consumers = list(sch.get_consumers(blk))
+    r, jo, ji, kp, kk = sch.get_loops(blk)
+    mr = min(mr or QMATMUL_MR, _extent(sch, r))
+    nv = min(nv or QMATMUL_NV, _extent(sch, jo))
+    ro, ri = sch.split(r, [None, mr])
+    joo, joi = sch.split(jo, [None, nv])
+    sch.reorder(ro, joo, kp, ri, joi, ji, kk)
+    work = _work(sch, blk)
+    cache = sch.cache_write(blk, 0, "local")
+    sch.reverse_compute_at(cache, joo, preserve_unit_loops=False)
+    for epi in consumers:
+        if len(sch.get(epi).iter_vars) != 2:
+            continue  # a reshaping epilogue (batch dims unflattened): at the root, scheduled below
+        try:
+            sch.reverse_compute_at(epi, joo, preserve_unit_loops=False)
+            inner = sch.get_loops(epi)[-1]
+            if isinstance(sch.get(inner).extent, tirx.IntImm) and _extent(sch, inner) > 1:
+                sch.vectorize(inner)
+        except (ScheduleError, ValueError, tvm.error.InternalError):
+            pass  # left at the root, scheduled below
+    outer = sch.fuse(ro, joo)
+    if _cores(target) > 1 and _extent(sch, outer) > 1 and work >= PARALLEL_MIN_WORK_MATMUL:
+        sch.parallel(outer)
+    sch.unroll(ri)
+    sch.unroll(joi)
+    sch.decompose_reduction(blk, kp)
+    sch.tensorize(ji, DOT_8X2_I16)
+    _schedule_side_blocks(sch, block_name, target)
+    return sch
+
+
 def schedule_batch_matmul(
     sch: ScheduleLike, block_name: str = "batch_matmul", **kwargs
 ) -> Schedule:
@@ -1226,6 +1287,8 @@ def _vectorize_rf(sch: Schedule, rf, vec: int) -> None:
 def schedule_for(kind: str, sch: ScheduleLike, block_name: str | None = None, **kwargs) -> Schedule:
     """Apply the schedule of an anchor kind (one of :data:`ANCHOR_KINDS`)."""
     if kind in ("matmul", "dense", "linear"):
+        if kwargs.pop("int16_pairs", False):
+            return schedule_matmul_int16_pairs(sch, block_name or "qmatmul", **kwargs)
         return schedule_matmul(sch, block_name or "matmul", **kwargs)
     if kind == "batch_matmul":
         return schedule_matmul(sch, block_name or "batch_matmul", **kwargs)

@@ -211,13 +211,18 @@ def _replace(graph: Graph, m: Match) -> Value:
 
 # ====================================================================== constant folding and no-ops
 
+# A dequantize of constant codes IS the quantized weight (its storage and the integer kernel's operand):
+# folding it would turn a quantized model back into a float one, so neither lifting nor canonicalize folds it.
+NEVER_FOLD = frozenset({"dequantize"})
+
+
 def fold_constants(graph: Graph, report: Report, limit: int | None = None) -> int:
     """Evaluate nodes whose operands are all constants; see the module docstring for the size rule."""
     limit = FOLD_LIMIT if limit is None else limit
     changed = 0
     for node in list(graph.nodes):
         ins = [v for v in node.inputs if v is not None]
-        if not all(v.is_const for v in ins):
+        if not all(v.is_const for v in ins) or node.op in NEVER_FOLD:
             continue
         if not all(o.type.is_static for o in node.outputs):
             continue

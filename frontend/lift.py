@@ -16,7 +16,8 @@ How a model is lifted
    ``auto_pad``, BatchNormalization, LayerNormalization, Softmax before opset
    13, Split, Squeeze, Reduce*, Pad, Shape, Reshape/Expand with symbolic
    targets, Quantize/DequantizeLinear, and small decompositions: Mean, PRelu,
-   Elu, HardSwish, CastLike, ReduceL1/LogSum/LogSumExp) or else generically
+   Elu, HardSwish, CastLike, ReduceL1/LogSum/LogSumExp, GatherND as a gather
+   over flattened leading dims) or else generically
    from the registry: the kiln op whose ``OnnxSpec.op_type`` is the node's,
    ONNX attributes mapped by name (``attr_names`` for renames, ONNX schema
    defaults filled in, so kiln sees ONNX semantics), and the inputs listed in
@@ -72,6 +73,7 @@ from kiln.ir.interpret import run_node
 from kiln.ir.registry import OpDef, OpTypeError, all_ops, get_op, infer_types
 from kiln.ir.types import Dim, TensorType, dim_div, dim_mul
 
+from .canonicalize import NEVER_FOLD
 from .dtypes import kiln_dtype
 from .errors import (
     DanglingInputError,
@@ -745,7 +747,7 @@ class _Ctx:
         types = infer_types(kop, [None if v is None else v.type for v in inputs], attrs)
         names = self._out_names(kop, types, outs)
         present = [v for v in inputs if v is not None]
-        if present and all(v.is_const for v in present) and all(t.is_static for t in types) \
+        if present and all(v.is_const for v in present) and kop not in NEVER_FOLD and all(t.is_static for t in types) \
                 and sum(int(np.prod(t.shape, dtype=np.int64)) for t in types) <= LIFT_FOLD_LIMIT:
             arrays = run_node(Node(kop, attrs, self.node.name or kop),
                               [None if v is None else v.const for v in inputs])
@@ -1416,6 +1418,43 @@ def _expand(ctx: _Ctx) -> list[Value | None]:
                 raise ctx.dynamic(1, f"shape {list(sym)}")
         return [ctx.op("expand", [x], {"shape": target}, out=0)]
     return ctx.generic(get_op("expand"))
+
+
+@_special("GatherND", needs=("reshape", "gather", "cast", "less", "add", "where", "mul", "reduce_sum"))
+def _gather_nd(ctx: _Ctx) -> list[Value | None]:
+    """GatherND (batch_dims 0) as a gather on axis 0 of the data with its first K dims flattened.
+
+    The flat index is ``sum_k idx[..., k] * stride_k`` (negative entries count from the end of their
+    dim): folded to a constant when the indices are constant (range-checked then), else computed by
+    where/add/mul/reduce_sum. The first K dims of the data must be static.
+    """
+    x, idx = ctx.x(0), ctx.x(1)
+    if int(ctx.attr("batch_dims", 0)):
+        raise _Refuse(f"batch_dims={int(ctx.attr('batch_dims', 0))} is not supported (only 0)")
+    if idx.type.rank == 0 or not isinstance(idx.type.shape[-1], int):
+        raise _Refuse(f"indices {idx.type} need a static last dim", dynamic=True)
+    k = int(idx.type.shape[-1])
+    lead = x.type.shape[:k]
+    if k > x.type.rank or not all(isinstance(d, int) for d in lead):
+        raise _Refuse(f"indices of depth {k} need the first {k} dims of the data {x.type} static", dynamic=True)
+    dims = np.array(lead, dtype=np.int64)
+    strides = np.array([int(np.prod(lead[i + 1:], dtype=np.int64)) for i in range(k)], dtype=np.int64)
+    target = reshape_target(x.type.shape, [int(np.prod(dims, dtype=np.int64)), *x.type.shape[k:]])
+    if target is None:
+        raise _Refuse(f"the data {x.type} cannot be flattened over its first {k} dims", dynamic=True)
+    flat_x = ctx.op("reshape", [x], {"shape": target})
+    if idx.is_const:
+        raw = np.asarray(idx.const, dtype=np.int64)
+        wrapped = np.where(raw < 0, raw + dims, raw)
+        if wrapped.size and ((wrapped < 0) | (wrapped >= dims)).any():
+            raise _Refuse(f"an index in {_short(idx.const)} is out of range for the data dims {list(lead)}")
+        flat = ctx.const((wrapped * strides).sum(axis=-1).astype(np.int64))
+    else:
+        i64 = ctx.op("cast", [idx], {"to": "i64"}) if idx.type.dtype != "i64" else idx
+        wrapped = ctx.op("where", [ctx.op("less", [i64, ctx.const(np.zeros((), np.int64))]),
+                                   ctx.op("add", [i64, ctx.const(dims)]), i64])
+        flat = ctx.op("reduce_sum", [ctx.op("mul", [wrapped, ctx.const(strides)])], {"axes": [-1], "keepdims": 0})
+    return [ctx.op("gather", [flat_x, flat], {"axis": 0}, out=0)]
 
 
 @_special("Transpose", needs=("transpose",))

@@ -217,9 +217,11 @@ class _Lowerer:
                 continue  # kiln's empty list means "the ONNX default"; ONNX rejects an empty list (dilations=[])
             oname = spec.attr_names.get(k, k)
             kind = opdef.attrs[k].kind
+            implied = kind == "dtype" and any(x is not None and x.type.dtype == v for x in n.inputs)
+            if implied:  # QuantizeLinear's zero point carries it; onnxruntime rejects output_dtype beside it
+                continue
             if oname not in schema.attributes:
-                implied = kind == "dtype" and any(x is not None and x.type.dtype == v for x in n.inputs)
-                if v == opdef.attrs[k].default or implied:  # e.g. QuantizeLinear's zero point carries it
+                if v == opdef.attrs[k].default:
                     continue
                 raise LoweringError(f"kiln op {n.op} (node {n.name or n.outputs[0].name}): attribute {k}={v!r} "
                                     f"has no ONNX {spec.op_type} attribute at opset {self.opset}")

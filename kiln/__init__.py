@@ -4,8 +4,10 @@ Stages live in subpackages: ``kiln.frontend`` (torch/ONNX in and out),
 ``kiln.ir`` (graph IR, registry, verifier, text, interpreter), ``kiln.passes``,
 ``kiln.codegen``, ``kiln.runtime``, ``kiln.fuzz``; ``kiln.zoo`` holds the example models.
 
-``kiln.compile(model, ...) -> Artifact`` and ``kiln.load(path) -> Session`` are
-imported on first use, so that ``import kiln`` (and the runtime) stays light.
+``kiln.compile(model, ...) -> Artifact``, ``kiln.load(path) -> Session`` and
+``kiln.quantize(model, calibration, ...) -> QuantizeResult`` (post-training
+quantization with an error report, :mod:`kiln.passes.quantize`) are imported on
+first use, so that ``import kiln`` (and the runtime) stays light.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Artifact", "compile", "load"]
+__all__ = ["Artifact", "QuantizeOptions", "compile", "load", "quantize"]
 
 
 def __getattr__(name: str) -> Any:
@@ -21,6 +23,10 @@ def __getattr__(name: str) -> Any:
         from . import compiler
 
         return getattr(compiler, name)
+    if name in ("quantize", "QuantizeOptions"):
+        from kiln.passes import quantize as quantize_module
+
+        return getattr(quantize_module, name)
     if name == "load":
         from kiln.runtime import load
 

@@ -320,6 +320,178 @@ def bench_matmul_kernels(shapes: Sequence[tuple[int, int, int]], threads: int, r
     return rows
 
 
+def qdq_model(proto: Any, samples: Sequence[dict[str, np.ndarray]]) -> Any:
+    """onnxruntime's static QDQ quantization of ``proto`` (QInt8 activations and weights, per channel, MinMax)."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(samples)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.it, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "qdq.onnx")
+        onnx.save(proto, src)
+        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, per_channel=True)
+        return onnx.load(dst)
+
+
+def calibration_samples(feeds: Mapping[str, np.ndarray], n: int = 8, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """``n`` inputs like ``feeds``: float inputs perturbed by noise of their own scale, integer inputs (token
+    ids) permuted, so the calibration ranges are not those of the one timed input."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        s = {}
+        for k, v in feeds.items():
+            if v.dtype.kind == "f":
+                s[k] = (v + rng.standard_normal(v.shape) * (float(np.std(v)) or 1.0)).astype(v.dtype)
+            else:
+                s[k] = rng.permutation(v.reshape(-1)).reshape(v.shape)
+        out.append(s)
+    return out
+
+
+@dataclass
+class Int8Row:
+    """One model: kiln float / kiln int8 / ORT float / ORT int8 median latencies (ms) and accuracy facts."""
+
+    model: str
+    kiln_f32_ms: float | None = None
+    kiln_int8_ms: float | None = None
+    ort_f32_ms: float | None = None
+    ort_int8_ms: float | None = None
+    int8_layers: str = "-"  # integer kernels / matmul+conv layers in the compiled int8 graph
+    int8_source: str = "-"  # "kiln.quantize", or "ORT QDQ" (onnxruntime's QDQ model, lifted)
+    err_int8_vs_ort_int8: float | None = None
+    err_int8_vs_f32: float | None = None
+    errors: dict[str, str] = field(default_factory=dict)
+
+
+def bench_int8(name: str, proto: Any, feeds: dict[str, np.ndarray], *, repeat: int, threads: int) -> Int8Row:
+    """The four engines on one model in alternating blocks, on the same calibration samples.
+
+    ORT int8 runs onnxruntime's QDQ model (``quantize_static``, default optimizations). kiln int8 compiles
+    ``kiln.quantize``'s QDQ graph (w8a8, per channel) where that module exists and quantizes the model, else
+    onnxruntime's QDQ model lifted; fuse-qlinear turns the QDQ matmuls/convs into integer kernels.
+    """
+    import kiln
+    from kiln.frontend import lift
+
+    row = Int8Row(name)
+    engines: dict[str, Callable[[], Any]] = {}
+    outs: dict[str, list[np.ndarray]] = {}
+
+    def add(key: str, make: Callable[[], Callable[[], Any]]) -> None:
+        try:
+            fn = make()
+            outs[key] = _as_list(fn())
+            engines[key] = fn
+        except Exception as e:  # noqa: BLE001 - a benchmark row records the failure and goes on
+            row.errors[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+    def kiln_fn(model: Any) -> Callable[[], Any]:
+        sess = kiln.compile(model, feeds).load()
+        return lambda: sess.run(feeds)
+
+    qdq = None
+    try:
+        qdq = qdq_model(proto, calibration_samples(feeds))
+    except Exception as e:  # noqa: BLE001
+        row.errors["quantize_static"] = f"{type(e).__name__}: {e}"
+
+    samples = calibration_samples(feeds)
+
+    def int8_graph() -> Any:
+        try:
+            from kiln.passes.quantize import quantize
+
+            g = quantize(proto, samples).graph
+            row.int8_source = "kiln.quantize"
+            return g
+        except Exception as e:  # noqa: BLE001 - not there yet, or refused: onnxruntime's QDQ model instead
+            row.errors["kiln.quantize"] = f"{type(e).__name__}: {str(e)[:200]}"
+        row.int8_source = "ORT QDQ"
+        return lift(qdq, canonicalize=False)  # canonicalize would fold the weight dequantizes to floats
+
+    def kiln_int8() -> Callable[[], Any]:
+        art = kiln.compile(int8_graph(), feeds)
+        ops = art.ir_text
+        fused = ops.count("= qmatmul(") + ops.count("= qconv(") + ops.count("= dq_matmul(")
+        row.int8_layers = f"{fused}/{fused + ops.count('= matmul(') + ops.count('= conv(')}"
+        sess = art.load()
+        return lambda: sess.run(feeds)
+
+    add("kiln_f32", lambda: kiln_fn(proto))
+    def ort_fn(model: Any) -> Callable[[], Any]:
+        sess = _ort_session(model, threads)
+        return lambda: sess.run(None, feeds)
+
+    add("ort_f32", lambda: ort_fn(proto))
+    if qdq is not None:
+        add("kiln_int8", kiln_int8)
+        add("ort_int8", lambda: ort_fn(qdq))
+    if "kiln_int8" in outs and "ort_int8" in outs:
+        row.err_int8_vs_ort_int8 = max(_rel_err(a, b) for a, b in zip(outs["kiln_int8"], outs["ort_int8"]))
+    if "kiln_int8" in outs and "ort_f32" in outs:
+        row.err_int8_vs_f32 = max(_rel_err(a, b) for a, b in zip(outs["kiln_int8"], outs["ort_f32"]))
+    medians = block_medians(engines, repeat)
+    for key in ("kiln_f32", "kiln_int8", "ort_f32", "ort_int8"):
+        setattr(row, f"{key}_ms", 1e3 * medians[key] if key in medians else None)
+    return row
+
+
+def int8_cases(names: Sequence[str], threads: int) -> list[tuple[str, Any, dict[str, np.ndarray]]]:
+    """(name, float ONNX model, feeds) for the zoo models in ``names`` and, when "minilm" is one of them and
+    kiln.minilm can load it, MiniLM."""
+    cases = []
+    for name in names:
+        if name != "minilm":
+            proto, feeds, _ = _zoo_case(name, threads)
+            cases.append((name, proto, feeds))
+    if "minilm" not in names:
+        return cases
+    try:
+        from kiln import minilm
+
+        feeds = minilm.encode(minilm.load_tokenizer(), minilm.sentences(1, 0))
+        cases.append(("minilm", minilm.minilm_onnx(batch=1), feeds))
+    except Exception as e:  # noqa: BLE001 - MiniLM needs its weights on disk; the zoo rows stand without it
+        print(f"MiniLM skipped: {type(e).__name__}: {e}")
+    return cases
+
+
+def print_int8_table(rows: Sequence[Int8Row], title: str) -> None:
+    from rich.table import Table
+
+    from kiln.cli import console
+
+    t = Table(title=title, title_justify="left")
+    for col in ("model", "kiln f32", "kiln int8", "ORT f32", "ORT int8", "kiln int8/f32", "kiln int8/ORT int8",
+                "int8 layers", "int8 from", "err vs ORT int8", "err vs f32"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        ratio = lambda a, b: f"{a / b:.2f}" if a and b else "-"  # noqa: E731
+        t.add_row(r.model, _ms(r.kiln_f32_ms), _ms(r.kiln_int8_ms), _ms(r.ort_f32_ms), _ms(r.ort_int8_ms),
+                  ratio(r.kiln_int8_ms, r.kiln_f32_ms), ratio(r.kiln_int8_ms, r.ort_int8_ms), r.int8_layers, r.int8_source,
+                  _fmt(r.err_int8_vs_ort_int8, ".1e"), _fmt(r.err_int8_vs_f32, ".1e"))
+    console.print(t)
+    for r in rows:
+        for k, v in r.errors.items():
+            console.print(f"  {r.model} {k}: {v}")
+
+
 @dataclass
 class Variant:
     """One way to build a model for the pass-variant table: a label, the ONNX model, the kiln pipeline."""
@@ -494,6 +666,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norms", action="store_true",
                    help="only the norm-folding table: GPT/ViT as Pre-LN, Pre-RMSNorm, Pre-CRMSNorm; ResNet with "
                         "BN, BN folded, built without BN")
+    p.add_argument("--int8", action="store_true",
+                   help="kiln float / kiln int8 / ORT float / ORT int8 (onnxruntime QDQ, per channel) per model")
     p.add_argument("--no-tvm", action="store_true", help="skip TVM's own from_onnx path (slow to run)")
     p.add_argument("--repeat", type=int, default=20, help="timed runs per engine (median reported)")
     p.add_argument("--threads", type=int, default=2, help="threads for every engine")
@@ -517,6 +691,14 @@ def run(args: argparse.Namespace) -> int:
             out[key] = rows
             _write_json(args.json, out)
             return 0
+    if args.int8:
+        names = args.models or ["resnet", "mlp", "bert", "minilm"]
+        rows = [bench_int8(n, proto, feeds, repeat=args.repeat, threads=args.threads)
+                for n, proto, feeds in int8_cases(names, args.threads)]
+        print_int8_table(rows, f"kiln bench --int8: median ms, {args.threads} threads, median of {args.repeat}")
+        out["int8"] = [asdict(r) for r in rows]
+        _write_json(args.json, out)
+        return 0
     names = args.models or zoo.names()
     unknown = [n for n in names if n not in zoo.names()]
     if unknown:

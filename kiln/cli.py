@@ -1,4 +1,4 @@
-"""The ``kiln`` command line: ``kiln inspect``, ``compile``, ``run``, ``bench``, ``demo``.
+"""The ``kiln`` command line: ``kiln inspect``, ``quantize``, ``compile``, ``run``, ``bench``, ``demo``.
 
 Errors a user can act on are printed as one line and exit non-zero; ``--debug``
 shows the traceback instead.
@@ -314,6 +314,95 @@ def _demo_compile(name: str) -> None:
         raise CliError(f"compiled {name} disagrees with the interpreter by {err:.3g}")
 
 
+# ------------------------------------------------------------------ quantize
+
+def _quant_flags_given(args: argparse.Namespace) -> bool:
+    """Whether any quantization flag differs from its default (``kiln compile`` quantizes only then)."""
+    from kiln.passes.quantize import QuantizeOptions
+
+    d = QuantizeOptions()
+    return (args.scheme != d.scheme or args.method != d.method or args.reparam != d.reparam
+            or args.weights != d.weights or bool(args.exclude) or args.error_budget is not None
+            or args.samples != d.samples or args.seed != d.seed or args.group_size != d.group_size
+            or args.alpha != d.alpha or args.softmax != d.softmax or bool(args.report))
+
+
+def _quantize_options(args: argparse.Namespace):
+    """The QuantizeOptions of the command's flags; a bad combination is a one-line error."""
+    from kiln.passes.quantize import QuantizeError, QuantizeOptions
+
+    try:
+        return QuantizeOptions(scheme=args.scheme, method=args.method, reparam=args.reparam, weights=args.weights,
+                               exclude=tuple(args.exclude or ()), error_budget=args.error_budget,
+                               samples=args.samples, seed=args.seed, group_size=args.group_size, alpha=args.alpha,
+                               softmax=args.softmax)
+    except QuantizeError as e:
+        raise CliError(str(e)) from e
+
+
+def _quant_summary(cal: dict) -> str:
+    what = cal["weights"] if cal.get("weights") else cal["method"]
+    return (f"{cal['scheme']} ({what}, reparam {cal['reparam']}), calibration seed {cal['seed']}, "
+            f"{len(cal['samples'])} samples")
+
+
+def print_quant_report(report) -> None:
+    """The per-layer table (five worst highlighted), the outputs' SQNR and what the fallback kept in float."""
+    for table in report.tables():
+        console.print(table)
+    for note in report.notes:
+        err_console.print(f"[yellow]note[/]: {note}")
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write JSON to ``path`` through a temporary file in the same folder, then rename it into place."""
+    import json
+
+    out = Path(path)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, out)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantize a model on calibration data and write it as QDQ ONNX (opset 21); print the error report."""
+    import onnx
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from kiln.frontend import lower_to_onnx
+    from kiln.passes.quantize import quantize
+
+    if not Path(args.model).exists() and args.model not in _zoo_names():
+        raise CliError(f"{args.model!r}: no such file, and not a zoo model ({', '.join(_zoo_names())})")
+    options = _quantize_options(args)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=err_console,
+                  transient=True) as progress:
+        task = progress.add_task("lifting the model", total=None)
+
+        def report(stage: str, done: int, total: int) -> None:
+            progress.update(task, description=f"{stage}: calibration samples", completed=done, total=total)
+
+        result = quantize(args.model, args.calib, options, progress=report)
+        progress.update(task, description="writing ONNX", completed=0, total=None)
+        model = lower_to_onnx(result.graph, opset=21)
+        out = Path(args.output)
+        tmp = out.with_name(out.name + ".tmp")
+        try:
+            onnx.save(model, tmp)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    print_quant_report(result.report)
+    if args.report:
+        write_json(args.report, result.report.to_json())
+    if options.error_budget is not None and not result.report.budget_met:
+        err_console.print(f"[yellow]warning[/]: the outputs' SQNR {result.report.output_sqnr_db:.1f} dB misses "
+                          f"the error budget {options.error_budget:g} dB even with every listed layer in float")
+    console.print(f"wrote {out}" + (f" and {args.report}" if args.report else ""))
+    return 0
+
+
 # ------------------------------------------------------------------ compile / run / bench
 
 def _parse_shapes(items: Sequence[str]) -> dict[str, int]:
@@ -336,19 +425,27 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if not Path(args.model).exists() and args.model not in _zoo_names():
         raise CliError(f"{args.model!r}: no such file, and not a zoo model ({', '.join(_zoo_names())})")
     out = args.output or (Path(args.model).stem if Path(args.model).exists() else args.model) + ".kiln"
+    qopts = _quantize_options(args) if args.calib or _quant_flags_given(args) else None
+    if qopts is not None and not args.calib:
+        raise CliError("quantization flags (--scheme, --method, --seed, --report, ...) need --calib "
+                       "DIR_OF_NPZ|FILE.npz: kiln compile quantizes only with calibration data")
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err_console, transient=True) as progress:
         task = progress.add_task("lifting and running passes", total=None)
 
         def report(stage: str, done: int, total: int) -> None:
-            desc = {"lower": "lowering + scheduling kernels", "tune": "MetaSchedule tuning kernels"}.get(
-                stage, "LLVM code generation")
+            if stage.startswith("calibrate:"):
+                desc = f"quantizing: {stage.partition(':')[2]} (calibration samples)"
+            else:
+                desc = {"lower": "lowering + scheduling kernels", "tune": "MetaSchedule tuning kernels"}.get(
+                    stage, "LLVM code generation")
             progress.update(task, description=desc, completed=done, total=total)
 
         try:
             art = kiln.compile(args.model, passes=args.passes, target=args.target, shapes=_parse_shapes(args.shape),
                                tune=args.tune, tune_db=args.tune_db, params_as_inputs=args.params_as_inputs,
-                               instruments=_instruments(args), progress=report)
+                               instruments=_instruments(args), progress=report, quantize=qopts,
+                               calibration=args.calib)
         except CompileError as e:
             raise CliError(str(e)) from e
         progress.update(task, description="writing artifact")
@@ -357,6 +454,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
             params_out = str(Path(out).with_suffix("")) + ".params.npz"
             _write_npz(params_out, art.params)
     st = art.stats
+    if st.get("quantize") is not None:
+        print_quant_report(st["quantize"])
+        if args.report:
+            write_json(args.report, st["quantize"].to_json())
     if args.explain or args.check_each_pass:
         print_pass_table(st["passes"], "passes", explain=args.explain)
     table = Table(title=f"kiln compile: {st['model']} -> {out}", title_justify="left")
@@ -365,6 +466,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     tgt = st["target"]
     for key, val in [("target", f"{tgt['kind']} -mcpu={tgt['mcpu']} ({tgt['num-cores']} cores, {tgt['vector-width']}-bit)"),
                      ("pipeline", art.manifest["pipeline"]),
+                     *([("quantized", _quant_summary(art.manifest["calibration"]))] if art.manifest.get("calibration") else []),
                      ("graph nodes", str(st["nodes"])),
                      ("kernels generated", f"{st['kernels']} ({st['unique_kernels']} distinct)"),
                      ("compile time", f"{st['compile_s']:.1f} s (LLVM {st['llvm_s']:.1f} s)"),
@@ -458,6 +560,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--ir", action="store_true", help="print the kiln IR text")
     ins.add_argument("--full", action="store_true", help="with --ir: print every constant's data, not just small ones")
     ins.set_defaults(func=cmd_inspect)
+    qz = sub.add_parser("quantize", help="quantize a model on calibration data; write QDQ ONNX and an error report")
+    qz.add_argument("model", help="an .onnx file or a zoo model name")
+    qz.add_argument("-o", "--output", required=True, help="the quantized model (.onnx, opset 21 QDQ)")
+    _quant_arguments(qz, calib_required=True)
+    qz.set_defaults(func=cmd_quantize)
     demo = sub.add_parser("demo", help="run the main job on the built-in example model zoo")
     demo.add_argument("models", nargs="*", help="zoo model names (default: all)")
     demo.add_argument("--no-compile", action="store_true", help="skip compiling and timing the zoo GPT")
@@ -484,6 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="MetaSchedule-tune each distinct kernel with TRIALS candidates (default: off)")
     comp.add_argument("--tune-db", default=None, metavar="DIR",
                       help="tuning database, reused across compiles (default: $KILN_TUNING_DB or ~/.cache/kiln/tuning)")
+    _quant_arguments(comp, calib_required=False)
     comp.set_defaults(func=cmd_compile)
     run = sub.add_parser("run", help="run a compiled artifact")
     run.add_argument("artifact", help="a .kiln file from kiln compile")
@@ -501,6 +609,39 @@ def build_parser() -> argparse.ArgumentParser:
     fuzz_arguments(fuzz)
     fuzz.set_defaults(func=cmd_fuzz)
     return p
+
+
+def _quant_arguments(p: argparse.ArgumentParser, calib_required: bool) -> None:
+    """The quantization flags that ``quantize`` and ``compile`` share (see kiln.passes.quantize)."""
+    from kiln.passes.quantize import METHODS, REPARAMS, SCHEMES, WEIGHT_METHODS, QuantizeOptions
+
+    d = QuantizeOptions()
+    g = p.add_argument_group("quantization" + ("" if calib_required else " (quantize before compiling when "
+                                                                           "--calib is given)"))
+    g.add_argument("--calib", required=calib_required, metavar="DIR|FILE.npz",
+                   help="calibration data: a directory of .npz (one sample each) or one .npz with a sample axis")
+    g.add_argument("--scheme", choices=SCHEMES, default=d.scheme, help=f"(default {d.scheme})")
+    g.add_argument("--method", choices=METHODS, default=d.method,
+                   help=f"activation range calibration, w8a8 (default {d.method})")
+    g.add_argument("--reparam", choices=REPARAMS, default=d.reparam,
+                   help=f"scale reparameterization before w8a8 (default {d.reparam})")
+    g.add_argument("--weights", choices=WEIGHT_METHODS, default=d.weights,
+                   help=f"weight quantizer for w4a16/w8a16 (default {d.weights})")
+    g.add_argument("--exclude", nargs="+", action="extend", metavar="NODE", default=[],
+                   help="layers to keep in float (node or output names, as in the report)")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"seed of the calibration draw (default {d.seed})")
+    g.add_argument("--samples", type=int, default=d.samples,
+                   help=f"calibration samples drawn (default {d.samples}; 0 = all)")
+    g.add_argument("--group-size", type=int, default=d.group_size,
+                   help=f"weight-only quantization group along the input axis (default {d.group_size}; 0 = per "
+                        f"output channel)")
+    g.add_argument("--alpha", type=float, default=d.alpha, help=f"SmoothQuant migration strength (default {d.alpha})")
+    g.add_argument("--softmax", choices=("uniform", "log2"), default=d.softmax,
+                   help="quantizer of softmax outputs read by a matmul: int8 uniform (default) or RepQ-ViT's "
+                        "log-sqrt2 quantizer")
+    g.add_argument("--error-budget", type=float, default=None, metavar="DB",
+                   help="minimum SQNR of every output: keep the worst layers in float until it is met")
+    g.add_argument("--report", metavar="R.json", help="write the quantization report as JSON")
 
 
 def _pass_arguments(p: argparse.ArgumentParser) -> None:

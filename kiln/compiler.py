@@ -26,7 +26,12 @@ from kiln.ir.text import print_graph
 from kiln.ir.types import bind_shape, is_static_dim
 from kiln.runtime.artifact import ArtifactContents, write_artifact
 
-__all__ = ["Artifact", "CompileError", "Resolved", "compile", "initial_params", "model_inputs", "resolve_model"]
+QUANTIZED_PIPELINE = "dce,fuse-qlinear,dce,fuse-blocks"
+"""Default passes after :func:`kiln.quantize` (which already canonicalized and folded BatchNorm): integer
+kernels for the QDQ layers, and no ``canonicalize``, whose constant folding would turn the int8 weights'
+``dequantize`` back into float."""
+
+__all__ = ["QUANTIZED_PIPELINE", "Artifact", "CompileError", "Resolved", "compile", "initial_params", "model_inputs", "resolve_model"]
 
 
 class CompileError(Exception):
@@ -73,11 +78,15 @@ class Resolved:
 
 def resolve_model(model: Any, example_inputs: Any = None, *, params_as_inputs: bool = False) -> Resolved:
     """Lift any accepted model form into kiln IR (with ``params_as_inputs``, weights become inputs)."""
-    from kiln import frontend, zoo
+    from kiln import frontend
 
     if isinstance(model, Graph):
         return Resolved(model.clone(), model.name, example_inputs)
-    if isinstance(model, (str, os.PathLike)) and not os.path.exists(model) and str(model) in zoo.names():
+    if isinstance(model, (str, os.PathLike)) and not os.path.exists(model):
+        from kiln import zoo  # imported only here: it loads torch
+
+        if str(model) not in zoo.names():
+            raise CompileError(f"{os.fspath(model)!r}: no such file, and not a zoo model ({', '.join(zoo.names())})")
         label = str(model)
         if example_inputs is None:
             _, example_inputs = zoo.get(label)
@@ -86,8 +95,6 @@ def resolve_model(model: Any, example_inputs: Any = None, *, params_as_inputs: b
         if example_inputs is None:
             raise CompileError("compiling a torch module needs example_inputs (a tuple of tensors)")
         proto, label = frontend.export(model, example_inputs), type(model).__name__
-    elif isinstance(model, (str, os.PathLike)) and not os.path.exists(model):
-        raise CompileError(f"{os.fspath(model)!r}: no such file, and not a zoo model ({', '.join(zoo.names())})")
     else:
         proto = model  # lifted from the path itself, so that errors name the file
         label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
@@ -175,14 +182,22 @@ def _signature(values: Sequence[Any]) -> list[dict[str, Any]]:
 def compile(model: Any, example_inputs: Any = None, *, passes: str | None = None, target: Any = None,
             shapes: Mapping[str, int] | None = None, tune: int = 0, tune_db: str | None = None,
             params_as_inputs: bool = False, instruments: Any = None,
-            progress: Callable[[str, int, int], None] | None = None) -> Artifact:
+            progress: Callable[[str, int, int], None] | None = None,
+            quantize: Any = None, calibration: Any = None) -> Artifact:
     """Compile ``model`` ahead of time for ``target`` (default: this machine's CPU).
+
+    With ``quantize`` (a :class:`kiln.passes.quantize.QuantizeOptions`, or True for
+    the defaults) the lifted model is first quantized by :func:`kiln.quantize` on
+    ``calibration``; the default pipeline is then :data:`QUANTIZED_PIPELINE`, the
+    manifest's ``calibration`` records scheme, method, seed and sample ids, and
+    ``stats["quantize"]`` holds the report.
 
     With ``params_as_inputs`` the weights are named inputs of the artifact (listed
     in its manifest under ``params``); their initial values are ``artifact.params``.
     ``instruments`` (:class:`kiln.passes.manager.Instruments`) sets IR dumps and
     the per-pass interpreter check; the per-pass records are ``stats["passes"]``.
     """
+    quantized = _quantize_options(quantize, calibration, params_as_inputs)
     from kiln.codegen.build import build_graph, specialize
     from kiln.codegen.kernel import CodegenError
     from kiln.codegen.target import host_target, parse_target, target_summary
@@ -194,10 +209,25 @@ def compile(model: Any, example_inputs: Any = None, *, passes: str | None = None
     )
 
     t0 = time.perf_counter()
-    pipeline = parse_pipeline(passes if passes is not None else DEFAULT_PIPELINE)
-    resolved = resolve_model(model, example_inputs, params_as_inputs=params_as_inputs)
+    default = DEFAULT_PIPELINE if quantized is None else QUANTIZED_PIPELINE
+    pipeline = parse_pipeline(passes if passes is not None else default)
+    if quantized is not None and _is_torch_module(model):
+        from kiln.passes.calibrate import as_calibration
+        from kiln.passes.quantize import lift_torch
+
+        calibration = as_calibration(calibration)
+        resolved = Resolved(lift_torch(model, calibration, example_inputs), type(model).__name__, example_inputs)
+    else:
+        resolved = resolve_model(model, example_inputs, params_as_inputs=params_as_inputs)
     graph, label, example_inputs = resolved.graph, resolved.label, resolved.example_inputs
     t_lift = time.perf_counter() - t0
+    qresult = None
+    if quantized is not None:
+        from kiln.passes.quantize import quantize_graph
+
+        qresult = quantize_graph(graph, calibration, quantized,
+                                 progress=None if progress is None else lambda s, d, n: progress(f"calibrate:{s}", d, n))
+        graph = qresult.graph
     passed = run_pipeline_report(graph, pipeline, instruments)
     graph = passed.graph
     declared = graph.clone()
@@ -217,14 +247,37 @@ def compile(model: Any, example_inputs: Any = None, *, passes: str | None = None
             library = f.read()
     total = time.perf_counter() - t0
     manifest = _manifest(declared, compiled, tgt, format_pipeline(pipeline), symbols, label)
+    if qresult is not None:
+        manifest["calibration"] = qresult.manifest()
     stats = {"model": label, "nodes": len(graph.nodes), "kernels": len(compiled.kernels),
              "unique_kernels": compiled.unique_kernels, "compile_s": total, "lift_s": t_lift,
              **{f"{k}_s": v for k, v in compiled.timings.items()},
              "weights_bytes": int(sum(a.nbytes for a in compiled.weights.values())),
              "library_bytes": len(library), "target": target_summary(tgt),
              "notes": [f"{k.name}: {n}" for k in compiled.kernels for n in k.notes],
-             "passes": passed.records}
+             "passes": passed.records, "quantize": qresult.report if qresult is not None else None}
     return Artifact(manifest, library, compiled.weights, print_graph(declared), stats, resolved.params)
+
+
+def _quantize_options(quantize: Any, calibration: Any, params_as_inputs: bool) -> Any:
+    """The QuantizeOptions ``compile`` was asked for (None: no quantization); bad combinations are errors."""
+    if quantize is None or quantize is False:
+        if calibration is not None:
+            raise CompileError("calibration data was given but quantize is off: pass quantize=True or "
+                               "QuantizeOptions(...)")
+        return None
+    from kiln.passes.quantize import QuantizeOptions
+
+    if calibration is None:
+        raise CompileError("quantizing needs calibration data (a directory of .npz, one .npz, or a list of "
+                           "{input: array}); got none")
+    if params_as_inputs:
+        raise CompileError("cannot quantize with params_as_inputs: quantization needs the weights as constants")
+    if quantize is True:
+        return QuantizeOptions()
+    if not isinstance(quantize, QuantizeOptions):
+        raise CompileError(f"quantize: expected QuantizeOptions or True, got {type(quantize).__name__}")
+    return quantize
 
 
 def _manifest(graph: Graph, compiled: Any, target: Any, pipeline: str, symbols: Mapping[str, int],

@@ -326,8 +326,11 @@ def _bias_add(graph: Graph, out: Value) -> Node | None:
     return add
 
 
-def plan_fold(graph: Graph, norm: Node) -> FoldPlan | str:
-    """How ``norm``'s γ and β fold into the matmuls that consume it, or the reason they cannot."""
+def plan_fold(graph: Graph, norm: Node, ignore: frozenset[int] = frozenset()) -> FoldPlan | str:
+    """How ``norm``'s γ and β fold into the matmuls that consume it, or the reason they cannot.
+
+    Reads by the nodes whose ids are in ``ignore`` are left out (the caller keeps them exact another way).
+    """
     x = norm.inputs[0]
     ax = norm.attrs.get("axis", -1) % x.type.rank
     if ax != x.type.rank - 1:
@@ -349,7 +352,7 @@ def plan_fold(graph: Graph, norm: Node) -> FoldPlan | str:
         if _is_output(graph, v):
             return f"%{v.name} is a graph output"
         for u, i in v.uses:
-            if (id(u), i) in seen:
+            if (id(u), i) in seen or id(u) in ignore:
                 continue
             seen.add((id(u), i))
             if u.op == "matmul" and i == 0:

@@ -7,10 +7,17 @@ along ``axis``), matching the reference's ``_expand``.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
+import numpy as np
 from tvm import te, tirx
 
-from . import LowerCtx, lowers, tvm_dtype
+from ..intrin import has_avx2
+from ..schedules import QMATMUL_MR, QMATMUL_NV
+from . import LowerCtx, lowers, shape_of, tvm_dtype
 from .elementwise import Expr, bits_of
+from .nn import _unravel
 
 RANGES = {"i4": (-8, 7), "u4": (0, 15), "i8": (-128, 127), "u8": (0, 255),
           "i16": (-32768, 32767), "u16": (0, 65535)}
@@ -68,3 +75,297 @@ def dequantize(ctx: LowerCtx, x: te.Tensor, scale: te.Tensor, zero_point: te.Ten
         return (d.astype("float32") * s).astype(out)
 
     return te.compute(x.shape, body, name="T_dequantize")
+
+
+# ------------------------------------------------------------------ integer kernels (fuse-qlinear)
+#
+# Codes are centered (code - zero point) and widened to int16 before the
+# reduction, so the products are int16 x int16 -> int32 (exact: |code - zp| <=
+# 255) and a zero-padded conv input pads with the dequantized 0.  Constant
+# weights are centered and packed at compile time: on x86 AVX2 a qmatmul runs
+# on int16 pairs ([N/8, K/2, 8, 2], one vpmaddwd = 16 multiply-adds, see
+# codegen/intrin.py), elsewhere on [N/bn, K, bn] int16 in int32 lanes; dq_matmul
+# packs two 4-bit codes per byte.  The f32 epilogue multiplies by a_scale *
+# w_scale, folded into one [N] constant when both are constants.
+
+
+def _scalar(ctx: LowerCtx, i: int, t: te.Tensor | None, dtype: str) -> Expr:
+    """A per-tensor operand as an expression: an immediate when constant, else a load."""
+    if t is None:
+        return tirx.const(0, dtype)
+    c = ctx.const(i)
+    if c is not None:
+        ctx.drop_const(i)
+        v = c.reshape(-1)[0]
+        return tirx.const(float(v) if dtype.startswith("float") else int(v), dtype)
+    return (t[()] if len(t.shape) == 0 else t[0]).astype(dtype)
+
+
+def _centered_codes(x: te.Tensor, zp: Expr, axis_zp: te.Tensor | None = None, axis: int = -1,
+                    name: str = "T_centered") -> te.Tensor:
+    """int16(x - zp), zp an expression (per tensor) or ``axis_zp`` indexed along ``axis``."""
+    rank = len(x.shape)
+
+    def body(*i):
+        z = zp if axis_zp is None else _param(axis_zp, i, axis % rank, 0).astype("int16")
+        return x(*i).astype("int16") - z
+
+    return te.compute(x.shape, body, name=name)
+
+
+def _centered_np(q: np.ndarray, zp: np.ndarray | None, axis: int) -> np.ndarray:
+    """int16(q - zp) at compile time, zp per tensor or along ``axis``."""
+    d = q.astype(np.int16)
+    if zp is None:
+        return d
+    z = zp.astype(np.int16)
+    return d - (z.reshape(()) if z.size == 1 else z.reshape([-1 if k == axis % q.ndim else 1 for k in range(q.ndim)]))
+
+
+def _out_scale(ctx: LowerCtx, sa: te.Tensor, sb: te.Tensor, ib: int, n: int) -> Callable[[Expr], Expr]:
+    """c -> a_scale * b_scale[c] in f32 (one folded [n] constant when both scales are constants)."""
+    ca, cb = ctx.const(1), ctx.const(ib)
+    if ca is not None and cb is not None:
+        folded = (np.float32(ca.reshape(-1)[0]) * np.broadcast_to(cb.astype(np.float32).reshape(-1), (n,))).astype(np.float32)
+        ctx.drop_const(1)
+        s = ctx.replace_const(ib, np.ascontiguousarray(folded), name="q_scale")
+        return lambda c: s[c]
+    a = sa[()] if len(sa.shape) == 0 else sa[0]
+    if len(sb.shape) == 0 or int(sb.shape[0]) == 1:
+        b = sb[()] if len(sb.shape) == 0 else sb[0]
+        return lambda c: a * b
+    return lambda c: a * sb[c]
+
+
+def _requant(acc: te.Tensor, bias: te.Tensor | None, scale: Callable[[Expr], Expr], axis: int,
+             name: str) -> te.Tensor:
+    """f32(acc + bias[c]) * scale(c), c the index along ``axis``."""
+    def body(*i):
+        v = acc(*i)
+        if bias is not None:
+            v = v + bias[i[axis]]
+        return v.astype("float32") * scale(i[axis])
+
+    return te.compute(acc.shape, body, name=name)
+
+
+@lowers("qmatmul")
+def qmatmul(ctx: LowerCtx, a: te.Tensor, a_scale: te.Tensor, a_zp: te.Tensor, b: te.Tensor, b_scale: te.Tensor,
+            b_zp: te.Tensor | None = None, bias: te.Tensor | None = None) -> te.Tensor:
+    """int16-widened products accumulated in int32; a constant 2-D b is centered and packed at compile time."""
+    from ..schedules import MATMUL_NR_VECTORS, batch_matmul_te, pack_weight, packed_matmul_te
+    from ..target import vector_lanes
+
+    n = int(b.shape[-1])
+    weight = ctx.const(3)
+    const_weight = weight is not None and weight.ndim == 2 and (b_zp is None or ctx.const(5) is not None)
+    if const_weight and has_avx2(ctx.target):
+        return _qmatmul_pairs(ctx, a, a_zp, weight, b_zp, bias, _out_scale(ctx, a_scale, b_scale, 4, n))
+    a16 = _centered_codes(a, _scalar(ctx, 2, a_zp, "int16"), name="T_qa")
+    if const_weight:
+        bn = MATMUL_NR_VECTORS * vector_lanes(ctx.target, "int32")
+        zb = ctx.const(5)
+        if b_zp is not None:
+            ctx.drop_const(5)
+        w16 = _centered_np(weight, zb, 1)
+        mm = packed_matmul_te(a16, w16.shape, bn=bn, prepacked=ctx.replace_const(3, pack_weight(w16, bn), "w_q"),
+                              out_dtype="int32", name="qmatmul")
+        ctx.kind, ctx.block = "matmul", mm.block
+        acc = mm.output
+    else:
+        if len(b_scale.shape) == 1 and int(b_scale.shape[0]) > 1:
+            b16 = _centered_codes(b, tirx.const(0, "int16"), b_zp, -1, name="T_qb")
+        else:
+            b16 = _centered_codes(b, _scalar(ctx, 5, b_zp, "int16"), name="T_qb")
+        if shape_of(a16)[:-2] != shape_of(b16)[:-2]:
+            raise NotImplementedError(f"qmatmul with broadcast batch dims {list(a.shape)} x {list(b.shape)}")
+        mm = batch_matmul_te(a16, b16, out_dtype="int32", name="qmatmul")
+        ctx.kind, ctx.block = "batch_matmul", mm.block
+        acc = mm.output
+    return _requant(acc, bias, _out_scale(ctx, a_scale, b_scale, 4, n), -1, "T_qmatmul")
+
+
+def pack_int16_pairs(w16: np.ndarray, lanes: int = 8, tile: int = QMATMUL_NV) -> np.ndarray:
+    """[K, N] int16 -> [ceil(N/(lanes*tile))*tile, ceil(K/2), lanes, 2]: 8 columns' (k, k+1) pairs contiguous."""
+    k, n = w16.shape
+    kp, jo = -(-k // 2), -(-n // (lanes * tile)) * tile
+    padded = np.zeros((2 * kp, jo * lanes), np.int16)
+    padded[:k, :n] = w16
+    return np.ascontiguousarray(padded.reshape(kp, 2, jo, lanes).transpose(2, 0, 3, 1))
+
+
+def _qmatmul_pairs(ctx: LowerCtx, a: te.Tensor, a_zp: te.Tensor, weight: np.ndarray, b_zp: te.Tensor | None,
+                   bias: te.Tensor | None, scale: Callable[[Expr], Expr]) -> te.Tensor:
+    """The vpmaddwd kernel: rows of centered int16 activation pairs x the packed int16 weight, int32 sums.
+
+    Batch dims are flattened into rows (padded to the register tile); the [rows, N] result is viewed back.
+    """
+    from .tensor import out_shape, view
+
+    *lead, m, k = shape_of(a)
+    n = weight.shape[1]
+    rows = math.prod(lead) * m
+    rows_p = rows if rows <= QMATMUL_MR else -(-rows // QMATMUL_MR) * QMATMUL_MR
+    kp = -(-k // 2)
+    zb = ctx.const(5)
+    if b_zp is not None:
+        ctx.drop_const(5)
+    packed = pack_int16_pairs(_centered_np(weight, zb, 1))
+    w = ctx.replace_const(3, packed, name="w_pairs")
+    za = _scalar(ctx, 2, a_zp, "int16")
+
+    def pairs(r, p, h):
+        kk = p * 2 + h
+        idx = [r % m] if not lead else [*_unravel(r // m, tuple(lead)), r % m]
+        inside = tirx.all(r < rows, kk < k) if (rows_p != rows or 2 * kp != k) else None
+        v = a(*idx, tirx.min(kk, k - 1)).astype("int16") - za
+        return v if inside is None else tirx.if_then_else(inside, v, tirx.const(0, "int16"))
+
+    a2 = te.compute((rows_p, kp, 2), pairs, name="qmatmul_pairs")
+    rp = te.reduce_axis((0, kp), name="kp")
+    rh = te.reduce_axis((0, 2), name="kk")
+    c = te.compute((rows_p, packed.shape[0], 8),
+                   lambda r, jo, ji: te.sum(a2[r, rp, rh].astype("int32") * w[jo, rp, ji, rh].astype("int32"),
+                                            axis=[rp, rh]), name="qmatmul")
+
+    def body(r, j):
+        v = c[r, j // 8, j % 8]
+        if bias is not None:
+            v = v + bias[j]
+        return v.astype("float32") * scale(j)
+
+    ctx.kind, ctx.block = "matmul", "qmatmul"
+    ctx.schedule_kwargs = {"int16_pairs": True}
+    y = te.compute((rows, n), body, name="T_qmatmul")
+    shape = out_shape(ctx)
+    return y if shape_of(y) == shape else view(y, shape, name="T_qmatmul_view")
+
+
+@lowers("qconv")
+def qconv(ctx: LowerCtx, x: te.Tensor, x_scale: te.Tensor, x_zp: te.Tensor, w: te.Tensor, w_scale: te.Tensor,
+          w_zp: te.Tensor | None = None, bias: te.Tensor | None = None, *,
+          strides, pads, dilations, group) -> te.Tensor:
+    """Direct conv of int16-centered codes, int32 accumulation; a constant weight centered at compile time."""
+    from ..schedules import conv2d_nchw_te
+    from .nn import _spatial
+    from .tensor import out_shape, view
+
+    nsp = len(x.shape) - 2
+    if nsp > 2:
+        raise NotImplementedError(f"qconv: {nsp}-D convolution has no integer kernel")
+    strides, pads, dil = _spatial(nsp, strides, pads, dilations)
+    m = int(w.shape[0])
+    x16 = _centered_codes(x, _scalar(ctx, 2, x_zp, "int16"), name="T_qx")
+    w_np = ctx.const(3)
+    if w_np is not None and (w_zp is None or ctx.const(5) is not None):
+        zw = ctx.const(5)
+        if w_zp is not None:
+            ctx.drop_const(5)
+        w16_np = _centered_np(w_np, zw, 0)
+        if nsp == 1:
+            w16_np = w16_np[:, :, None, :]
+        w16 = ctx.replace_const(3, np.ascontiguousarray(w16_np), name="w_q")
+    else:
+        per_channel = w_zp is not None and len(w_zp.shape) == 1 and int(w_zp.shape[0]) > 1
+        w16 = (_centered_codes(w, tirx.const(0, "int16"), w_zp, 0, name="T_qw") if per_channel
+               else _centered_codes(w, _scalar(ctx, 5, w_zp, "int16"), name="T_qw"))
+        if nsp == 1:
+            w16 = view(w16, (*shape_of(w16)[:2], 1, shape_of(w16)[2]), name="T_qw_as_2d")
+    if nsp == 1:
+        nb, c, width = shape_of(x16)
+        x16 = view(x16, (nb, c, 1, width), name="T_qx_as_2d")
+        strides, pads, dil = [1, *strides], [0, pads[0], 0, pads[1]], [1, *dil]
+    res = conv2d_nchw_te(x16, w16, stride=strides, padding=(pads[0], pads[1], pads[2], pads[3]),
+                         dilation=dil, groups=group, target=ctx.target, out_dtype="int32", name="qconv")
+    ctx.kind, ctx.block = "conv2d", res.block
+    y = _requant(res.output, bias, _out_scale(ctx, x_scale, w_scale, 4, m), 1, "T_qconv")
+    shape = out_shape(ctx)
+    return y if shape_of(y) == shape else view(y, shape, name="T_qconv_view")
+
+
+def pack_int4(codes: np.ndarray, bn: int) -> np.ndarray:
+    """[K, N] 4-bit codes -> uint8 [ceil(N/bn), ceil(K/2), bn]: row 2r in the low nibble, 2r+1 in the high one."""
+    k, n = codes.shape
+    nib = np.zeros((k + k % 2, -(-n // bn) * bn), np.uint8)
+    nib[:k, :n] = codes.astype(np.int16) & 0xF
+    packed = nib[0::2] | (nib[1::2] << 4)
+    return np.ascontiguousarray(packed.reshape(packed.shape[0], -1, bn).transpose(1, 0, 2))
+
+
+def _full(p: np.ndarray, k: int, n: int, axis: int, block_size: int) -> np.ndarray:
+    """A dequantize scale / zero point expanded to the weight's [k, n]."""
+    from kiln.ir.ops.quant import _expand
+
+    return np.broadcast_to(_expand(p, np.empty((k, n), np.int8), axis, block_size), (k, n))
+
+
+def _rows_per_group(scale: np.ndarray, k: int, axis: int, block_size: int) -> int:
+    """How many consecutive weight rows share one scale row."""
+    along_k = axis % 2 == 0
+    if block_size:
+        return block_size if along_k else 1
+    return 1 if along_k and scale.size > 1 else k
+
+
+def _table(full: np.ndarray, rows: int, n_pad: int) -> np.ndarray:
+    """Rows 0, rows, 2*rows, ... of ``full`` as f32, zero-padded to ``n_pad`` columns."""
+    t = np.zeros((-(-full.shape[0] // rows), n_pad), np.float32)
+    t[:, :full.shape[1]] = full[::rows]
+    return t
+
+
+@lowers("dq_matmul")
+def dq_matmul(ctx: LowerCtx, a: te.Tensor, w: te.Tensor, scale: te.Tensor, zero_point: te.Tensor | None = None, *,
+              axis: int, block_size: int) -> te.Tensor:
+    """a @ dequantize(w) with the weight dequantized inside the matmul loop from compile-time packed codes."""
+    from ..schedules import MATMUL_NR_VECTORS, pack_weight
+    from ..target import vector_lanes
+    from .tensor import out_shape, view
+
+    codes, s_np = ctx.const(1), ctx.const(2)
+    z_np = ctx.const(3) if zero_point is not None else None
+    if codes is None or s_np is None or (zero_point is not None and z_np is None):
+        raise NotImplementedError("dq_matmul: the weight codes, scale and zero point must be constants")
+    k, n = codes.shape
+    bn = MATMUL_NR_VECTORS * vector_lanes(ctx.target, "float32")
+    no = -(-n // bn)
+    four_bit = str(w.dtype) in ("int4", "uint4")
+    rows = _rows_per_group(s_np, k, axis, block_size)
+    S = _table(_full(s_np, k, n, axis, block_size), rows, no * bn)
+    Z = None if z_np is None else _full(z_np, k, n, axis, block_size)
+    if not four_bit:  # 8-bit codes: centered at compile time
+        centered = codes.astype(np.int16) - (0 if Z is None else Z.astype(np.int16))
+        P = ctx.replace_const(1, pack_weight(centered, bn), name="w_q")
+        Z = None
+    else:
+        P = ctx.replace_const(1, pack_int4(codes, bn), name="w_q4")
+        Z = None if Z is None else _table(Z.astype(np.float32), rows, no * bn)
+    Sp = ctx.replace_const(2, S, name="w_scale")
+    Zp = ctx.replace_const(3, Z, name="w_zp") if Z is not None else None
+    if zero_point is not None and Zp is None:
+        ctx.drop_const(3)
+    signed = str(w.dtype) == "int4"
+    A = view(a, (1, int(a.shape[0])), name="T_as_row") if len(a.shape) == 1 else a
+    *lead, m, _ = shape_of(A)
+    kr = te.reduce_axis((0, k), name="k")
+
+    def weight(kk, j):
+        if four_bit:
+            nib = (P[j // bn, kk // 2, j % bn].astype("int32") >> ((kk % 2) * 4)) & 15
+            if signed:
+                nib = (nib ^ 8) - 8
+            q = nib.astype("float32")
+        else:
+            q = P[j // bn, kk, j % bn].astype("float32")
+        if Zp is not None:
+            q = q - Zp[kk // rows, j]
+        return q * Sp[kk // rows, j]
+
+    cp = te.compute((*lead, m, no * bn), lambda *i: te.sum(A[(*i[:-1], kr)] * weight(kr, i[-1]), axis=kr),
+                    name="dq_matmul")
+    out = te.compute((*lead, m, n), lambda *i: cp(*i), name="dq_matmul_unpad") if no * bn != n else cp
+    ctx.kind, ctx.block = "matmul", "dq_matmul"
+    if four_bit:
+        ctx.schedule_kwargs = {"kf": 2}
+    shape = out_shape(ctx)
+    return out if shape_of(out) == shape else view(out, shape, name="T_dq_matmul_view")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.special import (
+    erf as _erf,  # vectorized, matches math.erf to 1 ulp; np.vectorize(math.erf) is 3x slower
+)
 
 from ..registry import Attr, Attrs, FusionKind, OnnxSpec, OpTypeError, op
 from ..types import FLOAT_DTYPES, TensorType, to_numpy_dtype
@@ -205,7 +208,7 @@ _unary("round", "Round", np.round, "Round half to even, as ONNX Round.")
 _unary("tanh", "Tanh", np.tanh, "Hyperbolic tangent.")
 _unary("sin", "Sin", np.sin, "Sine.")
 _unary("cos", "Cos", np.cos, "Cosine.")
-_unary("erf", "Erf", np.vectorize(math.erf, otypes=[np.float64]), "Error function.")
+_unary("erf", "Erf", lambda x: _erf(x.astype(np.float64)), "Error function.")
 _unary("relu", "Relu", lambda x: np.maximum(x, 0), "max(x, 0).", float_only=False)
 _unary("sigmoid", "Sigmoid", lambda x: 1.0 / (1.0 + np.exp(-x.astype(np.float64))), "1/(1+e**-x).")
 _unary("softplus", "Softplus", lambda x: np.logaddexp(0.0, x.astype(np.float64)), "log(1+e**x).")
@@ -229,7 +232,7 @@ def gelu(x, approximate):
     if approximate == "tanh":
         y = 0.5 * x64 * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x64 + 0.044715 * x64 ** 3)))
     elif approximate == "none":
-        y = 0.5 * x64 * (1.0 + np.vectorize(math.erf, otypes=[np.float64])(x64 / math.sqrt(2.0)))
+        y = 0.5 * x64 * (1.0 + _erf(x64 / math.sqrt(2.0)))
     else:
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     return _like(x, y)

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 
 from kiln.ir import OpTypeError, TensorType
+from kiln.ir.registry import get_op
 
 from .onnx_single import T, check, infer, run_kiln
 
-COVERED = {"quantize", "dequantize"}
+COVERED = {"quantize", "dequantize", "qmatmul", "qconv", "dq_matmul"}
 
 rng = np.random.default_rng(3)
 NP = {"i4": ml_dtypes.int4, "u4": ml_dtypes.uint4, "i8": np.int8, "u8": np.uint8, "i16": np.int16, "u16": np.uint16}
@@ -153,3 +154,55 @@ def test_type_errors(op, types, attrs, match):
     with pytest.raises(OpTypeError, match=match) as e:
         infer(op, types, **attrs)
     assert str(e.value).startswith(f"{op}:")
+
+
+# ---------------------------------------------------------------- the fused integer ops (fuse-qlinear's output)
+
+
+def _deq(q, scale, zp=None):
+    """Dequantize in float64, independently of kiln: (q - zp) * scale."""
+    return (q.astype(np.float64) - (0 if zp is None else zp.astype(np.float64))) * scale.astype(np.float64)
+
+
+def test_qmatmul_is_the_float_matmul_of_the_dequantized_codes():
+    qmatmul = get_op("qmatmul").reference
+    a = rng.integers(-128, 128, (3, 16)).astype(np.int8)
+    b = rng.integers(-127, 128, (16, 5)).astype(np.int8)
+    sa, za, sb = scale_of(), zp_of("i8"), scale_of((5,))
+    bias = rng.integers(-3000, 3000, 5).astype(np.int32)
+    got = qmatmul(a, sa, za, b, sb, np.zeros(5, np.int8), bias)
+    want = _deq(a, sa, za) @ _deq(b, sb) + bias * (np.float64(sa) * sb.astype(np.float64))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+def test_qconv_is_the_float_conv_of_the_dequantized_codes():
+    import torch
+
+    qconv = get_op("qconv").reference
+    x = rng.integers(-128, 128, (1, 2, 6, 6)).astype(np.int8)
+    w = rng.integers(-127, 128, (4, 2, 3, 3)).astype(np.int8)
+    sx, zx, sw = scale_of(), zp_of("i8"), scale_of((4,))
+    bias = rng.integers(-3000, 3000, 4).astype(np.int32)
+    got = qconv(x, sx, zx, w, sw, None, bias, strides=[2, 2], pads=[1, 1, 1, 1], dilations=[], group=1)
+    want = torch.nn.functional.conv2d(torch.from_numpy(_deq(x, sx, zx)),
+                                      torch.from_numpy(_deq(w, sw[:, None, None, None])),
+                                      torch.from_numpy(bias * (np.float64(sx) * sw.astype(np.float64))),
+                                      stride=2, padding=1).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("dtype,block", [("u4", 4), ("i4", 8), ("i8", 0)])
+def test_dq_matmul_is_the_matmul_of_the_dequantized_weight(dtype, block):
+    dq_matmul = get_op("dq_matmul").reference
+    lo, hi = RANGE[dtype]
+    w = rng.integers(lo, hi + 1, (16, 3)).astype(NP[dtype])
+    a = rng.standard_normal((2, 16)).astype(np.float32)
+    if block:
+        scale, zp, axis = scale_of((16 // block, 3)), (zp_of(dtype, (16 // block, 3)) if dtype == "u4" else None), 0
+        wf = _deq(w, np.repeat(scale, block, 0), None if zp is None else np.repeat(zp, block, 0))
+    else:
+        scale, zp, axis = scale_of((3,)), None, 1
+        wf = _deq(w, scale)
+    got = dq_matmul(a, w, scale, zp, axis=axis, block_size=block)
+    np.testing.assert_allclose(got, a.astype(np.float64) @ wf, rtol=1e-5, atol=1e-5)

@@ -21,7 +21,8 @@ from . import (
 
 MODULES = [test_ops_elementwise, test_ops_nn, test_ops_tensor, test_ops_reduce, test_ops_quant, test_ops_crms_norm]
 OPS = ir.all_ops()
-NO_ONNX = {"silu": "decompose", "crms_norm": "decompose", "range": "folded to a constant by the lifter"}
+NO_ONNX = {"silu": "decompose", "crms_norm": "decompose", "qmatmul": "decompose", "qconv": "decompose",
+           "dq_matmul": "decompose", "range": "folded to a constant by the lifter"}
 
 
 def test_every_registered_op_is_exercised_by_a_test_file():
@@ -65,7 +66,8 @@ EXPECTED_FUSION = {
     "reshape": "injective", "transpose": "injective", "slice": "injective", "concat": "injective",
     "gather": "injective", "pad": "injective", "expand": "injective", "tile": "injective", "squeeze": "injective",
     "unsqueeze": "injective", "flatten": "injective", "split": "injective", "trilu": "injective",
-    "quantize": "injective", "dequantize": "injective",
+    "quantize": "injective", "dequantize": "injective", "qmatmul": "out-elementwise-fusable",
+    "qconv": "out-elementwise-fusable", "dq_matmul": "out-elementwise-fusable",
     "reduce_mean": "reduction", "reduce_sum": "reduction", "softmax": "reduction", "layer_norm": "reduction",
     "rms_norm": "reduction", "crms_norm": "reduction", "argmax": "reduction", "global_avg_pool": "reduction", "cumsum": "reduction",
     "conv": "out-elementwise-fusable", "conv_transpose": "out-elementwise-fusable",

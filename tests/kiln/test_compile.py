@@ -81,7 +81,7 @@ def test_onnx_proto_and_path_compile_with_symbols_bound_by_example_inputs(tmp_pa
     art = kiln.compile(proto, {"x": x})
     assert art.manifest["symbols"] == {"N": 3}
     assert art.manifest["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["N", 4]}]
-    assert art.manifest["pipeline"] == "canonicalize,fold-conv-bn,dce,fuse-blocks"
+    assert art.manifest["pipeline"] == "fuse-qlinear,canonicalize,fold-conv-bn,dce,fuse-blocks"
     np.testing.assert_array_equal(art.load().run({"x": x})["y"], want)
     path = tmp_path / "tiny.onnx"
     onnx.save(proto, path)
@@ -258,6 +258,6 @@ def test_cli_inspect_artifact_lists_kernels_with_their_ops(tmp_path, capsys):
     assert f"kernels ({len(manifest['kernels'])})" in out
     for k in manifest["kernels"]:
         assert k["name"] in out and " ".join(k["ops"]) in out
-    assert "weight input" in out and "pipeline: canonicalize,fold-conv-bn,dce" in out
+    assert "weight input" in out and "pipeline: fuse-qlinear,canonicalize,fold-conv-bn,dce" in out
     assert "graph @" in out  # --ir prints the artifact's IR, with its fused blocks
     assert 'block("b0")' in out and 'block("b0")' in kiln.load(str(art)).ir_text

@@ -13,38 +13,48 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-__all__ = ["DOT_8X2_I16", "has_avx2"]
+__all__ = ["DOT_8X2_I16", "DOT_8X2_I16_GLOBAL", "has_avx2"]
 
 DOT_8X2_I16 = "kiln_dot_8x2_i16_avx2"
+# the same with C a global-scope buffer: a small constant-size global tile allocated inside a parallel loop is a
+# stack array (LLVM keeps it in registers), where a "local" one is a workspace allocation per iteration
+DOT_8X2_I16_GLOBAL = "kiln_dot_8x2_i16_avx2_global"
 
 
-@T.prim_func(s_tir=True)
-def _dot_8x2_desc(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((8, 2), "int16", offset_factor=1),
-                  C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 2):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+def _dot_8x2(scope: str):
+    """The intrinsic's (description, implementation), the accumulator C in ``scope``."""
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((8, 2), "int16", offset_factor=1),
+             C: T.Buffer((8,), "int32", offset_factor=1, scope=scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+            T.writes(C[0:8])
+            for i in T.serial(0, 8):
+                for k in T.serial(0, 2):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((8, 2), "int16", offset_factor=1),
+             C: T.Buffer((8,), "int32", offset_factor=1, scope=scope)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+            T.writes(C[0:8])
+            # one expression, no named temporaries: a let-bound value inside a parallel loop becomes a
+            # workspace allocation per call
+            C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], "int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8),
+                              dtype="int16x16"),
+                B.vload([0, 0], "int16x16"), dtype="int32x8")
+
+    return desc, impl
 
 
-@T.prim_func(s_tir=True)
-def _dot_8x2_avx2(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((8, 2), "int16", offset_factor=1),
-                  C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        pair = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")
-        lanes = T.reinterpret(T.broadcast(pair, 8), dtype="int16x16")
-        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], "int32x8") + T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), lanes, B.vload([0, 0], "int16x16"),
-            dtype="int32x8")
-
-
-TensorIntrin.register(DOT_8X2_I16, _dot_8x2_desc, _dot_8x2_avx2)
+TensorIntrin.register(DOT_8X2_I16, *_dot_8x2("local"))
+TensorIntrin.register(DOT_8X2_I16_GLOBAL, *_dot_8x2("global"))
 
 
 def has_avx2(target) -> bool:

@@ -67,6 +67,7 @@ __all__ = [
     "schedule_matmul",
     "schedule_batch_matmul",
     "schedule_matmul_int16_pairs",
+    "schedule_conv2d_int16_pairs",
     "schedule_conv2d_nchw",
     "schedule_injective",
     "schedule_reduction",
@@ -980,6 +981,59 @@ def schedule_matmul_int16_pairs(
     return sch
 
 
+def schedule_conv2d_int16_pairs(
+    sch: ScheduleLike,
+    block_name: str = "qconv",
+    *,
+    mr: int | None = None,
+    nv: int | None = None,
+    target: Target | None = None,
+) -> Schedule:
+    """Integer conv on int16 channel pairs: ``C[n, oh, ow, jo, ji] = sum_{cp, kh, kw, kk} X[n, cp, ih, iw*2 + kk]
+    * W[jo, cp, kh, kw, ji, kk]`` (``ow`` padded to ``mr``, ``jo`` to ``nv``; see lowering/quant.py).
+
+    The :func:`schedule_matmul_int16_pairs` micro-kernel with output columns as rows: an ``mr x (nv*8)`` tile
+    (output columns x output channels) in registers, ``cp, kh, kw`` outside it, each ``(ji, kk)`` step one
+    ``vpmaddwd``; the NCHW epilogue is computed at the tile when it can be.
+    """
+    from .intrin import DOT_8X2_I16_GLOBAL
+
+    sch = as_schedule(sch)
+    fold_block(sch, block_name)
+    blk = sch.get_sblock(block_name)
+    consumers = list(sch.get_consumers(blk))
+    n, oh, ow, jo, ji, cp, kh, kw, kk = sch.get_loops(blk)
+    mr = min(mr or QMATMUL_MR, _extent(sch, ow))
+    nv = min(nv or QMATMUL_NV, _extent(sch, jo))
+    owo, owi = sch.split(ow, [None, mr])
+    joo, joi = sch.split(jo, [None, nv])
+    sch.reorder(n, oh, owo, joo, cp, kh, kw, owi, joi, ji, kk)
+    work = _work(sch, blk)
+    # the accumulator stays a global-scope buffer: only its tile is live under the parallel loop, so it
+    # is compacted to one stack array there (a "local" one would be a workspace allocation per tile)
+    for epi in consumers:
+        try:
+            sch.reverse_compute_at(epi, joo, preserve_unit_loops=False)
+            *outer_epi, inner = sch.get_loops(epi)[-2:]
+            if isinstance(sch.get(inner).extent, tirx.IntImm) and _extent(sch, inner) > 1:
+                sch.vectorize(inner)
+            # constant indices into the accumulator tile (unrolled), so LLVM can keep it in registers
+            for lp in outer_epi:
+                sch.unroll(lp)
+        except (ScheduleError, ValueError, tvm.error.InternalError):
+            pass  # left at the root, scheduled below
+    outer = sch.fuse(n, oh, owo, joo)
+    if _cores(target) > 1 and _extent(sch, outer) > 1 and work >= PARALLEL_MIN_WORK:
+        sch.parallel(outer)
+    sch.unroll(owi)
+    sch.unroll(joi)
+    init = sch.decompose_reduction(blk, cp)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.tensorize(ji, DOT_8X2_I16_GLOBAL)
+    _schedule_side_blocks(sch, block_name, target)
+    return sch
+
+
 def schedule_batch_matmul(
     sch: ScheduleLike, block_name: str = "batch_matmul", **kwargs
 ) -> Schedule:
@@ -1293,6 +1347,8 @@ def schedule_for(kind: str, sch: ScheduleLike, block_name: str | None = None, **
     if kind == "batch_matmul":
         return schedule_matmul(sch, block_name or "batch_matmul", **kwargs)
     if kind in ("conv2d", "conv2d_nchw", "depthwise_conv2d"):
+        if kwargs.pop("int16_pairs", False):
+            return schedule_conv2d_int16_pairs(sch, block_name or "qconv", **kwargs)
         return schedule_conv2d_nchw(sch, block_name or "conv2d", **kwargs)
     if kind in ("injective", "elementwise", "broadcast"):
         return schedule_injective(sch, block_name, **kwargs)

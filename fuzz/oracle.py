@@ -6,7 +6,9 @@ generation and the runtime (``kiln.compile`` then ``Artifact.load``), and ONNX
 Runtime on the lowered ONNX (graph optimizations off, see tvm-0.27.md).  A pass
 that refuses with a reason is not a finding; a case whose reference is not
 finite everywhere, or moves beyond tolerance when its inputs move by 1e-5, is
-not checked numerically (NNSmith's false-positive filters).
+not checked numerically (NNSmith's false-positive filters).  A pass that changes
+the numbers by design (``Pass.exact`` false: insert-qdq, weight-only,
+log2-softmax) is not compared; its output is the reference of what follows.
 """
 
 from __future__ import annotations

@@ -748,6 +748,8 @@ def mutate_func(func: tirx.PrimFunc, rng: np.random.Generator, tries: int = 12) 
             if tvm_ffi.structural_equal(new, func):
                 raise MutationFailed("no change")
             back = parse_func(new.script())
+            if tvm_ffi.structural_equal(back, func):  # the change did not survive printing (e.g. a no-op stmt)
+                raise MutationFailed("no change after the TVMScript round trip")
         except Exception as e:  # noqa: BLE001 - a mutator that does not fit this function: try another
             last = f"{name}: {type(e).__name__}: {_one_line(str(e))}"
             continue

@@ -255,6 +255,10 @@ def qconv(ctx: LowerCtx, x: te.Tensor, x_scale: te.Tensor, x_zp: te.Tensor, w: t
         raise NotImplementedError(f"qconv: {nsp}-D convolution has no integer kernel")
     strides, pads, dil = _spatial(nsp, strides, pads, dilations)
     m = int(w.shape[0])
+    if (group == 1 and ctx.const(3) is not None and (w_zp is None or ctx.const(5) is not None)
+            and has_avx2(ctx.target)):
+        return _qconv_pairs(ctx, x, x_zp, w_zp, bias, _out_scale(ctx, x_scale, w_scale, 4, m),
+                            strides, pads, dil)
     x16 = _centered_codes(x, _scalar(ctx, 2, x_zp, "int16"), name="T_qx")
     w_np = ctx.const(3)
     if w_np is not None and (w_zp is None or ctx.const(5) is not None):
@@ -281,6 +285,93 @@ def qconv(ctx: LowerCtx, x: te.Tensor, x_scale: te.Tensor, x_zp: te.Tensor, w: t
     y = _requant(res.output, bias, _out_scale(ctx, x_scale, w_scale, 4, m), 1, "T_qconv")
     shape = out_shape(ctx)
     return y if shape_of(y) == shape else view(y, shape, name="T_qconv_view")
+
+
+def pack_conv_int16_pairs(w16: np.ndarray, lanes: int = 8, tile: int = QMATMUL_NV) -> np.ndarray:
+    """[O, C, KH, KW] int16 -> [ceil(O/(lanes*tile))*tile, ceil(C/2), KH, KW, lanes, 2]: channel pairs contiguous."""
+    o, c, kh, kw = w16.shape
+    cp, jo = -(-c // 2), -(-o // (lanes * tile)) * tile
+    padded = np.zeros((jo * lanes, 2 * cp, kh, kw), np.int16)
+    padded[:o, :c] = w16
+    return np.ascontiguousarray(padded.reshape(jo, lanes, cp, 2, kh, kw).transpose(0, 2, 4, 5, 1, 3))
+
+
+def qconv_ow_tile(ow: int) -> int:
+    """Output columns per register tile of the int16-pair conv: the tile in 6..3 padding ``ow`` least."""
+    if ow <= QMATMUL_MR:
+        return ow
+    return min(range(QMATMUL_MR, 2, -1), key=lambda t: (-(-ow // t) * t, -t))
+
+
+def _qconv_pairs(ctx: LowerCtx, x: te.Tensor, x_zp: te.Tensor, w_zp: te.Tensor | None, bias: te.Tensor | None,
+                 scale: Callable[[Expr], Expr], strides, pads, dil) -> te.Tensor:
+    """groups=1 conv on the vpmaddwd kernel: input channel pairs x the packed int16 weight, int32 sums.
+
+    The input codes are centered, zero-padded (0 = the zero point) and laid out ``[N, C/2, Hp, Wp*2]``
+    (channels 2c, 2c+1 of a pixel adjacent; an odd C padded with a zero channel); the weight is packed
+    ``[O/8, C/2, KH, KW, 8, 2]``.  Block ``qconv`` computes ``[N, OH, OWp, O/8, 8]`` (OWp: OW padded to the
+    register tile), the epilogue writes NCHW.
+    """
+    from .tensor import out_shape, view
+
+    w_np = ctx.const(3)
+    nsp = len(x.shape) - 2
+    zw = ctx.const(5)
+    if w_zp is not None:
+        ctx.drop_const(5)
+    w16 = _centered_np(w_np, zw, 0)
+    if nsp == 1:
+        w16 = w16[:, :, None, :]
+        strides, pads, dil = [1, *strides], [0, pads[0], 0, pads[1]], [1, *dil]
+    o, c, kh, kw = w16.shape
+    packed = pack_conv_int16_pairs(w16)
+    wp = ctx.replace_const(3, packed, name="w_pairs")
+    zx = _scalar(ctx, 2, x_zp, "int16")
+    nb, h, wd = int(x.shape[0]), (1 if nsp == 1 else int(x.shape[2])), int(x.shape[-1])
+    sh, sw = strides
+    dh, dw = dil
+    pt, pl, pb, pr = pads
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    mr = qconv_ow_tile(ow)
+    owp = -(-ow // mr) * mr
+    hp = (oh - 1) * sh + dh * (kh - 1) + 1
+    wpad = (owp - 1) * sw + dw * (kw - 1) + 1
+    cp = packed.shape[1]
+
+    def xin(n, ch, y, xx):
+        return x[n, ch, xx] if nsp == 1 else x[n, ch, y, xx]
+
+    def centered(n, q, y, v):
+        ch, xx, yy = q * 2 + v % 2, v // 2 - pl, y - pt
+        inside = tirx.all(ch < c, yy >= 0, yy < h, xx >= 0, xx < wd)
+        val = xin(n, tirx.min(ch, c - 1), tirx.max(tirx.min(yy, h - 1), 0),
+                  tirx.max(tirx.min(xx, wd - 1), 0)).astype("int16") - zx
+        return tirx.if_then_else(inside, val, tirx.const(0, "int16"))
+
+    xp = te.compute((nb, cp, hp, 2 * wpad), centered, name="qconv_pairs")
+    rc = te.reduce_axis((0, cp), name="cp")
+    rh = te.reduce_axis((0, kh), name="kh")
+    rw = te.reduce_axis((0, kw), name="kw")
+    rk = te.reduce_axis((0, 2), name="kk")
+    acc = te.compute(
+        (nb, oh, owp, packed.shape[0], 8),
+        lambda n, y, xx, jo, ji: te.sum(
+            xp[n, rc, y * sh + rh * dh, (xx * sw + rw * dw) * 2 + rk].astype("int32")
+            * wp[jo, rc, rh, rw, ji, rk].astype("int32"), axis=[rc, rh, rw, rk]),
+        name="qconv")
+
+    def body(n, ch, y, xx):
+        v = acc[n, y, xx, ch // 8, ch % 8]
+        if bias is not None:
+            v = v + bias[ch]
+        return v.astype("float32") * scale(ch)
+
+    ctx.kind, ctx.block = "conv2d", "qconv"
+    ctx.schedule_kwargs = {"int16_pairs": True, "mr": mr}
+    yv = te.compute((nb, o, oh, ow), body, name="T_qconv")
+    shape = out_shape(ctx)
+    return yv if shape_of(yv) == shape else view(yv, shape, name="T_qconv_view")
 
 
 def pack_int4(codes: np.ndarray, bn: int) -> np.ndarray:

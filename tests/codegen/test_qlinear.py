@@ -280,3 +280,129 @@ def test_qmatmul_without_avx2_falls_back_to_int32_products():
     k = lower_node(g.nodes[0], generic, name="k")
     assert not k.notes
     assert_close(run_kernel(k, feeds, generic)[0], interpret(g, feeds)["y"])
+
+
+# ------------------------------------------------------------------ qconv on int16 channel pairs (vpmaddwd)
+
+PAIR_CONVS = {
+    # name: (x shape, w shape, attrs, x dtype, per-channel w zero point)
+    "3x3-pad1": ((1, 4, 8, 8), (16, 4, 3, 3), {"pads": [1, 1, 1, 1]}, "u8", True),
+    "odd-c-odd-r": ((2, 3, 7, 9), (8, 3, 3, 3), {"pads": [1, 0, 1, 2]}, "i8", False),  # C=3: R=27, a zero channel
+    "stride2-pad": ((1, 6, 11, 10), (20, 6, 3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1]}, "u8", True),
+    "1x1-stride2": ((1, 16, 9, 9), (24, 16, 1, 1), {"strides": [2, 2]}, "i8", True),
+    "5x3-dilated": ((1, 5, 12, 13), (9, 5, 5, 3), {"dilations": [2, 1], "pads": [2, 1, 2, 1]}, "u8", False),
+    "c1-wide": ((1, 1, 6, 40), (7, 1, 2, 2), {}, "u8", True),
+    "1d": ((2, 7, 15), (10, 7, 3), {"pads": [1, 1]}, "i8", True),
+}
+
+
+def _qconv_case(xs, ws, attrs, xdt, per_ch, unit: bool = False, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    m = ws[0]
+    y = ir.infer_types("conv", [ir.TensorType("f32", xs), ir.TensorType("f32", ws)], attrs)[0]
+    attr_text = ", ".join(f"{k}={v}" for k, v in attrs.items())
+    p = f"[{m}]" if per_ch else "[]"
+    zx = 117 if xdt == "u8" else -5
+    text = f"""graph @g(%xq: {xdt}[{','.join(map(str, xs))}]) -> (%y) {{
+  %sx = const f32[] [{1.0 if unit else 0.04}]
+  %zx = const {xdt}[] [{zx}]
+  %W = const i8[{','.join(map(str, ws))}] dense<elided>
+  %sw = const f32{p} dense<elided>
+  %zw = const i8{p} dense<elided>
+  %b = const i32[{m}] dense<elided>
+  %y = qconv(%xq, %sx, %zx, %W, %sw, %zw, %b) {{{attr_text}}} : f32[{','.join(map(str, y.shape))}]
+}}"""
+    shape = (m,) if per_ch else ()
+    consts = {"W": codes(rng, "i8", ws),
+              "sw": (np.ones(shape) if unit else rng.uniform(0.005, 0.02, shape)).astype(np.float32),
+              "zw": rng.integers(-6, 7, shape).astype(np.int8), "b": codes(rng, "i32", (m,))}
+    return text, consts, {"xq": codes(rng, xdt, xs)}
+
+
+@pytest.mark.skipif(not has_avx2(TARGET), reason="the vpmaddwd kernel needs x86 AVX2")
+@pytest.mark.parametrize("name", sorted(PAIR_CONVS))
+def test_qconv_int16_pairs_exact(name):
+    """Unit scales: the f32 output is the int32 sum + bias itself, so the pair kernel must match exactly."""
+    xs, ws, attrs, xdt, per_ch = PAIR_CONVS[name]
+    text, consts, feeds = _qconv_case(xs, ws, attrs, xdt, per_ch, unit=True, seed=len(name))
+    g = ir.parse(text, constants=consts)
+    k = lower_node(g.nodes[-1], TARGET, name="k")
+    assert not k.notes and k.scheduled
+    assert k.kind == "conv2d" and "qconv_pairs" in k.func.script()
+    got = run_kernel(k, feeds, TARGET)[0]
+    want = interpret(g, feeds)["y"]
+    assert np.abs(want).max() < 2 ** 24
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["3x3-pad1", "odd-c-odd-r", "1d"])
+def test_qconv_int16_pairs_scaled(name):
+    xs, ws, attrs, xdt, per_ch = PAIR_CONVS[name]
+    text, consts, feeds = _qconv_case(xs, ws, attrs, xdt, per_ch, seed=3)
+    run_one(text, consts, feeds)
+
+
+@pytest.mark.skipif(not has_avx2(TARGET), reason="the vpmaddwd kernel needs x86 AVX2")
+def test_qconv_uses_vpmaddwd_on_avx2():
+    text, consts, feeds = _qconv_case((1, 8, 10, 10), (16, 8, 3, 3), {"pads": [1, 1, 1, 1]}, "u8", True)
+    g = ir.parse(text, constants=consts)
+    k = lower_node(g.nodes[-1], TARGET, name="k")
+    mod = build_kernel(k, TARGET)
+    asm = mod.inspect_source("asm")
+    assert "vpmaddwd" in asm and "vpmulld" not in asm
+    assert_close(run_kernel(k, feeds, TARGET, module=mod)[0], interpret(g, feeds)["y"])
+
+
+@pytest.mark.parametrize("attrs,ws", [
+    ({"group": 2, "pads": [1, 1, 1, 1]}, (6, 2, 3, 3)),  # grouped
+    ({"group": 8, "strides": [2, 2]}, (8, 1, 3, 3)),  # depthwise
+])
+def test_qconv_grouped_falls_back_to_direct_conv(attrs, ws):
+    """groups > 1 keeps the direct int32-lane conv (no pair kernel), still exact."""
+    xs = (1, 4 if attrs["group"] == 2 else 8, 9, 9)
+    text, consts, feeds = _qconv_case(xs, ws, attrs, "u8", True, unit=True, seed=7)
+    g = ir.parse(text, constants=consts)
+    k = lower_node(g.nodes[-1], TARGET, name="k")
+    assert not k.notes and k.scheduled
+    assert "qconv_pairs" not in k.func.script()
+    np.testing.assert_array_equal(run_kernel(k, feeds, TARGET)[0], interpret(g, feeds)["y"])
+
+
+def test_qconv_without_avx2_falls_back():
+    generic = Target({"kind": "llvm"})
+    text, consts, feeds = _qconv_case((1, 3, 7, 7), (5, 3, 3, 3), {"pads": [1, 1, 1, 1]}, "i8", False, unit=True)
+    g = ir.parse(text, constants=consts)
+    k = lower_node(g.nodes[-1], generic, name="k")
+    assert not k.notes and "qconv_pairs" not in k.func.script()
+    np.testing.assert_array_equal(run_kernel(k, feeds, generic)[0], interpret(g, feeds)["y"])
+
+
+@pytest.mark.skipif(not has_avx2(TARGET), reason="the vpmaddwd kernel needs x86 AVX2")
+def test_fused_block_quantize_qconv_relu_requantize():
+    """quantize -> qconv -> relu -> quantize as one kernel on the pair kernel (the input quantize in its pad stage)."""
+    rng = np.random.default_rng(9)
+    text = """graph @g(%x: f32[1,5,9,9]) -> (%yq) {
+  %sx = const f32[] [0.05]
+  %zx = const u8[] [128]
+  %W = const i8[12,5,3,3] dense<elided>
+  %sw = const f32[12] dense<elided>
+  %zw = const i8[12] dense<elided>
+  %b = const i32[12] dense<elided>
+  %sy = const f32[] [0.2]
+  %zy = const u8[] [0]
+  %xq = quantize(%x, %sx, %zx) {dtype="u8"} : u8[1,5,9,9]
+  %m = qconv(%xq, %sx, %zx, %W, %sw, %zw, %b) {pads=[1, 1, 1, 1]} : f32[1,12,9,9]
+  %r = relu(%m) : f32[1,12,9,9]
+  %yq = quantize(%r, %sy, %zy) {dtype="u8"} : u8[1,12,9,9]
+}"""
+    consts = {"W": codes(rng, "i8", (12, 5, 3, 3)), "sw": rng.uniform(0.005, 0.02, 12).astype(np.float32),
+              "zw": np.zeros(12, np.int8), "b": codes(rng, "i32", (12,))}
+    g = run_pipeline(ir.parse(text, constants=consts), "fuse-blocks")
+    assert len({n.block for n in g.nodes}) == 1
+    k = lower_block(g.nodes, TARGET, name="k")
+    assert not k.notes and k.kind == "conv2d" and "qconv_pairs" in k.func.script()
+    x = rng.standard_normal((1, 5, 9, 9)).astype(np.float32)
+    got = run_kernel(k, {"x": x}, TARGET)[0]
+    want = interpret(g, {"x": x})["yq"]
+    assert np.abs(got.astype(np.int32) - want.astype(np.int32)).max() <= 1
+    assert np.mean(got == want) > 0.99

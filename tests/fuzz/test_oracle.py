@@ -37,6 +37,23 @@ def test_a_planted_miscompile_is_a_mismatch_at_its_pass():
     assert "differs" in out.message and out.detail["expected"] != out.detail["actual"]
 
 
+LINEAR = """graph @g(%x: f32[4,8]) -> (%out) {
+  %w = const f32[8,3] [0.5, -0.25, 0.75, 1.0, -1.0, 0.5, 0.125, 0.25, -0.5, 0.3, -0.7, 0.9, 0.2, -0.1, 0.6, -0.8, 0.4, 0.05, -0.35, 0.45, 0.15, -0.6, 0.7, -0.2]
+  %out = matmul(%x, %w) : f32[4,3]
+}"""
+
+
+def test_a_quantizing_pass_becomes_the_reference_and_a_miscompile_after_it_is_still_found():
+    """insert-qdq moves the outputs by design (Pass.exact is False): not a finding; the stages after it are
+    judged against the quantized graph, so a planted miscompile behind it is still caught at its pass."""
+    ok = run_graph_case(GraphCase(LINEAR, ["insert-qdq{samples=2}", "fuse-qlinear", "fuse-blocks"], seed=2),
+                        stages=("passes", "onnxruntime"))
+    assert ok.status == "ok", ok
+    bad = run_graph_case(GraphCase(SUB_RELU, ["insert-qdq{samples=2}", "planted-sub-to-add"], seed=1),
+                         stages=("passes",))
+    assert (bad.status, bad.stage, bad.pass_name) == ("finding", "pass", "planted-sub-to-add"), bad
+
+
 def test_a_non_finite_reference_is_not_judged():
     text = """graph @g(%x: f32[3]) -> (%out) {
       %z = sub(%x, %x) : f32[3]

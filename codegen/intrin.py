@@ -59,16 +59,11 @@ TensorIntrin.register(DOT_8X2_I16_GLOBAL, *_dot_8x2("global"))
 
 def has_avx2(target) -> bool:
     """Whether the LLVM target is x86 with AVX2 (the intrinsic's ``vpmaddwd``)."""
-    from tvm.target import codegen
+    from .target import cpu_features
 
     if str(target.kind.name) != "llvm":
         return False
     triple = str(target.attrs.get("mtriple", "") or "")
     if triple and not triple.startswith(("x86_64", "i686", "i386")):
         return False
-    try:
-        with target:
-            feats = {str(k) for k in codegen.llvm_get_cpu_features(target)}
-    except Exception:  # noqa: BLE001 - no feature list: no intrinsic
-        return False
-    return "avx2" in feats
+    return "avx2" in cpu_features(target)

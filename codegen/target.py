@@ -21,6 +21,7 @@ from kiln.runtime.session import configure_threads
 
 __all__ = [
     "configure_threads",
+    "cpu_features",
     "host_target",
     "parse_target",
     "target_summary",
@@ -179,12 +180,10 @@ def _attr(target: Target, key: str, default: Any = None) -> Any:
     return attrs[key] if key in attrs else default
 
 
-def vector_width_bits(target: Target | None = None) -> int:
-    """Width in bits of the widest SIMD register the target has (256 default)."""
-    target = target or host_target()
-    mcpu = str(_attr(target, "mcpu", "") or "")
+def cpu_features(target: Target) -> set[str]:
+    """LLVM's CPU features of the target (its mcpu or the host), with the target's ``mattr`` +/- applied;
+    empty when LLVM cannot tell."""
     mattr = [str(a) for a in (_attr(target, "mattr", []) or [])]
-    explicit = {a[1:]: a[0] == "+" for a in mattr if a[:1] in "+-"}
     feats: set[str] = set()
     try:
         from tvm.target import codegen
@@ -193,8 +192,17 @@ def vector_width_bits(target: Target | None = None) -> int:
             feats = {str(k) for k in codegen.llvm_get_cpu_features(target)}
     except Exception:
         feats = set()
-    for name, on in explicit.items():
-        (feats.add if on else feats.discard)(name)
+    for a in mattr:
+        if a[:1] in "+-":
+            (feats.add if a[0] == "+" else feats.discard)(a[1:])
+    return feats
+
+
+def vector_width_bits(target: Target | None = None) -> int:
+    """Width in bits of the widest SIMD register the target has (256 default)."""
+    target = target or host_target()
+    mcpu = str(_attr(target, "mcpu", "") or "")
+    feats = cpu_features(target)
     if feats:
         if "avx512f" in feats:
             return 512

@@ -50,7 +50,7 @@ import numpy as np
 
 from kiln.ir.graph import Graph
 from kiln.ir.interpret import interpret
-from kiln.ir.types import to_numpy_dtype
+from kiln.ir.types import bind_shape, to_numpy_dtype
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 CACHE_BYTES = 256 << 20  # first-pass activations kept for the histogram pass when they fit
@@ -61,7 +61,7 @@ Range = tuple[float, float]
 
 __all__ = ["CACHE_BYTES", "METHODS", "CalibrationError", "CalibrationSet", "EntropyObserver", "MinMaxObserver",
            "MseObserver", "Observer", "PercentileObserver", "activation_qparams", "activations", "as_calibration",
-           "calibration_for", "compute_ranges", "draw", "expected_sq_error", "load_calibration", "make_observer",
+           "calibration_for", "check_calibration", "check_sample", "compute_ranges", "draw", "expected_sq_error", "load_calibration", "make_observer",
            "quantize_symmetric", "symmetric_weight_qparams", "synthetic_calibration"]
 
 
@@ -147,12 +147,31 @@ def calibration_for(graph: Graph, path: str, samples: int, seed: int) -> Calibra
 
 
 def check_sample(graph: Graph, sample: Mapping[str, np.ndarray], sample_id: str) -> dict[str, np.ndarray]:
-    """The sample's arrays for the graph's inputs, cast to their dtypes; a missing input is an error naming it."""
+    """The sample's arrays for the graph's inputs, cast to their dtypes, after checking that every input is
+    there with a shape and kind (integer or float) its type admits; errors name the sample and the input."""
     missing = [v.name for v in graph.inputs if v.name not in sample]
     if missing:
-        raise CalibrationError(f"calibration sample {sample_id!r} lacks input(s) {missing}; it has "
+        raise CalibrationError(f"calibration sample {sample_id!r} lacks model input(s) {missing}; it holds "
                                f"{sorted(sample)}")
+    env: dict[str, int] = {}
+    for v in graph.inputs:
+        a = np.asarray(sample[v.name])
+        err = bind_shape(v.type.shape, tuple(a.shape), env)
+        if err:
+            raise CalibrationError(f"calibration sample {sample_id!r}: input {v.name!r} expected shape {v.type}, "
+                                   f"got {list(a.shape)} ({a.dtype}): {err}")
+        if a.dtype.kind not in "biuf" or (a.dtype.kind == "f") != (v.type.np_dtype.kind == "f"):
+            raise CalibrationError(f"calibration sample {sample_id!r}: input {v.name!r} expected dtype "
+                                   f"{v.type.dtype}, got {a.dtype}")
     return {v.name: np.asarray(sample[v.name]).astype(v.type.np_dtype, copy=False) for v in graph.inputs}
+
+
+def check_calibration(graph: Graph, calib: CalibrationSet) -> None:
+    """Every sample passes :func:`check_sample` (and there is at least one)."""
+    if len(calib) == 0:
+        raise CalibrationError("the calibration set is empty")
+    for sample, sid in zip(calib.samples, calib.ids):
+        check_sample(graph, sample, sid)
 
 
 def activations(graph: Graph, calib: CalibrationSet, values: Sequence[str], *,

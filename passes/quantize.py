@@ -44,13 +44,12 @@ import numpy as np
 
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.interpret import run_node
-from kiln.ir.types import bind_shape
 from kiln.passes.calibrate import (
     METHODS,
-    CalibrationError,
     CalibrationSet,
     activations,
     as_calibration,
+    check_calibration,
     draw,
 )
 from kiln.passes.manager import PassLog
@@ -334,27 +333,6 @@ class QuantizeResult:
 
 
 # ====================================================================== calibration checks
-
-def check_calibration(graph: Graph, calib: CalibrationSet) -> None:
-    """Every sample holds every graph input with a shape the input's type admits; errors name the input."""
-    if len(calib) == 0:
-        raise CalibrationError("the calibration set is empty")
-    for sample, sid in zip(calib.samples, calib.ids):
-        missing = [v.name for v in graph.inputs if v.name not in sample]
-        if missing:
-            raise CalibrationError(f"calibration sample {sid!r} lacks model input(s) {missing}; it holds "
-                                   f"{sorted(sample)}")
-        env: dict[str, int] = {}
-        for v in graph.inputs:
-            a = np.asarray(sample[v.name])
-            err = bind_shape(v.type.shape, tuple(a.shape), env)
-            if err:
-                raise CalibrationError(f"calibration sample {sid!r}: input {v.name!r} expected shape {v.type}, "
-                                       f"got {list(a.shape)} ({a.dtype}): {err}")
-            if a.dtype.kind not in "biuf" or (a.dtype.kind == "f") != (v.type.np_dtype.kind == "f"):
-                raise CalibrationError(f"calibration sample {sid!r}: input {v.name!r} expected dtype "
-                                       f"{v.type.dtype}, got {a.dtype}")
-
 
 # ====================================================================== layers of a quantized graph
 

@@ -13,14 +13,13 @@ from collections.abc import Callable
 import numpy as np
 from tvm import te, tirx
 
+from kiln.ir.ops.quant import RANGES, _centered
+
 from ..intrin import has_avx2
 from ..schedules import QMATMUL_MR, QMATMUL_NV
 from . import LowerCtx, lowers, shape_of, tvm_dtype
 from .elementwise import Expr, bits_of
 from .nn import _unravel
-
-RANGES = {"i4": (-8, 7), "u4": (0, 15), "i8": (-128, 127), "u8": (0, 255),
-          "i16": (-32768, 32767), "u16": (0, 65535)}
 
 
 def _no_int4(dtype: str) -> None:
@@ -114,12 +113,8 @@ def _centered_codes(x: te.Tensor, zp: Expr, axis_zp: te.Tensor | None = None, ax
 
 
 def _centered_np(q: np.ndarray, zp: np.ndarray | None, axis: int) -> np.ndarray:
-    """int16(q - zp) at compile time, zp per tensor or along ``axis``."""
-    d = q.astype(np.int16)
-    if zp is None:
-        return d
-    z = zp.astype(np.int16)
-    return d - (z.reshape(()) if z.size == 1 else z.reshape([-1 if k == axis % q.ndim else 1 for k in range(q.ndim)]))
+    """int16(q - zp) at compile time, zp per tensor or along ``axis`` (8-bit codes: the difference fits)."""
+    return _centered(q, zp, axis).astype(np.int16)
 
 
 def _out_scale(ctx: LowerCtx, sa: te.Tensor, sb: te.Tensor, ib: int, n: int) -> Callable[[Expr], Expr]:

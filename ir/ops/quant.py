@@ -173,18 +173,14 @@ def _qmatmul_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType
 def _centered(q: np.ndarray, zp: np.ndarray | None, axis: int) -> np.ndarray:
     """q - zp in int64 (zp per tensor, or per index along ``axis``)."""
     d = q.astype(np.int64)
-    if zp is None:
-        return d
-    z = zp.astype(np.int64)
-    return d - (z.reshape(()) if z.size == 1 else z.reshape([-1 if i == axis % q.ndim else 1 for i in range(q.ndim)]))
+    return d if zp is None else d - _expand(zp, q, axis, 0).astype(np.int64)
 
 
 def _requant(acc: np.ndarray, bias: np.ndarray | None, sa: np.ndarray, sb: np.ndarray, axis: int) -> np.ndarray:
     """(acc + bias) * sa * sb in float64, rounded once to f32."""
     if bias is not None:
-        acc = acc + bias.astype(np.int64).reshape([-1 if i == axis % acc.ndim else 1 for i in range(acc.ndim)])
-    s = sb.astype(np.float64)
-    s = s.reshape(()) if s.size == 1 else s.reshape([-1 if i == axis % acc.ndim else 1 for i in range(acc.ndim)])
+        acc = acc + _expand(bias, acc, axis, 0).astype(np.int64)
+    s = _expand(sb, acc, axis, 0).astype(np.float64)
     return (acc.astype(np.float64) * np.float64(sa.reshape(())) * s).astype(np.float32)
 
 

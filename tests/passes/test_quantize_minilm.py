@@ -25,8 +25,9 @@ GROUP_SIZE = 128
 def _one_blas_thread():
     """One BLAS thread per xdist worker: OpenBLAS threads spinning on busy shared cores made the
     interpreter's float64 matmuls 5-10x slower (measured: 1.7 s vs 9-17 s per batch of 16)."""
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+    from threadpoolctl import threadpool_limits  # installed with scikit-learn (dev extras)
+
+    with threadpool_limits(limits=1, user_api="blas"):
         yield
 
 

@@ -1535,5 +1535,17 @@ def _check_only(ctx: _Ctx, known: Sequence[str]) -> None:
             raise _Refuse(f"attribute {name}={_short(val)} is not supported")
 
 
+# Converter families in their own modules; they register into _SPECIAL through @_special.
+from . import (  # noqa: E402,F401
+    lift_image,
+    lift_index,
+    lift_math,
+    lift_nn_extra,
+    lift_quant,
+    lift_recurrent,
+    lift_signal,
+    lift_transformer,
+)
+
 __all__ = ["LIFT_FOLD_LIMIT", "MAX_OPSET", "MIN_OPSET", "lift", "load_model",
            "reshape_target", "shape_expr", "supported_ops"]

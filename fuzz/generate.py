@@ -1295,3 +1295,15 @@ def toposort(g: Graph) -> None:
 
 
 FLOATS = FLOAT_DTYPES  # re-exported for the mutators
+
+
+# Builders of the newer op families live beside this module; they register into OP_BUILDERS.
+from . import (  # noqa: E402,F401
+    build_image,
+    build_index,
+    build_math,
+    build_nn_extra,
+    build_recurrent,
+    build_signal,
+    build_transformer,
+)

@@ -108,6 +108,17 @@ class OpDef:
     doc: str = ""
     decompose: Callable[..., Any] | None = None
     lower_tvm: Callable[..., Any] | None = None
+    view: bool = False
+    fold: bool = True
+    layer: bool = False
+    group: str | None = None
+    domain: tuple[float, float] | None = None
+    bound: str | Callable[..., float] | None = None
+
+    @property
+    def anchor(self) -> bool:
+        """Whether a node of this op anchors its fused block (at most one anchor per block)."""
+        return self.fusion in (FusionKind.OUT_EWISE_FUSABLE, FusionKind.REDUCTION)
 
     @property
     def variadic_inputs(self) -> bool:
@@ -171,16 +182,34 @@ def register(opdef: OpDef) -> OpDef:
 def op(name: str, *, inputs: Sequence[str], outputs: Sequence[str] = ("y",),
        attrs: dict[str, Attr] | None = None, infer: InferFn, fusion: FusionKind,
        onnx: OnnxSpec | str | None = None,
-       decompose: Callable[..., Any] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+       decompose: Callable[..., Any] | None = None, view: bool = False, fold: bool = True,
+       layer: bool = False, group: str | None = None, domain: tuple[float, float] | None = None,
+       bound: str | Callable[..., float] | None = None,
+       ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator that registers the decorated numpy function as the op's reference semantics.
 
     ``decompose(graph, node) -> list[Value]`` rewrites the node into simpler ops
     (inserted before it); ops without an ONNX spelling are lowered that way.
+
+    The rest is what passes and the fuzzer read instead of keeping lists of their own:
+
+    * ``view``: shape-only op that runs as a zero-copy view (never inside a fused block);
+    * ``fold``: constant operands may be folded at lift/canonicalize (False keeps e.g. a
+      ``dequantize`` of int8 weights as it is);
+    * ``layer``: a weighted layer that quantization treats as one (matmul, conv, ...);
+    * ``group``: ops that take the same operands and may replace each other (the fuzzer's
+      replace-op mutator), e.g. ``"unary-float"``, ``"binary-arith"``, ``"compare"``;
+    * ``domain``: (lo, hi), where the op is defined and well conditioned on its first operand
+      (``log``: (0.5, inf), ``acos``: (-0.99, 0.99)); the fuzzer maps operands into it;
+    * ``bound``: how big the output gets from the operands' bounds: ``"one"`` (|y| <= 1),
+      ``"keep"`` (<= the first operand's), ``"max"`` (<= the largest operand's), ``"grow"``
+      (<= bound + 1), or ``fn(attrs, operand_bounds, n_in) -> float``.
     """
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         spec = OnnxSpec(onnx) if isinstance(onnx, str) else onnx
         register(OpDef(name, tuple(inputs), tuple(outputs), dict(attrs or {}), infer, fn, fusion,
-                       spec, (fn.__doc__ or "").strip(), decompose))
+                       spec, (fn.__doc__ or "").strip(), decompose, view=view, fold=fold, layer=layer,
+                       group=group, domain=domain, bound=bound))
         return fn
     return deco
 

@@ -85,7 +85,9 @@ def lowers(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
 
 def _load() -> None:
-    from . import elementwise, nn, quant, reduce, tensor  # noqa: F401
+    from . import (  # noqa: F401
+        elementwise, image, index, math, nn, nn_extra, quant, recurrent, reduce, signal, tensor, transformer,
+    )
 
 
 _load()

@@ -2,7 +2,8 @@
 
 from importlib import import_module
 
-FAMILIES = ("elementwise", "nn", "tensor", "reduce", "quant")
+FAMILIES = ("elementwise", "nn", "tensor", "reduce", "quant", "math", "index", "image", "nn_extra",
+            "transformer", "recurrent", "signal")
 
 for _family in FAMILIES:
     import_module(f"{__name__}.{_family}")

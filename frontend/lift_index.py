@@ -1,0 +1,3 @@
+"""ONNX converters for the ops of family 'index' that the generic registry lifting cannot express."""
+
+from __future__ import annotations

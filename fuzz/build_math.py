@@ -1,0 +1,3 @@
+"""Fuzz builders for the ops of family 'math' (ops the generic builders do not cover)."""
+
+from __future__ import annotations

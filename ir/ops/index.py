@@ -1,0 +1,3 @@
+"""Op family 'index' (see the module docstrings of ir/ops for the conventions)."""
+
+from __future__ import annotations

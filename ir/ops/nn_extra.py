@@ -1,0 +1,3 @@
+"""Op family 'nn_extra' (see the module docstrings of ir/ops for the conventions)."""
+
+from __future__ import annotations

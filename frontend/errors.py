@@ -46,6 +46,7 @@ class Unsupported:
     node_names: list[str] = field(default_factory=list)
     reason: str = ""
     dynamic: bool = False  # refused because a compile-time operand is computed at run time
+    version: bool = False  # refused because the model's opset defines a version of the op kiln lacks
 
     @property
     def count(self) -> int:
@@ -69,6 +70,10 @@ _HINT_CUSTOM = (
 _HINT_DYNAMIC = (
     "kiln needs shapes, axes and pads as compile-time constants: give the graph inputs static shapes "
     "(kiln.frontend.lift(model, input_shapes={name: [dims]})) or export the model with static shapes."
+)
+_HINT_VERSION = (
+    "These ops exist in kiln at an older version only: re-export the model with the opset named per op, "
+    "or convert it (onnx.version_converter.convert_version(model, N))."
 )
 _HINT_FEATURE = (
     "These nodes use an ONNX op in a way kiln cannot express (the reason is given per node); "
@@ -102,7 +107,9 @@ class UnsupportedOpsError(FrontendError):
             hints.append(_HINT_CUSTOM)
         if any(i.dynamic for i in self.items):
             hints.append(_HINT_DYNAMIC)
-        if any(i.reason and not i.dynamic and not i.is_custom for i in self.items):
+        if any(i.version for i in self.items):
+            hints.append(_HINT_VERSION)
+        if any(i.reason and not i.dynamic and not i.version and not i.is_custom for i in self.items):
             hints.append(_HINT_FEATURE)
         lines.extend(hints)
         super().__init__("\n".join(lines))

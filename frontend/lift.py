@@ -54,6 +54,7 @@ instead (see :func:`lift`).
 from __future__ import annotations
 
 import heapq
+import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -85,8 +86,11 @@ from .errors import (
     UnsupportedOpsError,
 )
 
+_log = logging.getLogger("kiln.frontend")
+
 MIN_OPSET = 7
-MAX_OPSET = 23
+MAX_OPSET = onnx.defs.onnx_opset_version()  # the newest opset the installed onnx knows
+BASE_OPSET = 23  # converters implement each op as of its version at this opset unless they say otherwise
 LIFT_FOLD_LIMIT = 1 << 16
 NONDETERMINISTIC = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike",
                               "Multinomial", "Bernoulli", "Dropout"})
@@ -201,17 +205,69 @@ def supported_ops() -> list[str]:
 class _Special:
     fn: Callable[[_Ctx], list[Value | None]]
     needs: tuple[str, ...]
+    since: int | None = None
 
 
 _SPECIAL: dict[str, _Special] = {}
 
 
-def _special(*op_types: str, needs: Sequence[str] = ()) -> Callable:
+def _special(*op_types: str, needs: Sequence[str] = (), since: int | None = None) -> Callable:
+    """Register a converter for ``op_types``; ``since``: the newest ONNX version of the op it
+    implements (default: the op's version at ``BASE_OPSET``)."""
     def deco(fn: Callable) -> Callable:
         for t in op_types:
-            _SPECIAL[t] = _Special(fn, tuple(needs))
+            _SPECIAL[t] = _Special(fn, tuple(needs), since)
         return fn
     return deco
+
+
+def _declared_since(op_type: str) -> int | None:
+    """The newest version of ``op_type`` whose semantics kiln's converter implements."""
+    spec = _SPECIAL.get(op_type)
+    if spec is not None and spec.since is not None:
+        return spec.since
+    opdef = _generic_table().get(op_type)
+    if spec is None and opdef is not None and opdef.onnx.since is not None:
+        return opdef.onnx.since
+    try:
+        return onnx.defs.get_schema(op_type, BASE_OPSET, "").since_version
+    except Exception:  # noqa: BLE001 - an op newer than BASE_OPSET with no declared version
+        return None
+
+
+def _signature(schema: Any) -> tuple:
+    return ([(i.name, i.option) for i in schema.inputs], [(o.name, o.option) for o in schema.outputs],
+            sorted((k, a.default_value.SerializeToString()) for k, a in schema.attributes.items()))
+
+
+@cache
+def version_gap(op_type: str, opset: int) -> str | None:
+    """None when kiln implements ``op_type`` as the model's opset defines it, else why not.
+
+    A version newer than kiln's whose inputs, outputs and attributes (with defaults) are those of
+    kiln's version only widened its type constraints; the dtypes a model uses are checked when it
+    is lifted, so such versions are accepted.
+    """
+    try:
+        schema = onnx.defs.get_schema(op_type, opset, "")
+    except Exception:  # noqa: BLE001 - not a standard op at this opset
+        return None
+    have = _declared_since(op_type)
+    if have is None:
+        return (f"{op_type} is defined since opset {schema.since_version}; kiln does not implement "
+                f"this version")
+    if schema.since_version <= have:
+        return None
+    base = onnx.defs.get_schema(op_type, have, "")
+    for v in range(have + 1, schema.since_version + 1):
+        try:
+            s = onnx.defs.get_schema(op_type, v, "")
+        except Exception:  # noqa: BLE001
+            continue
+        if s.since_version == v and _signature(s) != _signature(base):
+            return (f"{op_type} changed in opset {v} (its inputs or attributes differ from version "
+                    f"{base.since_version}, which kiln implements); re-export with opset_version={v - 1}")
+    return None
 
 
 def _generic_table() -> dict[str, OpDef]:
@@ -291,10 +347,11 @@ def _to_kind(kind: str, v: Any, what: str) -> Any:
 class _Refuse(Exception):
     """A node kiln cannot convert; collected into UnsupportedOpsError."""
 
-    def __init__(self, reason: str = "", *, dynamic: bool = False):
+    def __init__(self, reason: str = "", *, dynamic: bool = False, version: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.dynamic = dynamic
+        self.version = version
 
 
 # ====================================================================== the lifter
@@ -361,15 +418,28 @@ class _Lifter:
                 raise InvalidModelError(f"{self.label} uses standard ONNX ops but declares no ai.onnx opset")
             return MAX_OPSET
         if opset < MIN_OPSET:
-            raise OpsetError(
-                f"{self.label} uses ONNX opset {opset}, which is older than kiln supports "
-                f"(opsets {MIN_OPSET}..{MAX_OPSET}); convert it first, e.g. "
-                f"onnx.version_converter.convert_version(model, 13), or re-export it with a newer opset")
+            self.model = self._convert_old(opset)
+            self.opsets[""] = opset = MIN_OPSET
         if opset > MAX_OPSET:
             raise OpsetError(
                 f"{self.label} uses ONNX opset {opset}, which is newer than kiln supports "
                 f"(opsets {MIN_OPSET}..{MAX_OPSET}); re-export it with opset_version={MAX_OPSET} or older")
         return opset
+
+    def _convert_old(self, opset: int) -> onnx.ModelProto:
+        """A model older than MIN_OPSET, converted by ``onnx.version_converter`` (and logged)."""
+        from onnx import version_converter
+
+        try:
+            converted = version_converter.convert_version(self.model, MIN_OPSET)
+        except Exception as e:  # noqa: BLE001 - the converter's errors are plain RuntimeErrors
+            raise OpsetError(
+                f"{self.label} uses ONNX opset {opset}, older than kiln supports (opsets {MIN_OPSET}.."
+                f"{MAX_OPSET}), and onnx.version_converter cannot convert it to opset {MIN_OPSET}: "
+                f"{' '.join(str(e).split())[:300]}; re-export it with a newer opset") from None
+        _log.warning("%s uses ONNX opset %d; converted to opset %d with onnx.version_converter",
+                     self.label, opset, MIN_OPSET)
+        return converted
 
     def _ordered_nodes(self, gp: onnx.GraphProto) -> list[onnx.NodeProto]:
         """The nodes in topological order; dangling inputs and double definitions are errors."""
@@ -553,7 +623,7 @@ class _Lifter:
         try:
             results = self._convert(ctx)
         except _Refuse as r:
-            self._record(node, domain, r.reason, r.dynamic)
+            self._record(node, domain, r.reason, r.dynamic, r.version)
             self.poisoned.update(o for o in outs if o)
             return
         except FrontendError:
@@ -579,6 +649,9 @@ class _Lifter:
         if ctx.domain:
             raise _Refuse("")
         conv = self.converters.get(node.op_type)
+        gap = version_gap(node.op_type, self.opset) if conv is not None else None
+        if gap:
+            raise _Refuse(gap, version=True)
         all_const = any(v is not None for v in ctx.inputs) and all(v is None or v.is_const for v in ctx.inputs)
         foldable = all_const and node.op_type not in NONDETERMINISTIC and not any(
             a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
@@ -610,11 +683,12 @@ class _Lifter:
                     pass
             raise _Refuse(f"kiln's type rule refuses it: {e}") from None
 
-    def _record(self, node: onnx.NodeProto, domain: str, reason: str, dynamic: bool = False) -> None:
+    def _record(self, node: onnx.NodeProto, domain: str, reason: str, dynamic: bool = False,
+                version: bool = False) -> None:
         opset = self.opsets.get(domain, 1)
         key = (node.op_type, domain, opset, reason)
         item = self.refusals.setdefault(key, Unsupported(node.op_type, domain or "ai.onnx", opset,
-                                                         reason=reason, dynamic=dynamic))
+                                                         reason=reason, dynamic=dynamic, version=version))
         item.node_names.append(_node_label(node))
 
     def _check_declared(self, o: onnx.ValueInfoProto, v: Value) -> None:

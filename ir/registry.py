@@ -91,6 +91,7 @@ class OnnxSpec:
     attr_inputs: dict[int, str] = field(default_factory=dict)
     attr_dtypes: dict[str, str] = field(default_factory=dict)
     attr_names: dict[str, str] = field(default_factory=dict)  # kiln name -> ONNX name
+    since: int | None = None  # newest ONNX version of op_type implemented (default: its version at opset 23)
 
 
 @dataclass(frozen=True)

@@ -129,10 +129,17 @@ def _kiln_error_types() -> tuple[type, ...]:
             ArtifactError, InputError, InterpretError, NotImplementedError)
 
 
+def _array(a) -> np.ndarray:
+    """A data set's entry as an array (most are arrays; some cases store TensorProtos)."""
+    if isinstance(a, onnx.TensorProto):
+        return onnx.numpy_helper.to_array(a)
+    return np.asarray(a)
+
+
 def _feeds(model: onnx.ModelProto, inputs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     inits = {t.name for t in model.graph.initializer}
     names = [i.name for i in model.graph.input if i.name not in inits]
-    return {n: np.asarray(a) for n, a in zip(names, inputs)}
+    return {n: _array(a) for n, a in zip(names, inputs)}
 
 
 def _input_shapes(feeds: dict[str, np.ndarray]) -> dict[str, list[int]]:
@@ -167,7 +174,7 @@ def run_case(case, path: str = "interp") -> Outcome:
                     outs = [got[o.name] for o in model.graph.output]
             r, a = rtol, atol
             for o_name, exp, out in zip([o.name for o in model.graph.output], expected, outs):
-                exp = np.asarray(exp)
+                exp = _array(exp)
                 if path == "compiled" and exp.dtype == np.float32:
                     r, a = max(rtol, COMPILED_F32_FLOOR[0]), max(atol, COMPILED_F32_FLOOR[1])
                 if exp.dtype == np.float16 or exp.dtype.name == "bfloat16":

@@ -1,0 +1,5 @@
+"""Ops of family 'recurrent': references against onnxruntime / ONNX's reference, type rules."""
+
+from __future__ import annotations
+
+COVERED: set[str] = set()

@@ -147,3 +147,50 @@ def norm_axes(axes: Sequence[int], rank: int, what: str = "axes") -> list[int]:
 def require_dtype(t: TensorType, allowed: Sequence[str], what: str = "input") -> None:
     if t.dtype not in allowed:
         raise OpTypeError(f"{what} has dtype {t.dtype}; expected one of {sorted(allowed)}")
+
+
+# ---------------------------------------------------------------- magnitude bounds (registry ``bound=``)
+# fn(node, operand_bounds, n_in) -> a rough upper bound of |output| (the fuzzer keeps values tame with it).
+
+def _numel(shape: Sequence[Dim]) -> int:
+    n = 1
+    for d in shape:
+        n *= d if isinstance(d, int) else 8
+    return n
+
+
+def bound_sum(node, ib: list[float], n_in: int) -> float:
+    return sum(ib)
+
+
+def bound_prod(node, ib: list[float], n_in: int) -> float:
+    out = 1.0
+    for b in ib:
+        out *= b
+    return out
+
+
+def bound_double(node, ib: list[float], n_in: int) -> float:
+    return ib[0] * 2.0
+
+
+def bound_matmul(node, ib: list[float], n_in: int) -> float:
+    k = node.inputs[0].type.shape[-1]
+    return float(k if isinstance(k, int) else 8) * ib[0] * ib[1]
+
+
+def bound_conv(node, ib: list[float], n_in: int) -> float:
+    w = node.inputs[1].type.shape
+    return float(_numel(w[1:])) * ib[0] * ib[1] * 4 + (ib[2] if len(ib) > 2 else 0.0)
+
+
+def bound_batch_norm(node, ib: list[float], n_in: int) -> float:
+    return (ib[0] + 4.0) * 4.0 * max(ib[1], 1.0) + 2.0
+
+
+def bound_norm(node, ib: list[float], n_in: int) -> float:
+    return n_in ** 0.5 * max(ib[1], 1.0) + (ib[2] if len(ib) > 2 else 0.0)
+
+
+def bound_reduce_sum(node, ib: list[float], n_in: int) -> float:
+    return n_in * ib[0]

@@ -22,25 +22,25 @@ def _like(x: np.ndarray, y: np.ndarray | float) -> np.ndarray:
 
 # ------------------------------------------------------------------ binary arithmetic
 
-@op("add", inputs=("a", "b"), infer=broadcast_infer(), fusion=BC, onnx="Add")
+@op("add", group="binary-arith", bound="sum", inputs=("a", "b"), infer=broadcast_infer(), fusion=BC, onnx="Add")
 def add(a, b):
     """a + b with broadcasting."""
     return _like(a, a + b)
 
 
-@op("sub", inputs=("a", "b"), infer=broadcast_infer(), fusion=BC, onnx="Sub")
+@op("sub", group="binary-arith", bound="sum", inputs=("a", "b"), infer=broadcast_infer(), fusion=BC, onnx="Sub")
 def sub(a, b):
     """a - b with broadcasting."""
     return _like(a, a - b)
 
 
-@op("mul", inputs=("a", "b"), infer=broadcast_infer(), fusion=BC, onnx="Mul")
+@op("mul", group="binary-arith", bound="prod", inputs=("a", "b"), infer=broadcast_infer(), fusion=BC, onnx="Mul")
 def mul(a, b):
     """a * b with broadcasting."""
     return _like(a, a * b)
 
 
-@op("div", inputs=("a", "b"), infer=broadcast_infer(), fusion=BC, onnx="Div")
+@op("div", group="binary-arith/source", bound="double", inputs=("a", "b"), infer=broadcast_infer(), fusion=BC, onnx="Div")
 def div(a, b):
     """a / b; integers truncate toward zero as in ONNX (and C), not floor as numpy's //."""
     if a.dtype.kind in "iu":
@@ -61,27 +61,27 @@ def _mod_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
     return out
 
 
-@op("mod", inputs=("a", "b"), attrs={"fmod": Attr("int", 0)}, infer=_mod_infer,
+@op("mod", group="binary-arith/source", bound="double", inputs=("a", "b"), attrs={"fmod": Attr("int", 0)}, infer=_mod_infer,
     fusion=BC, onnx="Mod")
 def mod(a, b, fmod):
     """Remainder: fmod=0 takes the divisor's sign (integers only), fmod=1 the dividend's (C fmod)."""
     return _like(a, np.fmod(a, b) if fmod else np.mod(a, b))
 
 
-@op("pow", inputs=("a", "b"), infer=lambda ts, at: [TensorType(ts[0].dtype, broadcast_infer()(
+@op("pow", group="binary-arith/source", inputs=("a", "b"), infer=lambda ts, at: [TensorType(ts[0].dtype, broadcast_infer()(
     [ts[0], ts[1].with_dtype(ts[0].dtype)], at)[0].shape)], fusion=BC, onnx="Pow")
 def pow_(a, b):
     """a ** b; the output takes a's dtype (b may differ, as in ONNX)."""
     return _like(a, np.power(a.astype(np.float64) if a.dtype.kind == "f" else a, b))
 
 
-@op("max", inputs=("xs*",), infer=broadcast_infer(), fusion=BC, onnx="Max")
+@op("max", group="binary-arith", bound="max", inputs=("xs*",), infer=broadcast_infer(), fusion=BC, onnx="Max")
 def max_(*xs):
     """Elementwise maximum of all operands (NaN propagates)."""
     return _like(xs[0], np.maximum.reduce(np.broadcast_arrays(*xs)) if len(xs) > 1 else xs[0])
 
 
-@op("min", inputs=("xs*",), infer=broadcast_infer(), fusion=BC, onnx="Min")
+@op("min", group="binary-arith", bound="max", inputs=("xs*",), infer=broadcast_infer(), fusion=BC, onnx="Min")
 def min_(*xs):
     """Elementwise minimum of all operands (NaN propagates)."""
     return _like(xs[0], np.minimum.reduce(np.broadcast_arrays(*xs)) if len(xs) > 1 else xs[0])
@@ -94,7 +94,7 @@ def _float_broadcast(ts: list[TensorType | None], attrs: Attrs) -> list[TensorTy
     return out
 
 
-@op("sum", inputs=("xs*",), infer=_float_broadcast, fusion=BC, onnx="Sum")
+@op("sum", group="binary-arith/source", bound="sum", inputs=("xs*",), infer=_float_broadcast, fusion=BC, onnx="Sum")
 def sum_(*xs):
     """Elementwise sum of all (float) operands."""
     out = xs[0]
@@ -109,31 +109,31 @@ def _cmp(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
     return broadcast_infer("bool")(ts, attrs)
 
 
-@op("equal", inputs=("a", "b"), infer=_cmp, fusion=BC, onnx="Equal")
+@op("equal", group="compare", bound="one", inputs=("a", "b"), infer=_cmp, fusion=BC, onnx="Equal")
 def equal(a, b):
     """a == b."""
     return np.equal(a, b)
 
 
-@op("less", inputs=("a", "b"), infer=_cmp, fusion=BC, onnx="Less")
+@op("less", group="compare", bound="one", inputs=("a", "b"), infer=_cmp, fusion=BC, onnx="Less")
 def less(a, b):
     """a < b."""
     return np.less(a, b)
 
 
-@op("less_equal", inputs=("a", "b"), infer=_cmp, fusion=BC, onnx="LessOrEqual")
+@op("less_equal", group="compare", bound="one", inputs=("a", "b"), infer=_cmp, fusion=BC, onnx="LessOrEqual")
 def less_equal(a, b):
     """a <= b."""
     return np.less_equal(a, b)
 
 
-@op("greater", inputs=("a", "b"), infer=_cmp, fusion=BC, onnx="Greater")
+@op("greater", group="compare", bound="one", inputs=("a", "b"), infer=_cmp, fusion=BC, onnx="Greater")
 def greater(a, b):
     """a > b."""
     return np.greater(a, b)
 
 
-@op("greater_equal", inputs=("a", "b"), infer=_cmp, fusion=BC, onnx="GreaterOrEqual")
+@op("greater_equal", group="compare", bound="one", inputs=("a", "b"), infer=_cmp, fusion=BC, onnx="GreaterOrEqual")
 def greater_equal(a, b):
     """a >= b."""
     return np.greater_equal(a, b)
@@ -145,19 +145,19 @@ def _bool_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
     return broadcast_infer()(ts, attrs)
 
 
-@op("and", inputs=("a", "b"), infer=_bool_infer, fusion=BC, onnx="And")
+@op("and", group="logic", bound="one", inputs=("a", "b"), infer=_bool_infer, fusion=BC, onnx="And")
 def and_(a, b):
     """Logical and."""
     return np.logical_and(a, b)
 
 
-@op("or", inputs=("a", "b"), infer=_bool_infer, fusion=BC, onnx="Or")
+@op("or", group="logic", bound="one", inputs=("a", "b"), infer=_bool_infer, fusion=BC, onnx="Or")
 def or_(a, b):
     """Logical or."""
     return np.logical_or(a, b)
 
 
-@op("not", inputs=("x",), infer=_bool_infer, fusion=EW, onnx="Not")
+@op("not", bound="one", inputs=("x",), infer=_bool_infer, fusion=EW, onnx="Not")
 def not_(x):
     """Logical not."""
     return np.logical_not(x)
@@ -172,7 +172,7 @@ def _where_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
     return [TensorType(dtype, broadcast_shapes(c.shape, a.shape, b.shape))]
 
 
-@op("where", inputs=("cond", "a", "b"), infer=_where_infer, fusion=BC, onnx="Where")
+@op("where", bound="max", inputs=("cond", "a", "b"), infer=_where_infer, fusion=BC, onnx="Where")
 def where(cond, a, b):
     """cond ? a : b with broadcasting."""
     return np.where(cond, a, b)
@@ -181,13 +181,13 @@ def where(cond, a, b):
 # ------------------------------------------------------------------ unary math
 
 def _unary(name: str, onnx: str | None, fn, doc: str, *, float_only: bool = True,
-           decompose=None) -> None:
+           decompose=None, **props) -> None:
     def ref(x):
         with np.errstate(all="ignore"):
             return _like(x, fn(x))
     ref.__doc__ = doc
     op(name, inputs=("x",), infer=float_same_as() if float_only else same_as(), fusion=EW,
-       onnx=onnx, decompose=decompose)(ref)
+       onnx=onnx, decompose=decompose, **props)(ref)
 
 
 def _silu_decompose(g, node):
@@ -195,27 +195,27 @@ def _silu_decompose(g, node):
     return [g.op("mul", x, g.op("sigmoid", x, before=node), before=node)]
 
 
-_unary("neg", "Neg", np.negative, "-x.", float_only=False)
-_unary("abs", "Abs", np.abs, "|x|.", float_only=False)
-_unary("sign", "Sign", np.sign, "Sign of x (-1, 0, 1).", float_only=False)
-_unary("exp", "Exp", np.exp, "e**x.")
-_unary("log", "Log", np.log, "Natural log.")
-_unary("sqrt", "Sqrt", np.sqrt, "Square root.")
-_unary("reciprocal", "Reciprocal", np.reciprocal, "1/x.")
-_unary("floor", "Floor", np.floor, "Round down.")
-_unary("ceil", "Ceil", np.ceil, "Round up.")
-_unary("round", "Round", np.round, "Round half to even, as ONNX Round.")
-_unary("tanh", "Tanh", np.tanh, "Hyperbolic tangent.")
-_unary("sin", "Sin", np.sin, "Sine.")
-_unary("cos", "Cos", np.cos, "Cosine.")
-_unary("erf", "Erf", lambda x: _erf(x.astype(np.float64)), "Error function.")
-_unary("relu", "Relu", lambda x: np.maximum(x, 0), "max(x, 0).", float_only=False)
-_unary("sigmoid", "Sigmoid", lambda x: 1.0 / (1.0 + np.exp(-x.astype(np.float64))), "1/(1+e**-x).")
-_unary("softplus", "Softplus", lambda x: np.logaddexp(0.0, x.astype(np.float64)), "log(1+e**x).")
+_unary("neg", "Neg", np.negative, "-x.", float_only=False, group="unary-float", bound="keep")
+_unary("abs", "Abs", np.abs, "|x|.", float_only=False, group="unary-float", bound="keep")
+_unary("sign", "Sign", np.sign, "Sign of x (-1, 0, 1).", float_only=False, group="unary-float", bound="one")
+_unary("exp", "Exp", np.exp, "e**x.", group="unary-float/source", domain=(-10.0, 10.0))
+_unary("log", "Log", np.log, "Natural log.", group="unary-float/source", domain=(0.5, float("inf")), bound="grow")
+_unary("sqrt", "Sqrt", np.sqrt, "Square root.", group="unary-float/source", domain=(0.5, float("inf")), bound="grow")
+_unary("reciprocal", "Reciprocal", np.reciprocal, "1/x.", group="unary-float/source", domain=(0.5, float("inf")), bound="double")
+_unary("floor", "Floor", np.floor, "Round down.", group="unary-float", bound="grow")
+_unary("ceil", "Ceil", np.ceil, "Round up.", group="unary-float", bound="grow")
+_unary("round", "Round", np.round, "Round half to even, as ONNX Round.", group="unary-float", bound="grow")
+_unary("tanh", "Tanh", np.tanh, "Hyperbolic tangent.", group="unary-float", bound="one")
+_unary("sin", "Sin", np.sin, "Sine.", group="unary-float", bound="one")
+_unary("cos", "Cos", np.cos, "Cosine.", group="unary-float", bound="one")
+_unary("erf", "Erf", lambda x: _erf(x.astype(np.float64)), "Error function.", group="unary-float", bound="one")
+_unary("relu", "Relu", lambda x: np.maximum(x, 0), "max(x, 0).", float_only=False, group="unary-float", bound="keep")
+_unary("sigmoid", "Sigmoid", lambda x: 1.0 / (1.0 + np.exp(-x.astype(np.float64))), "1/(1+e**-x).", group="unary-float", bound="one")
+_unary("softplus", "Softplus", lambda x: np.logaddexp(0.0, x.astype(np.float64)), "log(1+e**x).", group="unary-float", bound="grow")
 _unary("silu", None, lambda x: x / (1.0 + np.exp(-x.astype(np.float64))),
        "x*sigmoid(x) (SiLU/Swish); lowered to ONNX as Mul(x, Sigmoid(x)).",
-       decompose=_silu_decompose)
-_unary("identity", "Identity", lambda x: x, "x.", float_only=False)
+       decompose=_silu_decompose, group="unary-float", bound="keep")
+_unary("identity", "Identity", lambda x: x, "x.", float_only=False, group="unary-float", bound="keep", view=True)
 
 
 def _gelu_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
@@ -224,7 +224,7 @@ def _gelu_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
     return float_same_as()(ts, attrs)
 
 
-@op("gelu", inputs=("x",), attrs={"approximate": Attr("str", "none")}, infer=_gelu_infer,
+@op("gelu", group="unary-float", bound="keep", inputs=("x",), attrs={"approximate": Attr("str", "none")}, infer=_gelu_infer,
     fusion=EW, onnx="Gelu")
 def gelu(x, approximate):
     """GELU: x*Phi(x) exactly ("none", erf form) or its tanh approximation ("tanh")."""
@@ -238,14 +238,14 @@ def gelu(x, approximate):
     return _like(x, y)
 
 
-@op("leaky_relu", inputs=("x",), attrs={"alpha": Attr("float", 0.01)}, infer=float_same_as(),
+@op("leaky_relu", group="unary-float", bound="keep", inputs=("x",), attrs={"alpha": Attr("float", 0.01)}, infer=float_same_as(),
     fusion=EW, onnx="LeakyRelu")
 def leaky_relu(x, alpha):
     """x if x >= 0 else alpha*x."""
     return _like(x, np.where(x >= 0, x, x * alpha))
 
 
-@op("hard_sigmoid", inputs=("x",), attrs={"alpha": Attr("float", 0.2), "beta": Attr("float", 0.5)},
+@op("hard_sigmoid", group="unary-float", bound="one", inputs=("x",), attrs={"alpha": Attr("float", 0.2), "beta": Attr("float", 0.5)},
     infer=float_same_as(), fusion=EW, onnx="HardSigmoid")
 def hard_sigmoid(x, alpha, beta):
     """clip(alpha*x + beta, 0, 1)."""
@@ -265,7 +265,7 @@ def _cast_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
     return [ts[0].with_dtype(attrs["to"])]
 
 
-@op("cast", inputs=("x",), attrs={"to": Attr("dtype")}, infer=_cast_infer, fusion=EW,
+@op("cast", bound="keep", inputs=("x",), attrs={"to": Attr("dtype")}, infer=_cast_infer, fusion=EW,
     onnx=OnnxSpec("Cast"))
 def cast(x, to):
     """Convert to dtype ``to``: float->int truncates toward zero, anything->bool is x != 0."""

@@ -20,7 +20,17 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from ..registry import Attr, Attrs, FusionKind, OpTypeError, op
 from ..types import FLOAT_DTYPES, Dim, TensorType, dim_mul
-from .common import broadcast_shapes, norm_axis, require_dtype, require_float, same_dtype
+from .common import (
+    bound_batch_norm,
+    bound_conv,
+    bound_matmul,
+    bound_norm,
+    broadcast_shapes,
+    norm_axis,
+    require_dtype,
+    require_float,
+    same_dtype,
+)
 
 OUT = FusionKind.OUT_EWISE_FUSABLE
 RED = FusionKind.REDUCTION
@@ -142,7 +152,7 @@ def _conv_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
     return [TensorType(dtype, (x.shape[0], m, *out))]
 
 
-@op("conv", inputs=("x", "w", "b?"),
+@op("conv", group="conv", layer=True, bound=bound_conv, inputs=("x", "w", "b?"),
     attrs={"strides": Attr("ints", INTS), "pads": Attr("ints", INTS), "dilations": Attr("ints", INTS),
            "group": Attr("int", 1)},
     infer=_conv_infer, fusion=OUT, onnx="Conv")
@@ -216,7 +226,7 @@ def _conv_transpose_infer(ts: list[TensorType | None], attrs: Attrs) -> list[Ten
     return [TensorType(dtype, (x.shape[0], m, *out))]
 
 
-@op("conv_transpose", inputs=("x", "w", "b?"),
+@op("conv_transpose", group="conv", layer=True, bound=bound_conv, inputs=("x", "w", "b?"),
     attrs={"strides": Attr("ints", INTS), "pads": Attr("ints", INTS), "dilations": Attr("ints", INTS),
            "group": Attr("int", 1), "output_padding": Attr("ints", INTS)},
     infer=_conv_transpose_infer, fusion=OUT, onnx="ConvTranspose")
@@ -281,7 +291,7 @@ def _ceil_extra(x: np.ndarray, kernel, strides, pads, dil, out) -> list[int]:
                 - (x.shape[2 + i] + pads[i] + pads[i + nsp])) for i in range(nsp)]
 
 
-@op("max_pool", inputs=("x",),
+@op("max_pool", group="pool", bound="keep", inputs=("x",),
     attrs={"kernel_shape": Attr("ints"), "strides": Attr("ints", INTS), "pads": Attr("ints", INTS),
            "dilations": Attr("ints", INTS), "ceil_mode": Attr("int", 0)},
     infer=_pool_infer("max_pool", FLOAT_DTYPES | {"i8", "u8"}, True), fusion=OUT, onnx="MaxPool")
@@ -306,7 +316,7 @@ def _counts_1d(size: int, k: int, s: int, pb: int, pe: int, extra: int, out: int
     return sliding_window_view(mask, k)[: (out - 1) * s + 1: s].sum(-1)
 
 
-@op("avg_pool", inputs=("x",),
+@op("avg_pool", group="pool", bound="keep", inputs=("x",),
     attrs={"kernel_shape": Attr("ints"), "strides": Attr("ints", INTS), "pads": Attr("ints", INTS),
            "ceil_mode": Attr("int", 0), "count_include_pad": Attr("int", 0)},
     infer=_pool_infer("avg_pool", FLOAT_DTYPES, False), fusion=OUT, onnx="AveragePool")
@@ -342,7 +352,7 @@ def _global_infer(what: str):
     return infer
 
 
-@op("global_avg_pool", inputs=("x",), infer=_global_infer("global_avg_pool"), fusion=RED,
+@op("global_avg_pool", group="global-pool", bound="keep", inputs=("x",), infer=_global_infer("global_avg_pool"), fusion=RED,
     onnx="GlobalAveragePool")
 def global_avg_pool(x):
     """Mean over all spatial dims (N, C, *S) -> (N, C, 1, ...)."""
@@ -350,7 +360,7 @@ def global_avg_pool(x):
     return x.astype(np.float64).mean(axis=axes, keepdims=True).astype(x.dtype)
 
 
-@op("global_max_pool", inputs=("x",), infer=_global_infer("global_max_pool"), fusion=RED,
+@op("global_max_pool", group="global-pool", bound="keep", inputs=("x",), infer=_global_infer("global_max_pool"), fusion=RED,
     onnx="GlobalMaxPool")
 def global_max_pool(x):
     """Max over all spatial dims (N, C, *S) -> (N, C, 1, ...)."""
@@ -382,7 +392,7 @@ def _channel(p: np.ndarray, ndim: int) -> np.ndarray:
     return p.astype(np.float64).reshape(-1, *[1] * (ndim - 2))
 
 
-@op("batch_norm", inputs=("x", "scale", "bias", "mean", "var"), attrs={"epsilon": Attr("float", 1e-5)},
+@op("batch_norm", bound=bound_batch_norm, inputs=("x", "scale", "bias", "mean", "var"), attrs={"epsilon": Attr("float", 1e-5)},
     infer=_batch_norm_infer, fusion=FusionKind.BROADCAST, onnx="BatchNormalization")
 def batch_norm(x, scale, bias, mean, var, *, epsilon):
     """Inference batch norm on axis 1: (x - mean) / sqrt(var + epsilon) * scale + bias."""
@@ -442,7 +452,7 @@ def _decompose_norm(g, node, rms: bool):
     return [y]
 
 
-@op("layer_norm", inputs=("x", "scale", "bias?"), attrs={"axis": Attr("int", -1), "epsilon": Attr("float", 1e-5)},
+@op("layer_norm", group="norm", bound=bound_norm, inputs=("x", "scale", "bias?"), attrs={"axis": Attr("int", -1), "epsilon": Attr("float", 1e-5)},
     infer=_norm_axis_infer("layer_norm", 2), fusion=RED, onnx="LayerNormalization",
     decompose=lambda g, node: _decompose_norm(g, node, rms=False))
 def layer_norm(x, scale, bias=None, *, axis, epsilon):
@@ -462,7 +472,7 @@ def layer_norm(x, scale, bias=None, *, axis, epsilon):
     return y.astype(x.dtype)
 
 
-@op("rms_norm", inputs=("x", "scale"), attrs={"axis": Attr("int", -1), "epsilon": Attr("float", 1e-5)},
+@op("rms_norm", group="norm", bound=bound_norm, inputs=("x", "scale"), attrs={"axis": Attr("int", -1), "epsilon": Attr("float", 1e-5)},
     infer=_norm_axis_infer("rms_norm", 1), fusion=RED, onnx="RMSNormalization",
     decompose=lambda g, node: _decompose_norm(g, node, rms=True))
 def rms_norm(x, scale, *, axis, epsilon):
@@ -507,7 +517,7 @@ def _decompose_crms_norm(g, node):
     return [o("mul", o("div", x, o("sqrt", o("add", ms, eps))), scale)]
 
 
-@op("crms_norm", inputs=("x", "scale"), attrs={"axis": Attr("int", -1), "epsilon": Attr("float", 1e-5)},
+@op("crms_norm", group="norm", bound=bound_norm, inputs=("x", "scale"), attrs={"axis": Attr("int", -1), "epsilon": Attr("float", 1e-5)},
     infer=_crms_norm_infer, fusion=RED, decompose=_decompose_crms_norm)
 def crms_norm(x, scale, *, axis, epsilon):
     """Compressed RMS norm (Pre-CRMSNorm) over the last axis, computed in float64.
@@ -535,7 +545,7 @@ def _instance_norm_infer(ts: list[TensorType | None], attrs: Attrs) -> list[Tens
     return [x]
 
 
-@op("instance_norm", inputs=("x", "scale", "bias"), attrs={"epsilon": Attr("float", 1e-5)},
+@op("instance_norm", bound=bound_batch_norm, inputs=("x", "scale", "bias"), attrs={"epsilon": Attr("float", 1e-5)},
     infer=_instance_norm_infer, fusion=RED, onnx="InstanceNormalization")
 def instance_norm(x, scale, bias, *, epsilon):
     """Per-(N, C) normalization over the spatial dims, then per-channel scale and bias."""
@@ -555,7 +565,7 @@ def _lrn_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
     return [x]
 
 
-@op("lrn", inputs=("x",),
+@op("lrn", bound="keep", inputs=("x",),
     attrs={"size": Attr("int"), "alpha": Attr("float", 1e-4), "beta": Attr("float", 0.75),
            "bias": Attr("float", 1.0)},
     infer=_lrn_infer, fusion=OPAQUE, onnx="LRN")
@@ -584,7 +594,7 @@ def _softmax_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType
     return [x]
 
 
-@op("softmax", inputs=("x",), attrs={"axis": Attr("int", -1)}, infer=_softmax_infer, fusion=RED,
+@op("softmax", group="softmax", bound="one", inputs=("x",), attrs={"axis": Attr("int", -1)}, infer=_softmax_infer, fusion=RED,
     onnx="Softmax")
 def softmax(x, *, axis):
     """exp(x) / sum(exp(x)) along one axis (ONNX opset-13 Softmax), max-subtracted, in float64."""
@@ -596,7 +606,7 @@ def softmax(x, *, axis):
         return (e / e.sum(axis=axis, keepdims=True)).astype(x.dtype)
 
 
-@op("log_softmax", inputs=("x",), attrs={"axis": Attr("int", -1)}, infer=_softmax_infer, fusion=RED,
+@op("log_softmax", group="softmax", inputs=("x",), attrs={"axis": Attr("int", -1)}, infer=_softmax_infer, fusion=RED,
     onnx="LogSoftmax")
 def log_softmax(x, *, axis):
     """x - log(sum(exp(x))) along one axis (ONNX opset-13 LogSoftmax), max-subtracted, in float64."""
@@ -626,7 +636,7 @@ def _matmul_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]
     return [TensorType(dtype, out)]
 
 
-@op("matmul", inputs=("a", "b"), infer=_matmul_infer, fusion=OUT, onnx="MatMul")
+@op("matmul", layer=True, bound=bound_matmul, inputs=("a", "b"), infer=_matmul_infer, fusion=OUT, onnx="MatMul")
 def matmul(a, b):
     """numpy matmul (ONNX MatMul): 1-D operands are promoted and the added dim dropped, batch dims
     broadcast. Float operands are multiplied in float64; integers in their own dtype (wrapping),

@@ -79,7 +79,7 @@ def _quantize_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorTyp
     return [x.with_dtype(dtype)]
 
 
-@op("quantize", inputs=("x", "scale", "zero_point?"),
+@op("quantize", bound=lambda node, ib, n: 65535.0, inputs=("x", "scale", "zero_point?"),
     attrs={"axis": Attr("int", 1), "block_size": Attr("int", 0), "dtype": Attr("dtype", "u8")},
     infer=_quantize_infer, fusion=FusionKind.INJECTIVE,
     onnx=OnnxSpec("QuantizeLinear", attr_names={"dtype": "output_dtype"}))
@@ -110,7 +110,7 @@ def _dequantize_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorT
     return [x.with_dtype(scale.dtype)]
 
 
-@op("dequantize", inputs=("x", "scale", "zero_point?"),
+@op("dequantize", fold=False, bound=lambda node, ib, n: 65535.0 * ib[1], inputs=("x", "scale", "zero_point?"),
     attrs={"axis": Attr("int", 1), "block_size": Attr("int", 0)},
     infer=_dequantize_infer, fusion=FusionKind.INJECTIVE, onnx="DequantizeLinear")
 def dequantize(x, scale, zero_point=None, *, axis, block_size):

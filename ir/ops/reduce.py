@@ -13,7 +13,7 @@ import numpy as np
 
 from ..registry import Attr, Attrs, FusionKind, OnnxSpec, op
 from ..types import FLOAT_DTYPES, INT_DTYPES, TensorType
-from .common import norm_axes, reduced_shape, require_dtype
+from .common import bound_reduce_sum, norm_axes, reduced_shape, require_dtype
 
 INTS: list[int] = []
 NUMERIC = (INT_DTYPES - {"i4", "u4"}) | FLOAT_DTYPES
@@ -36,14 +36,14 @@ def _is_float(x: np.ndarray) -> bool:
     return x.dtype.kind == "f" or str(x.dtype) == "bfloat16"
 
 
-def _reduction(name: str, onnx: str, fn, doc: str, allowed: frozenset[str] = NUMERIC) -> None:
+def _reduction(name: str, onnx: str, fn, doc: str, allowed: frozenset[str] = NUMERIC, **props) -> None:
     def ref(x, *, axes, keepdims):
         with np.errstate(all="ignore"):
             return np.asarray(fn(x, _axes(x, axes), bool(keepdims))).astype(x.dtype)
     ref.__doc__ = doc
     op(name, inputs=("x",), attrs={"axes": Attr("ints", INTS), "keepdims": Attr("int", 1)},
        infer=_reduce_infer(allowed), fusion=FusionKind.REDUCTION,
-       onnx=OnnxSpec(onnx, attr_inputs={1: "axes"}, attr_dtypes={"axes": "i64"}))(ref)
+       onnx=OnnxSpec(onnx, attr_inputs={1: "axes"}, attr_dtypes={"axes": "i64"}), **props)(ref)
 
 
 def _sum(x, axes, keep):
@@ -79,14 +79,14 @@ def _l2(x, axes, keep):
     return np.sqrt(np.sum(x64 * x64, axis=axes, keepdims=keep))
 
 
-_reduction("reduce_sum", "ReduceSum", _sum, "Sum over ``axes`` (all when empty).")
+_reduction("reduce_sum", "ReduceSum", _sum, "Sum over ``axes`` (all when empty).", group="reduce", bound=bound_reduce_sum)
 _reduction("reduce_mean", "ReduceMean", _mean,
-           "Mean over ``axes`` (all when empty); integers divide truncating toward zero.")
+           "Mean over ``axes`` (all when empty); integers divide truncating toward zero.", group="reduce", bound="keep")
 _reduction("reduce_max", "ReduceMax", lambda x, a, k: np.max(x, axis=a, keepdims=k),
-           "Maximum over ``axes`` (all when empty); NaN propagates.")
+           "Maximum over ``axes`` (all when empty); NaN propagates.", group="reduce", bound="keep")
 _reduction("reduce_min", "ReduceMin", lambda x, a, k: np.min(x, axis=a, keepdims=k),
-           "Minimum over ``axes`` (all when empty); NaN propagates.")
-_reduction("reduce_prod", "ReduceProd", _prod, "Product over ``axes`` (all when empty).")
+           "Minimum over ``axes`` (all when empty); NaN propagates.", group="reduce", bound="keep")
+_reduction("reduce_prod", "ReduceProd", _prod, "Product over ``axes`` (all when empty).", group="reduce/source", bound=lambda node, ib, n: 2.0 ** min(n * max(ib[0], 1.0), 1000.0))
 _reduction("reduce_l2", "ReduceL2", _l2, "sqrt(sum(x**2)) over ``axes`` (all when empty); floats only.",
-           allowed=FLOAT_DTYPES)
-_reduction("reduce_sum_square", "ReduceSumSquare", _sum_square, "sum(x**2) over ``axes`` (all when empty).")
+           allowed=FLOAT_DTYPES, group="reduce", bound=lambda node, ib, n: n ** 0.5 * ib[0])
+_reduction("reduce_sum_square", "ReduceSumSquare", _sum_square, "sum(x**2) over ``axes`` (all when empty).", group="reduce", bound=lambda node, ib, n: n * min(ib[0], 1e150) ** 2)

@@ -16,6 +16,7 @@ import numpy as np
 from ..registry import Attr, Attrs, FusionKind, OnnxSpec, OpTypeError, op
 from ..types import FLOAT_DTYPES, INT_DTYPES, Dim, TensorType, dim_mul, to_numpy_dtype
 from .common import (
+    bound_reduce_sum,
     broadcast_shapes,
     dim_add,
     norm_axes,
@@ -39,7 +40,7 @@ def _reshape_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType
     return [x.with_shape(resolve_reshape(x.shape, attrs["shape"], attrs.get("allowzero", 0)))]
 
 
-@op("reshape", inputs=("x",), attrs={"shape": Attr("ints"), "allowzero": Attr("int", 0)},
+@op("reshape", view=True, bound="keep", inputs=("x",), attrs={"shape": Attr("ints"), "allowzero": Attr("int", 0)},
     infer=_reshape_infer, fusion=INJ,
     onnx=OnnxSpec("Reshape", attr_inputs={1: "shape"}, attr_dtypes={"shape": "i64"}))
 def reshape(x, *, shape, allowzero):
@@ -60,7 +61,7 @@ def _flatten_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType
     return [x.with_shape((dim_mul(*x.shape[:ax]), dim_mul(*x.shape[ax:])))]
 
 
-@op("flatten", inputs=("x",), attrs={"axis": Attr("int", 1)}, infer=_flatten_infer, fusion=INJ,
+@op("flatten", view=True, bound="keep", inputs=("x",), attrs={"axis": Attr("int", 1)}, infer=_flatten_infer, fusion=INJ,
     onnx="Flatten")
 def flatten(x, *, axis):
     """2-D view: dims before ``axis`` (in [-r, r]) multiplied into rows, the rest into columns."""
@@ -82,7 +83,7 @@ def _transpose_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorTy
     return [x.with_shape(tuple(x.shape[i] for i in p))]
 
 
-@op("transpose", inputs=("x",), attrs={"perm": Attr("ints", INTS)}, infer=_transpose_infer,
+@op("transpose", bound="keep", inputs=("x",), attrs={"perm": Attr("ints", INTS)}, infer=_transpose_infer,
     fusion=INJ, onnx="Transpose")
 def transpose(x, *, perm):
     """Permute axes; output dim i is input dim perm[i]; an empty perm reverses them."""
@@ -105,7 +106,7 @@ def _squeeze_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType
     return [x.with_shape(tuple(d for i, d in enumerate(x.shape) if i not in axes))]
 
 
-@op("squeeze", inputs=("x",), attrs={"axes": Attr("ints", INTS)}, infer=_squeeze_infer, fusion=INJ,
+@op("squeeze", view=True, bound="keep", inputs=("x",), attrs={"axes": Attr("ints", INTS)}, infer=_squeeze_infer, fusion=INJ,
     onnx=OnnxSpec("Squeeze", attr_inputs={1: "axes"}, attr_dtypes={"axes": "i64"}))
 def squeeze(x, *, axes):
     """Drop the listed size-1 axes (all size-1 axes when ``axes`` is empty)."""
@@ -125,7 +126,7 @@ def _unsqueeze_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorTy
     return [x.with_shape(tuple(1 if i in axes else next(dims) for i in range(r)))]
 
 
-@op("unsqueeze", inputs=("x",), attrs={"axes": Attr("ints")}, infer=_unsqueeze_infer, fusion=INJ,
+@op("unsqueeze", view=True, bound="keep", inputs=("x",), attrs={"axes": Attr("ints")}, infer=_unsqueeze_infer, fusion=INJ,
     onnx=OnnxSpec("Unsqueeze", attr_inputs={1: "axes"}, attr_dtypes={"axes": "i64"}))
 def unsqueeze(x, *, axes):
     """Insert size-1 axes at the listed positions of the output (negative counts from the output's end)."""
@@ -158,7 +159,7 @@ def _concat_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]
     return [TensorType(dtype, tuple(out))]
 
 
-@op("concat", inputs=("xs*",), attrs={"axis": Attr("int")}, infer=_concat_infer, fusion=INJ,
+@op("concat", bound="max", inputs=("xs*",), attrs={"axis": Attr("int")}, infer=_concat_infer, fusion=INJ,
     onnx="Concat")
 def concat(*xs, axis):
     """Join operands along ``axis``."""
@@ -186,7 +187,7 @@ def _split_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
     return outs
 
 
-@op("split", inputs=("x",), outputs=("ys*",), attrs={"axis": Attr("int", 0), "split": Attr("ints")},
+@op("split", bound="keep", inputs=("x",), outputs=("ys*",), attrs={"axis": Attr("int", 0), "split": Attr("ints")},
     infer=_split_infer, fusion=INJ,
     onnx=OnnxSpec("Split", attr_inputs={1: "split"}, attr_dtypes={"split": "i64"}))
 def split(x, *, axis, split):
@@ -239,7 +240,7 @@ def _slice_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
     return [x.with_shape(tuple(out))]
 
 
-@op("slice", inputs=("x",),
+@op("slice", bound="keep", inputs=("x",),
     attrs={"starts": Attr("ints"), "ends": Attr("ints"), "axes": Attr("ints", INTS), "steps": Attr("ints", INTS)},
     infer=_slice_infer, fusion=INJ,
     onnx=OnnxSpec("Slice", attr_inputs={1: "starts", 2: "ends", 3: "axes", 4: "steps"},
@@ -280,7 +281,7 @@ def _wrap_indices(indices: np.ndarray, dim: int) -> np.ndarray:
     return idx
 
 
-@op("gather", inputs=("x", "indices"), attrs={"axis": Attr("int", 0)}, infer=_gather_infer, fusion=INJ,
+@op("gather", bound="keep", inputs=("x", "indices"), attrs={"axis": Attr("int", 0)}, infer=_gather_infer, fusion=INJ,
     onnx="Gather")
 def gather(x, indices, *, axis):
     """Take entries of ``x`` along ``axis`` at ``indices`` (negative indices count from the end)."""
@@ -301,7 +302,7 @@ def _gather_elements_infer(ts: list[TensorType | None], attrs: Attrs) -> list[Te
     return [x.with_shape(idx.shape)]
 
 
-@op("gather_elements", inputs=("x", "indices"), attrs={"axis": Attr("int", 0)},
+@op("gather_elements", bound="keep", inputs=("x", "indices"), attrs={"axis": Attr("int", 0)},
     infer=_gather_elements_infer, fusion=INJ, onnx="GatherElements")
 def gather_elements(x, indices, *, axis):
     """y[i0..in] = x[i0.., indices[i0..in], ..in] with the index replacing coordinate ``axis``."""
@@ -323,7 +324,7 @@ def _expand_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]
     return [x.with_shape(broadcast_shapes(x.shape, shape))]
 
 
-@op("expand", inputs=("x",), attrs={"shape": Attr("ints")}, infer=_expand_infer, fusion=INJ,
+@op("expand", bound="keep", inputs=("x",), attrs={"shape": Attr("ints")}, infer=_expand_infer, fusion=INJ,
     onnx=OnnxSpec("Expand", attr_inputs={1: "shape"}, attr_dtypes={"shape": "i64"}))
 def expand(x, *, shape):
     """Broadcast ``x`` and ``shape`` against each other (ONNX's bidirectional broadcast)."""
@@ -338,7 +339,7 @@ def _tile_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
     return [x.with_shape(tuple(dim_mul(d, r) for d, r in zip(x.shape, reps)))]
 
 
-@op("tile", inputs=("x",), attrs={"repeats": Attr("ints")}, infer=_tile_infer, fusion=INJ,
+@op("tile", bound="keep", inputs=("x",), attrs={"repeats": Attr("ints")}, infer=_tile_infer, fusion=INJ,
     onnx=OnnxSpec("Tile", attr_inputs={1: "repeats"}, attr_dtypes={"repeats": "i64"}))
 def tile(x, *, repeats):
     """Repeat ``x`` repeats[i] times along each dim i."""
@@ -377,7 +378,7 @@ def _pad_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
     return [x.with_shape(tuple(out))]
 
 
-@op("pad", inputs=("x",),
+@op("pad", bound=lambda node, ib, n: max(ib + [abs(node.attrs.get("value", 0.0))]), inputs=("x",),
     attrs={"pads": Attr("ints"), "mode": Attr("str", "constant"), "value": Attr("float", 0.0)},
     infer=_pad_infer, fusion=INJ,
     onnx=OnnxSpec("Pad", attr_inputs={1: "pads", 2: "value"}, attr_dtypes={"pads": "i64"}))
@@ -401,7 +402,7 @@ def _shape_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
     return [TensorType("i64", (n,))]
 
 
-@op("shape", inputs=("x",), attrs={"start": Attr("int", 0), "end": Attr("int", None)},
+@op("shape", bound=lambda node, ib, n: 8.0, inputs=("x",), attrs={"start": Attr("int", 0), "end": Attr("int", None)},
     infer=_shape_infer, fusion=FusionKind.OPAQUE, onnx="Shape")
 def shape(x, *, start=0, end=None):
     """The dims of ``x`` as i64[...], sliced [start:end) with Python/ONNX clamping (end absent = rank)."""
@@ -415,7 +416,7 @@ def _trilu_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
     return [x]
 
 
-@op("trilu", inputs=("x",), attrs={"upper": Attr("int", 1), "k": Attr("int", 0)}, infer=_trilu_infer,
+@op("trilu", bound="keep", inputs=("x",), attrs={"upper": Attr("int", 1), "k": Attr("int", 0)}, infer=_trilu_infer,
     fusion=INJ, onnx=OnnxSpec("Trilu", attr_inputs={1: "k"}, attr_dtypes={"k": "i64"}))
 def trilu(x, *, upper, k):
     """Keep the upper (j - i >= k) or lower (j - i <= k) triangle of the last two dims, zero the rest."""
@@ -441,7 +442,7 @@ def _range_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
                                                    attrs["dtype"]),))]
 
 
-@op("range", inputs=(),
+@op("range", bound=lambda node, ib, n: max(abs(node.attrs["start"]), abs(node.attrs["limit"])), inputs=(),
     attrs={"start": Attr("float"), "limit": Attr("float"), "delta": Attr("float"), "dtype": Attr("dtype")},
     infer=_range_infer, fusion=FusionKind.OPAQUE, onnx=None)
 def range_(*, start, limit, delta, dtype):
@@ -483,7 +484,7 @@ def _arg(fn, x, axis, keepdims, select_last_index):
 _ARG_ATTRS = {"axis": Attr("int", 0), "keepdims": Attr("int", 1), "select_last_index": Attr("int", 0)}
 
 
-@op("argmax", inputs=("x",), attrs=_ARG_ATTRS, infer=_arg_infer, fusion=FusionKind.REDUCTION,
+@op("argmax", group="arg", bound=lambda node, ib, n: 8.0, inputs=("x",), attrs=_ARG_ATTRS, infer=_arg_infer, fusion=FusionKind.REDUCTION,
     onnx="ArgMax")
 def argmax(x, *, axis, keepdims, select_last_index):
     """Index (i64) of the largest entry along ``axis``; ties give the first (or, with
@@ -491,7 +492,7 @@ def argmax(x, *, axis, keepdims, select_last_index):
     return _arg(np.argmax, x, axis, keepdims, select_last_index)
 
 
-@op("argmin", inputs=("x",), attrs=_ARG_ATTRS, infer=_arg_infer, fusion=FusionKind.REDUCTION,
+@op("argmin", group="arg", bound=lambda node, ib, n: 8.0, inputs=("x",), attrs=_ARG_ATTRS, infer=_arg_infer, fusion=FusionKind.REDUCTION,
     onnx="ArgMin")
 def argmin(x, *, axis, keepdims, select_last_index):
     """Index (i64) of the smallest entry along ``axis``; ties as in argmax."""
@@ -507,7 +508,7 @@ def _cumsum_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]
     return [x]
 
 
-@op("cumsum", inputs=("x",), attrs={"axis": Attr("int"), "exclusive": Attr("int", 0), "reverse": Attr("int", 0)},
+@op("cumsum", bound=bound_reduce_sum, inputs=("x",), attrs={"axis": Attr("int"), "exclusive": Attr("int", 0), "reverse": Attr("int", 0)},
     infer=_cumsum_infer, fusion=FusionKind.REDUCTION,
     onnx=OnnxSpec("CumSum", attr_inputs={1: "axis"}, attr_dtypes={"axis": "i64"}))
 def cumsum(x, *, axis, exclusive, reverse):

@@ -1611,6 +1611,7 @@ def _check_only(ctx: _Ctx, known: Sequence[str]) -> None:
 
 # Converter families in their own modules; they register into _SPECIAL through @_special.
 from . import (  # noqa: E402,F401
+    lift_dtypes,
     lift_image,
     lift_index,
     lift_math,

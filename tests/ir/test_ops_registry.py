@@ -12,6 +12,7 @@ from kiln.ir.registry import REQUIRED, check_attr
 
 from . import (
     test_ops_crms_norm,
+    test_ops_dtypes,
     test_ops_elementwise,
     test_ops_image,
     test_ops_index,
@@ -28,7 +29,7 @@ from . import (
 
 MODULES = [test_ops_elementwise, test_ops_nn, test_ops_tensor, test_ops_reduce, test_ops_quant, test_ops_crms_norm,
            test_ops_math, test_ops_index, test_ops_image, test_ops_nn_extra, test_ops_transformer,
-           test_ops_recurrent, test_ops_signal]
+           test_ops_recurrent, test_ops_signal, test_ops_dtypes]
 OPS = ir.all_ops()
 NO_ONNX = {"silu": "decompose", "crms_norm": "decompose", "qmatmul": "decompose", "qconv": "decompose",
            "dq_matmul": "decompose", "range": "folded to a constant by the lifter"}

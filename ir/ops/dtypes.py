@@ -1,0 +1,3 @@
+"""Op family 'dtypes': ops about element types (bitcast)."""
+
+from __future__ import annotations

@@ -25,20 +25,19 @@ from tvm import relax
 from tvm.target import Target
 
 from kiln.ir.graph import Graph, Node, Value
-from kiln.ir.registry import get_op
+from kiln.ir.registry import get_op, is_view
 from kiln.ir.types import eval_shape, is_static_dim
-from kiln.ir.verify import EPILOGUE_KINDS, VIEW_OPS
+from kiln.ir.verify import EPILOGUE_KINDS
 
 from .attention import lower_attention, match_attention
 from .kernel import CodegenError, Kernel, lower_block, static_shape
 from .lowering import tvm_dtype
 from .tune import TuneOptions
 
-__all__ = ["EPILOGUE_ANCHORS", "VIEW_OPS", "CompiledGraph", "build_graph", "epilogue_blocks", "kernel_blocks",
+__all__ = ["CompiledGraph", "build_graph", "epilogue_blocks", "kernel_blocks",
            "lower_kernel", "named_blocks", "specialize"]
 
 # Anchors whose schedules fold a pointwise epilogue into the output tile (schedules._epilogue_at).
-EPILOGUE_ANCHORS = frozenset({"matmul", "conv", "conv_transpose"})
 
 
 @dataclass
@@ -77,7 +76,7 @@ def _epilogue_next(tail: Node, uses: Mapping[int, list[Node]], outputs: set[int]
     if len(readers) != 1:
         return None
     (nxt,) = readers.values()
-    if nxt.op in VIEW_OPS or get_op(nxt.op).fusion not in EPILOGUE_KINDS or len(nxt.outputs) != 1:
+    if is_view(nxt.op) or get_op(nxt.op).fusion not in EPILOGUE_KINDS or len(nxt.outputs) != 1:
         return None
     if nxt.outputs[0].type.shape != tail.outputs[0].type.shape:
         return None
@@ -99,10 +98,10 @@ def epilogue_blocks(graph: Graph) -> list[list[Node]]:
     taken: set[int] = set()
     blocks: list[list[Node]] = []
     for node in graph.nodes:
-        if node.op in VIEW_OPS or id(node) in taken:
+        if is_view(node.op) or id(node) in taken:
             continue
         block = [node]
-        if node.op in EPILOGUE_ANCHORS:
+        if get_op(node.op).layer:
             while (nxt := _epilogue_next(block[-1], uses, outputs)) is not None and id(nxt) not in taken:
                 block.append(nxt)
         taken.update(id(n) for n in block)
@@ -120,7 +119,7 @@ def named_blocks(graph: Graph) -> list[list[Node]]:
     named: dict[str, list[Node]] = {}
     blocks: list[list[Node]] = []
     for node in graph.nodes:
-        if node.op in VIEW_OPS:
+        if is_view(node.op):
             continue
         if not node.block:
             blocks.append([node])
@@ -260,7 +259,7 @@ def build_graph(graph: Graph, target: Target, *, tune: TuneOptions | None = None
                 packed[id(node), j] = weight(f"{k.name}.arg{j}", a.const)
             elif a.value.const is not None and id(a.value) not in env:
                 env[id(a.value)] = weight(a.value.name, a.value.const)
-    for v in list(graph.outputs) + [n.inputs[0] for n in graph.nodes if n.op in VIEW_OPS]:
+    for v in list(graph.outputs) + [n.inputs[0] for n in graph.nodes if is_view(n.op)]:
         if v.const is not None and id(v) not in env:
             env[id(v)] = weight(v.name, v.const)
 
@@ -268,7 +267,7 @@ def build_graph(graph: Graph, target: Target, *, tune: TuneOptions | None = None
     with bb.function("main", inputs + weight_vars, pure=True):
         with bb.dataflow():
             for node in graph.nodes:
-                if node.op in VIEW_OPS:
+                if is_view(node.op):
                     src = env[id(node.inputs[0])]
                     env[id(node.outputs[0])] = bb.emit(relax.op.reshape(src, static_shape(node.outputs[0])))
                     continue

@@ -22,17 +22,16 @@ from tvm import te, tirx
 from tvm.target import Target
 
 from kiln.ir.graph import Node, Value
-from kiln.ir.registry import FusionKind, get_op
+from kiln.ir.registry import get_op
 
 from . import lowering  # noqa: F401  (registers every lowering)
 from .lowering import LowerCtx, tvm_dtype
 from .schedules import schedule_for
 
-__all__ = ["ANCHOR_FUSION", "CodegenError", "Kernel", "KernelArg", "anchor_index", "build_kernel", "lower_block",
+__all__ = ["CodegenError", "Kernel", "KernelArg", "anchor_index", "build_kernel", "lower_block",
            "lower_node", "run_kernel", "static_shape"]
 
 # Fusion kinds of a block's anchor: the node whose lowering names the kernel's schedule.
-ANCHOR_FUSION = frozenset({FusionKind.OUT_EWISE_FUSABLE, FusionKind.REDUCTION})
 
 
 class CodegenError(Exception):
@@ -69,7 +68,7 @@ class Kernel:
 
 def anchor_index(nodes: Sequence[Node]) -> int:
     """Index of the block's anchor: its first matmul/conv/pool or reduction node, else its first node."""
-    return next((i for i, n in enumerate(nodes) if get_op(n.op).fusion in ANCHOR_FUSION), 0)
+    return next((i for i, n in enumerate(nodes) if get_op(n.op).anchor), 0)
 
 
 def static_shape(value: Value) -> tuple[int, ...]:

@@ -52,7 +52,7 @@ import numpy as np
 
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.interpret import run_node
-from kiln.ir.registry import OpTypeError, all_ops, infer_types
+from kiln.ir.registry import OpTypeError, all_ops, get_op, infer_types
 from kiln.ir.types import FLOAT_DTYPES, TensorType
 
 FOLD_LIMIT = 1 << 16
@@ -213,7 +213,7 @@ def _replace(graph: Graph, m: Match) -> Value:
 
 # A dequantize of constant codes IS the quantized weight (its storage and the integer kernel's operand):
 # folding it would turn a quantized model back into a float one, so neither lifting nor canonicalize folds it.
-NEVER_FOLD = frozenset({"dequantize"})
+NEVER_FOLD = frozenset(n for n, d in all_ops().items() if not d.fold)  # registry ``fold=False``
 
 
 def fold_constants(graph: Graph, report: Report, limit: int | None = None) -> int:
@@ -222,7 +222,7 @@ def fold_constants(graph: Graph, report: Report, limit: int | None = None) -> in
     changed = 0
     for node in list(graph.nodes):
         ins = [v for v in node.inputs if v is not None]
-        if not all(v.is_const for v in ins) or node.op in NEVER_FOLD:
+        if not all(v.is_const for v in ins) or not get_op(node.op).fold:
             continue
         if not all(o.type.is_static for o in node.outputs):
             continue

@@ -39,11 +39,11 @@ from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.ops.common import broadcast_shapes
 from kiln.ir.ops.quant import RANGES
 from kiln.ir.ops.tensor import INT64_MAX, _slice_range
-from kiln.ir.registry import OpTypeError
+from kiln.ir.registry import FusionKind, OpTypeError, all_ops, get_op
 from kiln.ir.types import FLOAT_DTYPES, INT_DTYPES, TensorType
 from kiln.ir.verify import verify
 
-__all__ = ["OP_BUILDERS", "PATTERN_KINDS", "PATTERN_PASSES", "Builder", "GenFailed", "finalize_outputs",
+__all__ = ["OP_BUILDERS", "PATTERN_KINDS", "REACHED_OTHERWISE", "PATTERN_PASSES", "Builder", "GenFailed", "finalize_outputs",
            "generate_graph", "graph_features", "pattern_graph", "safe_inputs", "seed_graphs", "toposort"]
 
 INPUT_RANGE = 2.0  # safe_inputs draws floats uniformly in [-INPUT_RANGE, INPUT_RANGE]
@@ -249,80 +249,43 @@ class Builder:
 # ====================================================================== magnitude rules
 
 
-_ONE = frozenset({"tanh", "sigmoid", "erf", "sin", "cos", "hard_sigmoid", "softmax", "sign"})
-_KEEP = frozenset({"neg", "abs", "relu", "identity", "leaky_relu", "gelu", "silu", "max", "min", "where",
-                   "reshape", "flatten", "transpose", "squeeze", "unsqueeze", "concat", "split", "slice",
-                   "gather", "gather_elements", "expand", "tile", "pad", "trilu", "max_pool", "avg_pool",
-                   "global_avg_pool", "global_max_pool", "reduce_max", "reduce_min", "reduce_mean",
-                   "cast", "lrn"})
-
-
 def _op_bound(node: Node, ib: list[float]) -> float:
-    """A rough bound of ``node``'s outputs from its operands' bounds (``ib``)."""
-    op, a = node.op, (ib[0] if ib else 1.0)
+    """A rough bound of ``node``'s outputs from its operands' bounds (``ib``), by the op's registry ``bound``."""
+    a = ib[0] if ib else 1.0
     x = node.inputs[0] if node.inputs else None
     n_in = _numel(x.type.shape) if x is not None and x.type.is_static else 1
-    if op in _ONE:
-        return 1.0
-    if op in _KEEP:
-        extra = abs(node.attrs.get("value", 0.0)) if op == "pad" else 0.0
-        return max(ib + [extra]) if op in ("concat", "where", "max", "min", "pad") else a
-    if op in ("add", "sub", "sum"):
-        return sum(ib)
-    if op == "mul":
-        return math.prod(ib)
-    if op in ("div", "mod"):
-        return a * 2.0
-    if op == "reciprocal":
-        return 2.0
-    if op == "pow":
-        return min(max(a, 2.0), 1e100) ** 3
-    if op == "exp":
-        return math.exp(min(a, 700.0))
-    if op in ("log", "sqrt", "softplus", "floor", "ceil", "round"):
-        return a + 1.0
-    if op == "clip":
-        lo, hi = node.attrs.get("min"), node.attrs.get("max")
-        return min(a, max(abs(lo) if lo is not None else a, abs(hi) if hi is not None else a))
-    if op == "matmul":
-        k = node.inputs[0].type.shape[-1]
-        return float(k) * a * ib[1]
-    if op in ("conv", "conv_transpose"):
-        w = node.inputs[1].type.shape
-        return float(_numel(w[1:])) * a * ib[1] * 4 + (ib[2] if len(ib) > 2 else 0.0)
-    if op in ("batch_norm", "instance_norm"):
-        return (a + 4.0) * 4.0 * max(ib[1], 1.0) + 2.0
-    if op in ("layer_norm", "rms_norm", "crms_norm"):
-        return math.sqrt(n_in) * max(ib[1], 1.0) + (ib[2] if len(ib) > 2 else 0.0)
-    if op == "log_softmax":
-        return 2 * a + math.log(max(n_in, 2))
-    if op in ("reduce_sum", "cumsum"):
-        return n_in * a
-    if op == "reduce_sum_square":
-        return n_in * min(a, 1e150) ** 2
-    if op == "reduce_l2":
-        return math.sqrt(n_in) * a
-    if op == "reduce_prod":
-        return math.exp(min(n_in * math.log(max(a, 1.0)), 700.0))
-    if op == "quantize":
-        return 65535.0
-    if op == "dequantize":
-        return 65535.0 * ib[1]
-    if op in ("argmax", "argmin", "shape"):
-        return 8.0
-    if op == "range":
-        return max(abs(node.attrs["start"]), abs(node.attrs["limit"]))
+    rule = get_op(node.op).bound
+    if callable(rule):
+        return float(rule(node, ib, n_in))
+    if rule in _BOUND_RULES:
+        return _BOUND_RULES[rule](a, ib)
     return 1e3 * max(ib + [1.0])
+
+
+_BOUND_RULES: dict[str, Callable[[float, list[float]], float]] = {
+    "one": lambda a, ib: 1.0,
+    "keep": lambda a, ib: a,
+    "max": lambda a, ib: max(ib + [0.0]),
+    "grow": lambda a, ib: a + 1.0,
+    "sum": lambda a, ib: sum(ib),
+    "prod": lambda a, ib: math.prod(ib),
+    "double": lambda a, ib: a * 2.0,
+}
 
 
 # ====================================================================== op builders
 
 Build = Callable[[Builder, "Value | None"], Value]
 OP_BUILDERS: dict[str, Build] = {}
-COMPARES = ("equal", "less", "less_equal", "greater", "greater_equal")
-SAFE_UNARY = ("neg", "abs", "sign", "floor", "ceil", "round", "tanh", "sin", "cos", "erf", "relu", "sigmoid",
-              "softplus", "silu", "identity")
-NUMERIC_UNARY = frozenset({"neg", "abs", "sign", "relu", "identity"})
+
+
+def ops_in_group(group: str, *, sources: bool = False) -> tuple[str, ...]:
+    """The registry's ops of ``group`` (with ``sources``, also those marked ``group/source``), sorted."""
+    want = {group, f"{group}/source"} if sources else {group}
+    return tuple(sorted(n for n, d in all_ops().items() if d.group in want))
+
+
+COMPARES = ops_in_group("compare")
 
 
 def builder(*names: str) -> Callable[[Callable], Callable]:
@@ -333,7 +296,7 @@ def builder(*names: str) -> Callable[[Callable], Callable]:
     return deco
 
 
-@builder("add", "sub", "mul", "max", "min", "sum")
+@builder("max", "min", "sum")
 def _b_binary(b: Builder, x: Value | None, op: str) -> Value:
     a = b.primary(x, _is_float if op == "sum" else _is_num)
     if op == "mul":
@@ -374,12 +337,6 @@ def _b_pow(b: Builder, x: Value | None) -> Value:
     return b.node("pow", [a, b.const(e, "e")])
 
 
-@builder(*COMPARES)
-def _b_compare(b: Builder, x: Value | None, op: str) -> Value:
-    a = b.primary(x, _is_num)
-    return b.node(op, [a, b.partner(a)])
-
-
 @builder("and", "or", "not")
 def _b_logic(b: Builder, x: Value | None, op: str) -> Value:
     a = b.primary(x, _is_bool, b.bool_value)
@@ -403,25 +360,74 @@ def _b_where(b: Builder, x: Value | None) -> Value:
     return b.node("where", [cond, a, b.partner(a)])
 
 
-@builder(*SAFE_UNARY)
-def _b_unary(b: Builder, x: Value | None, op: str) -> Value:
-    return b.node(op, [b.primary(x, _is_num if op in NUMERIC_UNARY else _is_float)])
+def into_domain(b: Builder, a: Value, domain: tuple[float, float]) -> Value:
+    """``a`` mapped into ``domain`` = (lo, hi): clipped when ``a``'s bound may leave it, else ``a``;
+    a half-open domain reads ``abs(a) + lo`` (or ``hi - abs(a)``), a bounded one ``mid + half*tanh(a)``."""
+    lo, hi = domain
+    if lo <= -b.bound(a) and b.bound(a) <= hi:
+        return a
+    dt = a.type.np_dtype
+    if math.isinf(hi) and math.isinf(lo):
+        return a
+    if math.isinf(hi) or math.isinf(lo):
+        edge = lo if math.isinf(hi) else hi
+        mag = b.node("abs", [b.tame(a)])
+        off = b.const(np.array(edge + (0.5 if math.isinf(hi) else -0.5) * b.rng.random(), dt), "edge")
+        return b.node("add", [mag, off]) if math.isinf(hi) else b.node("sub", [off, mag])
+    if b.bound(a) <= 2 * max(abs(lo), abs(hi)) and b.chance(0.5):
+        return b.node("clip", [a], min=float(lo), max=float(hi))
+    half = b.const(np.array((hi - lo) / 2, dt), "half")
+    mid = b.const(np.array((hi + lo) / 2, dt), "mid")
+    return b.node("add", [b.node("mul", [b.node("tanh", [a]), half]), mid])
 
 
-@builder("exp")
-def _b_exp(b: Builder, x: Value | None) -> Value:
-    a = b.primary(x, _is_float)
-    if b.bound(a) > 10:
-        a = b.node("clip", [a], min=-10.0, max=10.0)
-    return b.node("exp", [a])
+def _operand_pred(opdef) -> Callable[[Value], bool]:
+    """Which pool values may be an elementwise op's operands: floats for float groups and domains,
+    bools for logic, ints for bitwise ops, any number otherwise (the type rule is the judge)."""
+    group = (opdef.group or "").split("/")[0]
+    if group == "logic":
+        return _is_bool
+    if group == "bitwise":
+        return _is_int
+    if opdef.domain is not None:
+        return _is_float
+    return _is_num
 
 
-@builder("log", "sqrt", "reciprocal")
-def _b_domain(b: Builder, x: Value | None, op: str) -> Value:
-    a = b.positive(b.primary(x, _is_float))
-    if op == "reciprocal" and b.chance(0.3):
-        a = b.node("neg", [a])
+def _b_generic_unary(b: Builder, x: Value | None, op: str) -> Value:
+    """Any attribute-free unary elementwise op, its operand mapped into the op's registry ``domain``."""
+    opdef = get_op(op)
+    a = b.primary(x, _operand_pred(opdef))
+    if opdef.domain is not None:
+        a = into_domain(b, a, opdef.domain)
     return b.node(op, [a])
+
+
+def _b_generic_binary(b: Builder, x: Value | None, op: str) -> Value:
+    """Any attribute-free binary broadcasting op (a product's operands tamed first)."""
+    opdef = get_op(op)
+    pred = _operand_pred(opdef)
+    a = b.primary(x, pred, b.bool_value if pred is _is_bool else None)
+    if opdef.bound == "prod":
+        a = b.tame(a)
+    other = b.partner(a)
+    if opdef.bound == "prod":
+        other = b.tame(other)
+    if opdef.domain is not None:
+        a = into_domain(b, a, opdef.domain)
+    return b.node(op, [a, other])
+
+
+def generic_builder(op: str) -> Build | None:
+    """The registry-driven builder for an elementwise op with no required attributes, else None."""
+    opdef = get_op(op)
+    if any(a.required for a in opdef.attrs.values()) or opdef.variadic_inputs:
+        return None
+    if opdef.fusion == FusionKind.ELEMENTWISE and len(opdef.inputs) == 1:
+        return lambda b, x: _b_generic_unary(b, x, op)
+    if opdef.fusion == FusionKind.BROADCAST and len(opdef.inputs) == 2 and opdef.min_inputs == 2:
+        return lambda b, x: _b_generic_binary(b, x, op)
+    return None
 
 
 @builder("gelu")
@@ -831,8 +837,7 @@ def _b_cumsum(b: Builder, x: Value | None) -> Value:
                   reverse=int(b.chance(0.3)))
 
 
-REDUCES = ("reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "reduce_prod", "reduce_l2",
-           "reduce_sum_square")
+REDUCES = ops_in_group("reduce", sources=True)
 
 
 @builder(*REDUCES)
@@ -1307,3 +1312,23 @@ from . import (  # noqa: E402,F401
     build_signal,
     build_transformer,
 )
+
+
+# Ops the generator never builds directly, and how fuzz cases reach them instead.
+REACHED_OTHERWISE: dict[str, str] = {
+    "qmatmul": "made by fuse-qlinear from the qdq pattern (pattern_qdq)",
+    "qconv": "made by fuse-qlinear from the qdq pattern (pattern_qdq)",
+    "dq_matmul": "made by fuse-qlinear from weight-only dequantize -> matmul",
+}
+
+
+def _install_generic_builders() -> None:
+    """Every registered op without a builder of its own gets the registry-driven one, where it has one."""
+    for name in all_ops():
+        if name not in OP_BUILDERS:
+            fn = generic_builder(name)
+            if fn is not None:
+                OP_BUILDERS[name] = fn
+
+
+_install_generic_builders()

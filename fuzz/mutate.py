@@ -25,7 +25,7 @@ import numpy as np
 
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.ops.tensor import INT64_MAX
-from kiln.ir.registry import OpTypeError, get_op, infer_types
+from kiln.ir.registry import OpTypeError, all_ops, get_op, infer_types
 from kiln.ir.types import TensorType
 from kiln.ir.verify import VerifyError
 from kiln.passes.manager import PipelineError, parse_pipeline, registered_passes
@@ -37,6 +37,7 @@ from .generate import (
     GenFailed,
     _rollback,
     finalize_outputs,
+    ops_in_group,
     random_op,
     toposort,
     try_build,
@@ -211,31 +212,13 @@ def delete_op(graph: Graph, rng: np.random.Generator) -> Graph:
     return _finish(g)
 
 
-REPLACE_CLASSES: tuple[tuple[str, ...], ...] = (
-    ("add", "sub", "mul", "max", "min"),
-    ("equal", "less", "less_equal", "greater", "greater_equal"),
-    ("and", "or"),
-    ("relu", "gelu", "sigmoid", "tanh", "silu", "softplus", "neg", "abs", "identity", "erf", "sin", "cos",
-     "floor", "ceil", "round", "sign", "leaky_relu", "hard_sigmoid"),
-    ("layer_norm", "rms_norm", "crms_norm"),
-    ("softmax", "log_softmax"),
-    ("reduce_sum", "reduce_mean", "reduce_max", "reduce_min", "reduce_l2", "reduce_sum_square"),
-    ("max_pool", "avg_pool"),
-    ("global_avg_pool", "global_max_pool"),
-    ("argmax", "argmin"),
-    ("conv", "conv_transpose"),
-)
-_SOURCE_ALIASES = {"div": 0, "pow": 0, "mod": 0, "exp": 3, "log": 3, "sqrt": 3, "reciprocal": 3,
-                   "reduce_prod": 6, "sum": 0}
-
-
 def _classes_of(op: str) -> tuple[str, ...]:
-    for cls in REPLACE_CLASSES:
-        if op in cls:
-            return cls
-    if op in _SOURCE_ALIASES:
-        return REPLACE_CLASSES[_SOURCE_ALIASES[op]]
-    return ()
+    """The ops that may replace ``op``: the members of its registry ``group`` (an op whose group is
+    ``g/source`` is replaced by members of ``g`` but never chosen, e.g. div, exp, log)."""
+    group = get_op(op).group if op in all_ops() else None
+    if not group:
+        return ()
+    return ops_in_group(group.split("/")[0])
 
 
 def _retarget_inputs(op: str, inputs: list[Value | None]) -> list[Value | None]:

@@ -46,13 +46,13 @@ def _harvest(case: Any, limit: int = 2) -> list[dict[str, Any]]:
     from kiln.codegen.kernel import lower_node
     from kiln.codegen.target import host_target
     from kiln.fuzz.tir import case_from_kernel
-    from kiln.ir.verify import VIEW_OPS
+    from kiln.ir.registry import is_view
 
     out = []
     for node in case.graph().nodes:
         if len(out) >= limit:
             break
-        if node.op in VIEW_OPS:
+        if is_view(node.op):
             continue
         try:
             kernel = lower_node(node, host_target(), name=f"k_{node.op}")

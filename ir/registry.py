@@ -236,6 +236,19 @@ def get_op(name: str) -> OpDef:
         raise KeyError(f"unknown op {name!r}") from None
 
 
+def is_view(name: str) -> bool:
+    """Whether op ``name`` is a zero-copy view (never a kernel, never in a fused block)."""
+    opdef = _REGISTRY.get(name) or (get_op(name) if name else None)
+    return bool(opdef and opdef.view)
+
+
+def is_anchor(name: str) -> bool:
+    """Whether op ``name`` anchors its fused block; unknown ops do not."""
+    _ensure_loaded()
+    opdef = _REGISTRY.get(name)
+    return bool(opdef and opdef.anchor)
+
+
 def all_ops() -> dict[str, OpDef]:
     _ensure_loaded()
     return dict(_REGISTRY)

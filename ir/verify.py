@@ -10,12 +10,8 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 
 from .graph import Graph, Node, Value
-from .registry import FusionKind, OpTypeError, get_op, infer_types
+from .registry import FusionKind, OpTypeError, get_op, infer_types, is_anchor, is_view
 
-# Shape-only ops that codegen runs as zero-copy views: never a kernel, never in a block.
-VIEW_OPS = frozenset({"reshape", "flatten", "squeeze", "unsqueeze", "identity"})
-# The kinds that make a node the anchor of its block (at most one per block).
-ANCHOR_KINDS = frozenset({FusionKind.OUT_EWISE_FUSABLE, FusionKind.REDUCTION})
 # The kinds that may follow an anchor inside its block (with the anchor's output shape).
 EPILOGUE_KINDS = frozenset({FusionKind.ELEMENTWISE, FusionKind.BROADCAST})
 
@@ -146,7 +142,7 @@ def block_problems(nodes: Sequence[Node], graph_outputs: Collection[Value]) -> l
     if not nodes:
         return ["the block is empty"]
     for n in nodes:
-        if n.op in VIEW_OPS:
+        if is_view(n.op):
             problems.append(f"view op {_desc(n)} is in the block: view ops are never in a block")
     if len(nodes) == 1:
         return problems
@@ -158,7 +154,7 @@ def block_problems(nodes: Sequence[Node], graph_outputs: Collection[Value]) -> l
             problems.append(f"{n.op} has {len(n.outputs)} outputs: a multi-output node must be alone in its block")
     if problems:
         return problems
-    anchors = [n for n in nodes if fusion_kind(n) in ANCHOR_KINDS]
+    anchors = [n for n in nodes if is_anchor(n.op)]
     if is_attention_chain(nodes):
         anchors = anchors[:1]  # softmax and the second matmul belong to the one attention kernel
     for extra in anchors[1:]:
@@ -268,7 +264,7 @@ def check_blocks(graph: Graph, max_ops: int | None = None, complete: bool = Fals
     blocks: dict[str, list[Node]] = {}
     for pos, n in enumerate(graph.nodes):
         where = f"node {pos} ({_desc(n)})"
-        if n.op in VIEW_OPS:
+        if is_view(n.op):
             if n.block:
                 problems.append(f"{where}: view op is in block {n.block!r}; view ops are never in a block")
             continue

@@ -158,7 +158,7 @@ def _symbols(dim: Any) -> list[str]:
 
 def _output_aliases(graph: Graph) -> list[bool]:
     """Per output: may its memory be an input's, a weight's or an earlier output's (so the runtime copies it)?"""
-    from kiln.codegen.build import VIEW_OPS
+    from kiln.ir.registry import is_view
 
     producer = {id(v): n for n in graph.nodes for v in n.outputs}
     inputs = {id(v) for v in graph.inputs}
@@ -166,7 +166,7 @@ def _output_aliases(graph: Graph) -> list[bool]:
     out = []
     for v in graph.outputs:
         root = v
-        while id(root) in producer and producer[id(root)].op in VIEW_OPS:
+        while id(root) in producer and is_view(producer[id(root)].op):
             root = producer[id(root)].inputs[0]
         out.append(id(root) in inputs or root.const is not None or id(root) in seen)
         seen.add(id(root))

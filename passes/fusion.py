@@ -11,7 +11,7 @@ these rules, which :func:`kiln.ir.verify.check_blocks` checks (``ir.verify``
 runs it whenever some node has a block):
 
 1. Every non-view compute node has a block named ``b<k>``, k = 0, 1, ... in
-   the graph order of the block's last node.  View ops (``VIEW_OPS``:
+   the graph order of the block's last node.  View ops (registry ``view``:
    reshape, flatten, squeeze, unsqueeze, identity; codegen runs them as
    zero-copy views) have block ``""`` and are never in a block.
 2. Single exit: only the last node of a block (graph order) may be read by a
@@ -73,12 +73,12 @@ from typing import ClassVar
 import networkx as nx
 
 from kiln.ir.graph import Graph, Node
-from kiln.ir.registry import FusionKind
-from kiln.ir.verify import ANCHOR_KINDS, VIEW_OPS, block_problems, fusion_kind
+from kiln.ir.registry import FusionKind, is_anchor, is_view
+from kiln.ir.verify import block_problems, fusion_kind
 
 from .manager import Pass, PassLog, register_pass
 
-__all__ = ["Block", "FuseBlocks", "Partition", "SINK", "VIEW_OPS", "assign_blocks", "dataflow_graph", "partition",
+__all__ = ["Block", "FuseBlocks", "Partition", "SINK", "assign_blocks", "dataflow_graph", "partition",
            "post_dominators"]
 
 SINK = -1  # the dataflow graph's node for "leaves the graph" (graph outputs and unread outputs)
@@ -256,12 +256,12 @@ def partition(graph: Graph, max_ops: int = 16) -> Partition:
             return f"the attention block at %{dnode.outputs[0].name} takes no other node"
         lead = "" if len(readers) == 1 else \
             f"%{out.name} has {len(readers)} readers, which re-join only at %{dnode.outputs[0].name}: "
-        if dnode.op in VIEW_OPS:
+        if is_view(dnode.op):
             return f"{lead}view op {dnode.op} ends the block"
         path = _between(dfg, i, d, limit=4 * max_ops + 16)
         if path is None:
             return f"{lead}size cap {max_ops} reached (more than {4 * max_ops + 16} nodes lie between them)"
-        views = [nodes[p] for p in path if nodes[p].op in VIEW_OPS]
+        views = [nodes[p] for p in path if is_view(nodes[p].op)]
         if views:
             return f"{lead}view op {views[0].op} (%{views[0].outputs[0].name}) ends the block"
         if closed.intersection(path):
@@ -277,7 +277,7 @@ def partition(graph: Graph, max_ops: int = 16) -> Partition:
 
     for phase in (0, 1):
         for i, node in enumerate(nodes):
-            if node.op in VIEW_OPS:
+            if is_view(node.op):
                 continue
             kind = fusion_kind(node)
             if (kind == FusionKind.INJECTIVE) != (phase == 1):
@@ -297,13 +297,13 @@ def partition(graph: Graph, max_ops: int = 16) -> Partition:
 
     found: dict[int, list[int]] = {}
     for i, node in enumerate(nodes):
-        if node.op not in VIEW_OPS:
+        if not is_view(node.op):
             found.setdefault(groups.of[i], []).append(i)
     ordered = sorted(found.values(), key=lambda ps: ps[-1])
     blocks = []
     for k, ps in enumerate(ordered):
         members = tuple(nodes[p] for p in ps)
-        anchor = next((n for n in members if fusion_kind(n) in ANCHOR_KINDS), None)
+        anchor = next((n for n in members if is_anchor(n.op)), None)
         blocks.append(Block(f"b{k}", members, anchor, members[-1]))
     # only exits keep their reason: a node refused early but swallowed later was merged after all
     refusals = tuple((nodes[ps[-1]].outputs[0].name, reasons[ps[-1]]) for ps in ordered if ps[-1] in reasons)

@@ -44,6 +44,7 @@ import numpy as np
 
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.interpret import run_node
+from kiln.ir.registry import get_op
 from kiln.passes.calibrate import (
     METHODS,
     CalibrationSet,
@@ -62,7 +63,6 @@ __all__ = ["KeptFloat", "LayerError", "OutputError", "QuantReport", "QuantizeErr
 SCHEMES = ("w8a8", "w4a16", "w8a16")
 REPARAMS = ("none", "repq", "smoothquant")
 SOFTMAX_QUANTIZERS = ("uniform", "log2")
-LAYER_OPS = frozenset({"matmul", "conv", "conv_transpose", "gemm"})
 QUANT_OPS = frozenset({"quantize", "dequantize"})
 PREPARE_PIPELINE = "canonicalize,fold-conv-bn,dce"
 WORST = 5
@@ -342,7 +342,7 @@ def _producer(v: Value | None) -> Node | None:
 
 def quantized_layers(graph: Graph) -> list[Node]:
     """The matmul/conv nodes that read at least one dequantized operand, in graph order."""
-    return [n for n in graph.nodes if n.op in LAYER_OPS
+    return [n for n in graph.nodes if get_op(n.op).layer
             and any((p := _producer(v)) is not None and p.op == "dequantize" for v in n.inputs)]
 
 
@@ -702,7 +702,7 @@ def expand_exclude(graph: Graph, patterns: Sequence[str]) -> tuple[str, ...]:
     A pattern that matches no layer is an error listing the layers, so a typo does not quantize a layer
     the user meant to keep in float. A layer's bias-add output counts as its name too.
     """
-    layers = [n for n in graph.nodes if n.op in LAYER_OPS]
+    layers = [n for n in graph.nodes if get_op(n.op).layer]
     found: list[str] = []
     for p in patterns:
         hits = [n.outputs[0].name for n in layers if any(x and fnmatch.fnmatchcase(x, p) for x in _layer_names(n))]

@@ -86,7 +86,19 @@ def lowers(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
 def _load() -> None:
     from . import (  # noqa: F401
-        dtypes, elementwise, image, index, math, nn, nn_extra, quant, recurrent, reduce, signal, tensor, transformer,
+        dtypes,
+        elementwise,
+        image,
+        index,
+        math,
+        nn,
+        nn_extra,
+        quant,
+        recurrent,
+        reduce,
+        signal,
+        tensor,
+        transformer,
     )
 
 

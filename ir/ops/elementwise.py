@@ -68,7 +68,7 @@ def mod(a, b, fmod):
     return _like(a, np.fmod(a, b) if fmod else np.mod(a, b))
 
 
-@op("pow", group="binary-arith/source", inputs=("a", "b"), infer=lambda ts, at: [TensorType(ts[0].dtype, broadcast_infer()(
+@op("pow", group="binary-arith/source", bound=lambda node, ib, n: min(max(ib[0], 2.0), 1e100) ** 3, inputs=("a", "b"), infer=lambda ts, at: [TensorType(ts[0].dtype, broadcast_infer()(
     [ts[0], ts[1].with_dtype(ts[0].dtype)], at)[0].shape)], fusion=BC, onnx="Pow")
 def pow_(a, b):
     """a ** b; the output takes a's dtype (b may differ, as in ONNX)."""
@@ -190,6 +190,16 @@ def _unary(name: str, onnx: str | None, fn, doc: str, *, float_only: bool = True
        onnx=onnx, decompose=decompose, **props)(ref)
 
 
+def _exp_bound(node, ib: list[float], n_in: int) -> float:
+    return math.exp(min(ib[0], 700.0))
+
+
+def _clip_bound(node, ib: list[float], n_in: int) -> float:
+    lo, hi = node.attrs.get("min"), node.attrs.get("max")
+    a = ib[0]
+    return min(a, max(abs(lo) if lo is not None else a, abs(hi) if hi is not None else a))
+
+
 def _silu_decompose(g, node):
     x = node.inputs[0]
     return [g.op("mul", x, g.op("sigmoid", x, before=node), before=node)]
@@ -198,7 +208,7 @@ def _silu_decompose(g, node):
 _unary("neg", "Neg", np.negative, "-x.", float_only=False, group="unary-float", bound="keep")
 _unary("abs", "Abs", np.abs, "|x|.", float_only=False, group="unary-float", bound="keep")
 _unary("sign", "Sign", np.sign, "Sign of x (-1, 0, 1).", float_only=False, group="unary-float", bound="one")
-_unary("exp", "Exp", np.exp, "e**x.", group="unary-float/source", domain=(-10.0, 10.0))
+_unary("exp", "Exp", np.exp, "e**x.", group="unary-float/source", domain=(-10.0, 10.0), bound=_exp_bound)
 _unary("log", "Log", np.log, "Natural log.", group="unary-float/source", domain=(0.5, float("inf")), bound="grow")
 _unary("sqrt", "Sqrt", np.sqrt, "Square root.", group="unary-float/source", domain=(0.5, float("inf")), bound="grow")
 _unary("reciprocal", "Reciprocal", np.reciprocal, "1/x.", group="unary-float/source", domain=(0.5, float("inf")), bound="double")
@@ -252,7 +262,7 @@ def hard_sigmoid(x, alpha, beta):
     return _like(x, np.clip(alpha * x.astype(np.float64) + beta, 0.0, 1.0))
 
 
-@op("clip", inputs=("x",), attrs={"min": Attr("float", None), "max": Attr("float", None)},
+@op("clip", bound=_clip_bound, inputs=("x",), attrs={"min": Attr("float", None), "max": Attr("float", None)},
     infer=same_as(), fusion=EW, onnx=OnnxSpec("Clip", attr_inputs={1: "min", 2: "max"}))
 def clip(x, min=None, max=None):
     """Clamp to [min, max]; an absent bound is unbounded."""

@@ -606,7 +606,7 @@ def softmax(x, *, axis):
         return (e / e.sum(axis=axis, keepdims=True)).astype(x.dtype)
 
 
-@op("log_softmax", group="softmax", inputs=("x",), attrs={"axis": Attr("int", -1)}, infer=_softmax_infer, fusion=RED,
+@op("log_softmax", group="softmax", bound=lambda node, ib, n: 2 * ib[0] + math.log(max(n, 2)), inputs=("x",), attrs={"axis": Attr("int", -1)}, infer=_softmax_infer, fusion=RED,
     onnx="LogSoftmax")
 def log_softmax(x, *, axis):
     """x - log(sum(exp(x))) along one axis (ONNX opset-13 LogSoftmax), max-subtracted, in float64."""

@@ -55,7 +55,7 @@ def test_graph_mutator_gives_new_verified_graphs(name):
 
 def test_crossover_graphs_splices_b_into_a():
     ok = 0
-    for seed in range(40):
+    for seed in range(80):
         rng = np.random.default_rng(seed)
         a, b = _subject(seed), _subject(seed + 1)
         try:
@@ -65,7 +65,7 @@ def test_crossover_graphs_splices_b_into_a():
         _check(h)
         assert len(h.nodes) > len(a.nodes) or print_graph(h) != print_graph(a)
         ok += 1
-    assert ok >= 10  # measured: 12 of 40 (a needs a value of b's slice's dtype and rank)
+    assert ok >= 15  # measured: 25 of 80 (a needs a value of b's slice's dtype and rank)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -120,3 +120,38 @@ def test_catalogue_names_and_attributes():
         assert set(OPS[name].attrs) == attrs, name
     assert OPS["split"].outputs == ("ys*",)
     assert OPS["concat"].inputs == ("xs*",)
+
+
+# ---------------------------------------------------------------- every stage knows every op
+
+def test_every_op_has_a_tvm_lowering():
+    import kiln.codegen.lowering  # noqa: F401  (attaches the lowerings)
+
+    missing = sorted(n for n, d in ir.all_ops().items() if d.lower_tvm is None)
+    assert missing == [], f"ops without a TVM lowering (codegen/lowering/<family>.py): {missing}"
+
+
+def test_every_op_has_a_fuzz_builder():
+    from kiln.fuzz.generate import OP_BUILDERS, REACHED_OTHERWISE
+
+    missing = sorted(n for n in ir.all_ops() if n not in OP_BUILDERS and n not in REACHED_OTHERWISE)
+    assert missing == [], f"ops the fuzzer cannot generate (fuzz/build_<family>.py): {missing}"
+    assert not set(REACHED_OTHERWISE) - set(ir.all_ops())
+
+
+def test_registry_groups_replace_like_for_like():
+    """Ops of one ``group`` take the same operands: each must build on the others' operands."""
+    from kiln.fuzz.generate import ops_in_group
+
+    groups = {d.group.split("/")[0] for d in ir.all_ops().values() if d.group}
+    for g in groups:
+        members = ops_in_group(g)
+        assert members, f"group {g!r} has only source ops"
+        arity = {len(ir.get_op(m).inputs) for m in members}
+        assert len(arity) == 1 or g in ("norm", "conv", "binary-arith"), (g, members, arity)
+
+
+def test_view_ops_are_shape_only():
+    views = sorted(n for n, d in ir.all_ops().items() if d.view)
+    assert views == ["flatten", "identity", "reshape", "squeeze", "unsqueeze"]
+    assert all(ir.get_op(n).fusion != FusionKind.OPAQUE for n in views)

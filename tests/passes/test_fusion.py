@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from kiln import ir
 from kiln.ir import Graph, TensorType, Value
-from kiln.ir.verify import VIEW_OPS, VerifyError, check_blocks
+from kiln.ir.registry import is_view
+from kiln.ir.verify import VerifyError, check_blocks
 from kiln.passes.fusion import FuseBlocks, partition
 from kiln.passes.manager import PassLog, random_inputs, run_pipeline, run_pipeline_report
 
@@ -452,7 +453,7 @@ def test_random_dags_satisfy_the_contract(g, max_ops):
     assert check_blocks(g, max_ops=max_ops, complete=True) == []
     assert nx.is_directed_acyclic_graph(block_graph(g))
     for n in g.nodes:
-        assert (n.block == "") == (n.op in VIEW_OPS)
+        assert (n.block == "") == is_view(n.op)
     sizes: dict[str, int] = {}
     for n in g.nodes:
         if n.block:
@@ -475,7 +476,7 @@ def test_zoo_models_satisfy_the_contract_with_fewer_blocks_than_nodes():
         g = lift(zoo.onnx_model(name))
         g, log = fuse(g)
         assert nx.is_directed_acyclic_graph(block_graph(g)), name
-        compute = sum(1 for n in g.nodes if n.op not in VIEW_OPS)
+        compute = sum(1 for n in g.nodes if not is_view(n.op))
         blocks = {n.block for n in g.nodes if n.block}
         assert len(blocks) < compute, (name, len(blocks), compute)
         assert len(log.rewrites) == sum(1 for b in groups(g) if len(b) > 1)

@@ -20,6 +20,16 @@ ONNX_TO_KILN: dict[int, str] = {
     TensorProto.BFLOAT16: "bf16",
     TensorProto.FLOAT: "f32",
     TensorProto.DOUBLE: "f64",
+    TensorProto.INT2: "i2",
+    TensorProto.UINT2: "u2",
+    TensorProto.FLOAT8E4M3FN: "f8e4m3fn",
+    TensorProto.FLOAT8E4M3FNUZ: "f8e4m3fnuz",
+    TensorProto.FLOAT8E5M2: "f8e5m2",
+    TensorProto.FLOAT8E5M2FNUZ: "f8e5m2fnuz",
+    TensorProto.FLOAT8E8M0: "f8e8m0",
+    TensorProto.FLOAT4E2M1: "f4e2m1",
+    TensorProto.FLOAT6E2M3: "f6e2m3",
+    TensorProto.FLOAT6E3M2: "f6e3m2",
 }
 KILN_TO_ONNX: dict[str, int] = {v: k for k, v in ONNX_TO_KILN.items()}
 

@@ -1304,6 +1304,7 @@ FLOATS = FLOAT_DTYPES  # re-exported for the mutators
 
 # Builders of the newer op families live beside this module; they register into OP_BUILDERS.
 from . import (  # noqa: E402,F401
+    build_dtypes,
     build_image,
     build_index,
     build_math,

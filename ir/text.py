@@ -73,10 +73,11 @@ def _short_float(x: np.generic) -> str:
 
 
 def _const_data(a: np.ndarray, elide: bool) -> str:
-    exact_literal = a.dtype.kind != "f" and str(a.dtype) != "bfloat16" or not np.isnan(a.astype(np.float64)).any()
+    is_float = a.dtype.kind == "f" or "float" in a.dtype.name  # ml_dtypes' bfloat16, float8_*, ...
+    exact_literal = not is_float or not np.isnan(a.astype(np.float64)).any()
     if a.size <= LITERAL_MAX and exact_literal:
         flat = a.reshape(-1)
-        if a.dtype.kind == "b" or a.dtype.kind in "iu" or str(a.dtype) in ("int4", "uint4"):
+        if a.dtype.kind == "b" or a.dtype.kind in "iu" or a.dtype.name in ("int2", "uint2", "int4", "uint4"):
             return "[" + ", ".join(str(int(x)) for x in flat) + "]"
         return "[" + ", ".join(_short_float(x) for x in flat) + "]"
     if elide:

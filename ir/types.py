@@ -18,6 +18,8 @@ import numpy as np
 # kiln dtype name -> numpy dtype. Names are short and ONNX-like.
 DTYPES: dict[str, np.dtype] = {
     "bool": np.dtype(np.bool_),
+    "i2": np.dtype(ml_dtypes.int2),
+    "u2": np.dtype(ml_dtypes.uint2),
     "i4": np.dtype(ml_dtypes.int4),
     "u4": np.dtype(ml_dtypes.uint4),
     "i8": np.dtype(np.int8),
@@ -32,10 +34,35 @@ DTYPES: dict[str, np.dtype] = {
     "bf16": np.dtype(ml_dtypes.bfloat16),
     "f32": np.dtype(np.float32),
     "f64": np.dtype(np.float64),
+    # Narrow floats (ONNX FLOAT8*, FLOAT4E2M1, FLOAT6*): storage types for Cast, BitCast and QDQ.
+    "f8e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "f8e4m3fnuz": np.dtype(ml_dtypes.float8_e4m3fnuz),
+    "f8e5m2": np.dtype(ml_dtypes.float8_e5m2),
+    "f8e5m2fnuz": np.dtype(ml_dtypes.float8_e5m2fnuz),
+    "f8e8m0": np.dtype(ml_dtypes.float8_e8m0fnu),
+    "f4e2m1": np.dtype(ml_dtypes.float4_e2m1fn),
+    "f6e2m3": np.dtype(ml_dtypes.float6_e2m3fn),
+    "f6e3m2": np.dtype(ml_dtypes.float6_e3m2fn),
 }
 _BY_NUMPY = {v: k for k, v in DTYPES.items()}
+# Floats that ops compute in; the narrow floats below are only converted to and from.
 FLOAT_DTYPES = frozenset({"f16", "bf16", "f32", "f64"})
-INT_DTYPES = frozenset({"i4", "u4", "i8", "u8", "i16", "u16", "i32", "u32", "i64", "u64"})
+FLOAT8_DTYPES = frozenset({"f8e4m3fn", "f8e4m3fnuz", "f8e5m2", "f8e5m2fnuz"})
+NARROW_FLOAT_DTYPES = FLOAT8_DTYPES | {"f8e8m0", "f4e2m1", "f6e2m3", "f6e3m2"}
+SUBBYTE_INT_DTYPES = frozenset({"i2", "u2", "i4", "u4"})
+INT_DTYPES = frozenset({"i2", "u2", "i4", "u4", "i8", "u8", "i16", "u16", "i32", "u32", "i64", "u64"})
+# Storage width in bits (numpy stores the sub-byte types one per byte).
+BITS: dict[str, int] = {
+    "bool": 8, "i2": 2, "u2": 2, "i4": 4, "u4": 4, "f4e2m1": 4, "f6e2m3": 6, "f6e3m2": 6,
+    **{d: 8 for d in ("i8", "u8", "f8e4m3fn", "f8e4m3fnuz", "f8e5m2", "f8e5m2fnuz", "f8e8m0")},
+    "i16": 16, "u16": 16, "f16": 16, "bf16": 16, "i32": 32, "u32": 32, "f32": 32,
+    "i64": 64, "u64": 64, "f64": 64,
+}
+
+
+def is_float(dtype: str) -> bool:
+    """Whether a kiln dtype is a floating-point type, narrow ones included."""
+    return dtype in FLOAT_DTYPES or dtype in NARROW_FLOAT_DTYPES
 
 
 def to_numpy_dtype(dtype: str) -> np.dtype:

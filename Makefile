@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JOBS ?= auto
 
-.PHONY: demo test test-fast lint venv clean
+.PHONY: demo test test-fast lint venv clean conformance
 
 venv: $(STAMP)
 
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n $(JOBS) -m "not slow"
+
+# ONNX's node conformance suite through the compiled path (1,700+ small models; not part of `make test`).
+conformance: $(STAMP)
+	OPENBLAS_NUM_THREADS=1 $(VENV)/bin/kiln conformance --path compiled --jobs 2 --table --show wrong,crashed
+	OPENBLAS_NUM_THREADS=1 $(VENV)/bin/kiln conformance --path interp --jobs 2 --show wrong,crashed
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -95,10 +95,10 @@ def onnx_spelling(op: str, opset: int) -> bool:
     if spec is None:
         return False
     try:
-        onnx.defs.get_schema(spec.op_type, opset, spec.domain)
+        schema = onnx.defs.get_schema(spec.op_type, opset, spec.domain)
     except Exception:  # noqa: BLE001 - SchemaError: not defined at this opset
         return False
-    return True
+    return spec.oldest is None or schema.since_version >= spec.oldest
 
 
 def _decompose(g: Graph, opset: int) -> Graph:

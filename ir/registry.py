@@ -92,6 +92,7 @@ class OnnxSpec:
     attr_dtypes: dict[str, str] = field(default_factory=dict)
     attr_names: dict[str, str] = field(default_factory=dict)  # kiln name -> ONNX name
     since: int | None = None  # newest ONNX version of op_type implemented (default: its version at opset 23)
+    oldest: int | None = None  # oldest ONNX version with kiln's semantics (lowering below it decomposes)
 
 
 @dataclass(frozen=True)

@@ -543,6 +543,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.run(args)
 
 
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from . import conformance
+
+    return conformance.run_cli(args)
+
+
 def cmd_fuzz(args: argparse.Namespace) -> int:
     from kiln.fuzz.cli import run
 
@@ -604,6 +610,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="latency of kiln vs ONNX Runtime, PyTorch and TVM on the zoo")
     add_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+    from .conformance import add_arguments as conformance_arguments
+    conf = sub.add_parser("conformance", help="run ONNX's node conformance suite through the interpreter or "
+                                              "the compiled path; per-op pass/refused/wrong/crashed")
+    conformance_arguments(conf)
+    conf.set_defaults(func=cmd_conformance)
     from kiln.fuzz.cli import add_arguments as fuzz_arguments
     fuzz = sub.add_parser("fuzz", help="fuzz the compiler: graphs + pass pipelines, TIR + TVM pass sequences")
     fuzz_arguments(fuzz)

@@ -250,31 +250,60 @@ def summarize(outcomes: Iterable[Outcome]) -> dict:
             "per_op": {k: dict(v) for k, v in sorted(per_op.items())}}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-    import json
-
-    ap = argparse.ArgumentParser("kiln conformance", description=__doc__.splitlines()[0])
-    ap.add_argument("--path", choices=PATHS, default="interp")
+def add_arguments(ap) -> None:
+    """``kiln conformance``'s flags (also ``python -m kiln.conformance``)."""
+    ap.add_argument("--path", choices=PATHS, default="interp",
+                    help="interp: lift + interpreter; compiled: kiln.compile + kiln.load(...).run")
     ap.add_argument("-k", "--pattern", help="regex over case names (e.g. 'test_resize')")
-    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
     ap.add_argument("--json", help="write every outcome and the summary here")
     ap.add_argument("--show", default="wrong,crashed,refused", help="statuses to list case by case")
-    args = ap.parse_args(argv)
+    ap.add_argument("--table", action="store_true", help="print the per-op table")
+
+
+def run_cli(args) -> int:
+    """Run the suite as ``args`` say; exit 1 when a case is wrong or crashed (a kiln bug)."""
+    import json
+
     outcomes = run(args.path, args.pattern, args.jobs)
     show = set(args.show.split(","))
     for o in outcomes:
         if o.status in show:
             print(f"{o.status:8} {o.case:60} {o.detail}")
     s = summarize(outcomes)
-    t = s["total"]
-    print(f"{args.path}: {t.get('pass', 0)}/{s['in_scope']} pass, {t.get('refused', 0)} refused, "
-          f"{t.get('wrong', 0)} wrong, {t.get('crashed', 0)} crashed; "
-          f"{t.get('out-of-scope', 0)} out of scope; {s['ops_all_pass']}/{s['ops']} ops pass all cases")
+    if args.table:
+        _print_table(s)
+    print(summary_line(args.path, s))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"summary": s, "outcomes": [asdict(o) for o in outcomes]}, f, indent=1)
-    return 0
+    t = s["total"]
+    return 1 if t.get("wrong", 0) or t.get("crashed", 0) else 0
+
+
+def summary_line(path: str, s: dict) -> str:
+    t = s["total"]
+    return (f"{path}: {t.get('pass', 0)}/{s['in_scope']} pass, {t.get('refused', 0)} refused, "
+            f"{t.get('wrong', 0)} wrong, {t.get('crashed', 0)} crashed; {t.get('out-of-scope', 0)} out of "
+            f"scope; {s['ops_all_pass']}/{s['ops']} ops pass all cases")
+
+
+def _print_table(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("op", "pass", "refused", "wrong", "crashed")
+    for op, c in s["per_op"].items():
+        table.add_row(op, *(str(c.get(k, 0) or "") for k in ("pass", "refused", "wrong", "crashed")))
+    Console().print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser("kiln conformance", description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    return run_cli(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

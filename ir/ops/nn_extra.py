@@ -82,7 +82,7 @@ def _decompose_group_norm(g, node):
 
 @op("group_norm", bound=bound_norm, inputs=("x", "scale", "bias"),
     attrs={"num_groups": Attr("int"), "epsilon": Attr("float", 1e-5)},
-    infer=_group_norm_infer, fusion=RED, onnx=OnnxSpec("GroupNormalization", since=21),
+    infer=_group_norm_infer, fusion=RED, onnx=OnnxSpec("GroupNormalization", since=21, oldest=21),
     decompose=_decompose_group_norm)
 def group_norm(x, scale, bias, *, num_groups, epsilon):
     """Group norm (ONNX GroupNormalization-21): the C channels of each sample split into

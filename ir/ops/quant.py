@@ -14,9 +14,12 @@ from ..registry import Attr, Attrs, FusionKind, OnnxSpec, OpTypeError, op
 from ..types import TensorType, to_numpy_dtype
 from .common import broadcast_shapes, norm_axis, require_dtype
 
-QUANT_DTYPES = frozenset({"i4", "u4", "i8", "u8", "i16", "u16"})
+INT_QUANT_DTYPES = frozenset({"i2", "u2", "i4", "u4", "i8", "u8", "i16", "u16"})
+# ONNX 19+ quantizes to float8 (zero point 0, rounding by the float8 cast) and 23+ to float4
+FLOAT_QUANT_DTYPES = frozenset({"f8e4m3fn", "f8e4m3fnuz", "f8e5m2", "f8e5m2fnuz", "f4e2m1"})
+QUANT_DTYPES = INT_QUANT_DTYPES | FLOAT_QUANT_DTYPES
 SCALE_DTYPES = frozenset({"f16", "bf16", "f32"})
-RANGES = {"i4": (-8, 7), "u4": (0, 15), "i8": (-128, 127), "u8": (0, 255),
+RANGES = {"i2": (-2, 1), "u2": (0, 3), "i4": (-8, 7), "u4": (0, 15), "i8": (-128, 127), "u8": (0, 255),
           "i16": (-32768, 32767), "u16": (0, 65535)}
 
 
@@ -80,17 +83,26 @@ def _quantize_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorTyp
 
 
 @op("quantize", bound=lambda node, ib, n: 65535.0, inputs=("x", "scale", "zero_point?"),
-    attrs={"axis": Attr("int", 1), "block_size": Attr("int", 0), "dtype": Attr("dtype", "u8")},
+    attrs={"axis": Attr("int", 1), "block_size": Attr("int", 0), "dtype": Attr("dtype", "u8"),
+           "saturate": Attr("int", None)},
     infer=_quantize_infer, fusion=FusionKind.INJECTIVE,
     onnx=OnnxSpec("QuantizeLinear", attr_names={"dtype": "output_dtype"}))
-def quantize(x, scale, zero_point=None, *, axis, block_size, dtype):
+def quantize(x, scale, zero_point=None, *, axis, block_size, dtype, saturate=None):
     """y = saturate(round_half_to_even(x / scale) + zero_point) in ``dtype`` (ONNX QuantizeLinear).
 
     x / scale is divided in float32 (float64 for f64), like ONNX's reference. ONNX spells
     ``dtype`` as ``output_dtype`` and wants it only when there is no zero point (whose dtype
-    then decides); kiln always carries it and requires it to match the zero point's.
+    then decides); kiln always carries it and requires it to match the zero point's. Float8/float4
+    outputs round by ONNX's Cast rules (``saturate`` as in Cast; float4 always saturates).
     """
     ct = np.float64 if x.dtype == np.float64 else np.float32
+    if dtype in FLOAT_QUANT_DTYPES:
+        from .dtypes import convert
+
+        q = x.astype(ct) / _expand(scale, x, axis, block_size).astype(ct)
+        if zero_point is not None:
+            q = q + _expand(zero_point, x, axis, block_size).astype(ct)
+        return convert(q.astype(np.float32), dtype, saturate)
     q = np.rint(x.astype(ct) / _expand(scale, x, axis, block_size).astype(ct)).astype(np.float64)
     if zero_point is not None:
         q = q + _expand(zero_point, x, axis, block_size).astype(np.float64)
@@ -115,9 +127,10 @@ def _dequantize_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorT
     infer=_dequantize_infer, fusion=FusionKind.INJECTIVE, onnx="DequantizeLinear")
 def dequantize(x, scale, zero_point=None, *, axis, block_size):
     """y = (x - zero_point) * scale in the scale's dtype (ONNX DequantizeLinear)."""
-    d = x.astype(np.int64)
+    wide = np.float64 if x.dtype.kind not in "iub" else np.int64  # float8/float4 codes widen exactly
+    d = x.astype(wide)
     if zero_point is not None:
-        d = d - _expand(zero_point, x, axis, block_size).astype(np.int64)
+        d = d - _expand(zero_point, x, axis, block_size).astype(wide)
     return (d.astype(np.float64) * _expand(scale, x, axis, block_size).astype(np.float64)).astype(scale.dtype)
 
 

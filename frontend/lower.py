@@ -132,6 +132,29 @@ def _tensor(arr: np.ndarray, name: str) -> onnx.TensorProto:
     return numpy_helper.from_array(np.ascontiguousarray(arr).reshape(arr.shape), name)  # keeps 0-d 0-d
 
 
+def _schema_or_none(op_type: str, opset: int, domain: str) -> Any:
+    try:
+        return onnx.defs.get_schema(op_type, opset, domain)
+    except Exception:  # noqa: BLE001 - not defined at this opset
+        return None
+
+
+def _allows(schema: Any, i: int, dtype: str) -> bool:
+    """Whether input ``i`` of ``schema`` may have kiln dtype ``dtype`` (True when the schema does not say)."""
+    if schema is None:
+        return False
+    formals = list(schema.inputs)
+    if not formals:
+        return True
+    formal = formals[min(i, len(formals) - 1)]
+    if i >= len(formals) and formal.option != onnx.defs.OpSchema.FormalParameterOption.Variadic:
+        return True
+    allowed = next((set(c.allowed_type_strs) for c in schema.type_constraints
+                    if c.type_param_str == formal.type_str), {formal.type_str})
+    name = helper.tensor_dtype_to_string(onnx_dtype(dtype)).split(".")[-1].lower()
+    return f"tensor({name})" in allowed
+
+
 class _Lowerer:
     def __init__(self, g: Graph, opset: int):
         self.g = g
@@ -163,11 +186,25 @@ class _Lowerer:
         schema = onnx.defs.get_schema(spec.op_type, self.opset, spec.domain)
         name = self.node_name(n.name or f"{n.op}_{n.outputs[0].name}")
         inputs = self._inputs(n, opdef, name)
+        values = {v.name: v for v in n.inputs if v is not None}
+        for i, vname in enumerate(inputs):
+            if vname in values:
+                self._check_type(n, spec.op_type, schema, i, values[vname].type.dtype)
         attrs = self._attrs(n, opdef, schema)
         proto = helper.make_node(spec.op_type, inputs, [o.name for o in n.outputs], name=name,
                                  domain=spec.domain or None)
         proto.attribute.extend(attrs.values())
         self.nodes.append(proto)
+
+    def _check_type(self, n: Node, op_type: str, schema: Any, i: int, dtype: str) -> None:
+        """LoweringError when ONNX ``op_type`` at this opset does not take ``dtype`` at input ``i``
+        (onnx.checker does not look; ONNX Runtime then rejects the model as an invalid graph)."""
+        if not _allows(schema, i, dtype):
+            newer = next((v for v in range(self.opset + 1, onnx.defs.onnx_opset_version() + 1)
+                          if _allows(_schema_or_none(op_type, v, schema.domain), i, dtype)), None)
+            fix = f"; lower to opset {newer} or later" if newer else ""
+            raise LoweringError(f"{op_type}-{schema.since_version} (opset {self.opset}) does not take {dtype} at "
+                                f"input {i} (node {n.name or n.outputs[0].name}){fix}")
 
     def _inputs(self, n: Node, opdef: OpDef, name: str) -> list[str]:
         spec = opdef.onnx

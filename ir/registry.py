@@ -205,7 +205,7 @@ def op(name: str, *, inputs: Sequence[str], outputs: Sequence[str] = ("y",),
       (``log``: (0.5, inf), ``acos``: (-0.99, 0.99)); the fuzzer maps operands into it;
     * ``bound``: how big the output gets from the operands' bounds: ``"one"`` (|y| <= 1),
       ``"keep"`` (<= the first operand's), ``"max"`` (<= the largest operand's), ``"grow"``
-      (<= bound + 1), or ``fn(attrs, operand_bounds, n_in) -> float``.
+      (<= bound + 1), ``"sum"``, ``"prod"``, ``"double"``, or ``fn(node, operand_bounds, n_in) -> float``.
     """
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         spec = OnnxSpec(onnx) if isinstance(onnx, str) else onnx

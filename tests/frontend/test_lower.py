@@ -197,3 +197,15 @@ def test_lowered_model_loads_in_onnxruntime_without_checker(tmp_path):
     x = np.array([0.0, 1.0], np.float32)
     assert_close(ort_run(onnx.load(path), {"x": x})[0], np.exp(x))
     assert helper.printable_graph(model.graph).startswith("graph m")
+
+
+def test_lowering_refuses_a_dtype_the_opset_does_not_allow():
+    from kiln.frontend.errors import LoweringError
+    from kiln.ir import parse
+
+    g = parse("""graph @main(%a: i32[4], %b: i32[4]) -> (%y) {
+  %y = bit_shift(%a, %b) {direction="LEFT"} : i32[4]
+}""")
+    with pytest.raises(LoweringError, match=r"BitShift-11 \(opset 23\) does not take i32 .*opset 28"):
+        lower_to_onnx(g, opset=23)
+    assert lower_to_onnx(g, opset=28).opset_import[0].version == 28

@@ -9,6 +9,7 @@ by the next node)::
     s = where(m, fill, s) | where(m, s, fill)  optional, m bool, fill a one-element constant
       | add(s, m) | add(m, s)                  or an additive float mask (any value)
     p = softmax(s, axis=-1)
+    p = where(is_nan(p), 0, p)                 optional: SDPA exports' guard of fully-masked rows
     o = matmul(p, v)                           [..., Sq, Dv]
 
 Each of ``q``, ``kT`` and ``v`` may come from a ``transpose`` of an outside
@@ -49,6 +50,17 @@ reassociates the reference by one rounding per element.  A row whose max is
 not finite (every entry masked with -inf) is NaN, as the interpreter's
 ``exp(-inf - -inf)`` (and kiln's unfused kernels) make it; with a finite fill
 such a row is uniform, as in the interpreter.
+
+The NaN guard (``torch.nn.functional.scaled_dot_product_attention`` exports
+it: ``where(isnan(p), 0, p)``) joins the kernel as a select on the row: in the
+interpreter a row of ``p`` has a NaN exactly when its max score is not finite
+(every entry -inf, an entry +inf or NaN: ``max`` propagates NaN, ``inf - inf``
+is NaN) and then the whole row is NaN, so the guard makes the row of ``p``
+all zeros and the output row ``0 · V = 0``.  The guarded kernel reads a NaN
+score as +inf (so such a row's max is +inf, whatever the vector max does with
+NaN) and writes 0 where the row max is not finite: the same rows, the same
+value (V finite, as everywhere in this kernel).  Other rows are untouched by
+the guard in the interpreter too (a finite max makes every ``p`` finite).
 """
 
 from __future__ import annotations
@@ -93,6 +105,7 @@ class AttentionSpec:
     fill: float | None = None  # the where's constant branch
     fill_when: bool = True  # where(m, fill, x): fill where m is True; where(m, x, fill): where False
     causal_offset: int | None = None  # constant mask: row i reads no column past i + offset (see _causal_offset)
+    nan_guard: bool = False  # p = where(is_nan(p), 0, p) before the second matmul: a non-finite row max gives 0
     # q / k_t / v read through a fused transpose: the matmul operand is transpose(x, perm), x the outside value
     q_perm: tuple[int, ...] | None = None
     k_perm: tuple[int, ...] | None = None
@@ -184,6 +197,27 @@ def _match_mask(node: Node, x: Value, scores: tuple[int, ...]) -> tuple[str, Val
     return None
 
 
+def _is_nan_guard(is_nan: Node, where: Node, p: Value, scores: tuple[int, ...]) -> bool:
+    """``where(is_nan(p), 0, p)``, with ``p`` and the test read by these two nodes alone."""
+    if is_nan.op != "is_nan" or is_nan.inputs != (p,) or len(is_nan.outputs) != 1:
+        return False
+    test = is_nan.outputs[0]
+    if where.op != "where" or len(where.inputs) != 3 or len(where.outputs) != 1:
+        return False
+    cond, zero, x = where.inputs
+    fill = _scalar(zero)
+    if cond is not test or x is not p or fill is None or fill != 0.0 or math.copysign(1.0, fill) < 0:
+        return False
+    graph = where.graph
+    outs = {id(v) for v in graph.outputs} if graph is not None else set()
+    if id(p) in outs or id(test) in outs:
+        return False
+    if sorted((id(n), i) for n, i in p.uses) != sorted([(id(is_nan), 0), (id(where), 2)]):
+        return False
+    out = where.outputs[0]
+    return test.uses == [(where, 0)] and _is_f32_static(out) and static_shape(out) == scores
+
+
 def _matmul_operands(node: Node, rank: int) -> tuple[Value, Value] | None:
     """Both operands of a float32 static ``matmul`` of rank-``rank`` operands and result."""
     if node.op != "matmul" or len(node.inputs) != 2 or len(node.outputs) != 1:
@@ -251,7 +285,7 @@ def match_attention(nodes: Sequence[Node]) -> AttentionSpec | None:
 
 def _match_chain(nodes: list[Node]) -> AttentionSpec | None:
     """The spec of the bare chain ``matmul -> [scale] -> [mask] -> softmax -> matmul``, else None."""
-    if not 3 <= len(nodes) <= 5 or nodes[0].op != "matmul":
+    if not 3 <= len(nodes) <= 7 or nodes[0].op != "matmul":
         return None
     rank = nodes[0].outputs[0].type.rank if nodes[0].outputs else 0
     if rank not in (3, 4) or (qk := _matmul_operands(nodes[0], rank)) is None:
@@ -269,9 +303,17 @@ def _match_chain(nodes: list[Node]) -> AttentionSpec | None:
             return None
         fields.update(mask_kind=mask[0], mask=mask[1], fill=mask[2], fill_when=mask[3])
         x, rest = _step(x, rest, scores)
-    if x is None or len(rest) != 2 or not _is_softmax(rest[0], x, rank):
+    if x is None or len(rest) not in (2, 4) or not _is_softmax(rest[0], x, rank):
         return None
-    x, rest = _step(x, rest, scores)
+    if len(rest) == 4:
+        p = rest[0].outputs[0] if len(rest[0].outputs) == 1 else None
+        if p is None or not _is_f32_static(p) or static_shape(p) != scores \
+                or not _is_nan_guard(rest[1], rest[2], p, scores):
+            return None
+        fields["nan_guard"] = True
+        x, rest = rest[2].outputs[0], rest[3:]
+    else:
+        x, rest = _step(x, rest, scores)
     pv = _matmul_operands(rest[0], rank) if x is not None else None
     if pv is None or pv[0] is not x or pv[1] is x or not _private(x, rest[0]):
         return None
@@ -396,6 +438,8 @@ def _score_fn(spec: AttentionSpec, dot: te.Tensor, mask: te.Tensor | None) -> Ca
         elif spec.mask_kind == "additive":
             off = len(i) - len(mask.shape)
             x = x + mask(*(0 if int(d) == 1 else i[off + a] for a, d in enumerate(mask.shape)))
+        if spec.nan_guard:  # a NaN score makes its row's max +inf: the row the guard zeroes
+            x = tirx.Select(tirx.isnan(x), tirx.const(math.inf, "float32"), x)
         return x
     return score
 
@@ -448,9 +492,9 @@ def attention_te(spec: AttentionSpec, lanes: int = 1) -> tuple[list[te.Tensor], 
     acc = te.compute(batch + (sq, dv), lambda *i: te.sum(e(*i[:-1], rv) * _bread(v, i[:nb], rv, i[-1], perm=spec.v_perm),
                                                axis=rv),
                      name="attn_pv")
-    nan = tirx.const(math.nan, "float32")
+    bad_row = tirx.const(0.0 if spec.nan_guard else math.nan, "float32")
     out = te.compute(batch + (sq, dv),
-                     lambda *i: tirx.Select(tirx.isfinite(mx(*i[:-1])), acc(*i) / total(*i[:-1]), nan),
+                     lambda *i: tirx.Select(tirx.isfinite(mx(*i[:-1])), acc(*i) / total(*i[:-1]), bad_row),
                      name="attn_out")
     return list(ph.values()), out
 

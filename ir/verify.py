@@ -182,7 +182,8 @@ def is_requantize(node: Node) -> bool:
 
 
 def is_attention_chain(nodes: Sequence[Node]) -> bool:
-    """``[transpose…] matmul -> [mul|div] -> [where|add] -> softmax -> matmul``, each node reading the one before it.
+    """``[transpose…] matmul -> [mul|div] -> [where|add] -> softmax -> [is_nan, where] -> matmul``, each node
+    reading the one before it (``where(is_nan(p), 0, p)`` is SDPA's guard of fully-masked rows).
 
     Leading transposes (at most three) must each feed one of the two matmuls (its q, kT or v).
     """
@@ -197,6 +198,8 @@ def is_attention_chain(nodes: Sequence[Node]) -> bool:
            for t in transposes):
         return False
     ops = [n.op for n in nodes]
+    if ops[-4:-1] == ["softmax", "is_nan", "where"]:  # SDPA's NaN guard where(is_nan(p), 0, p)
+        ops = ops[:-3] + ops[-1:]
     if len(ops) < 3 or ops[0] != "matmul" or ops[-2:] != ["softmax", "matmul"]:
         return False
     middle = ops[1:-2]

@@ -40,8 +40,11 @@ runs it whenever some node has a block):
    block itself; every node of the block feeds or follows the anchor.
 5. At most ``max_ops`` nodes per block (default 16).
 6. The attention block: ``matmul -> [mul|div by a scalar] -> [where|add mask]
-   -> softmax -> matmul`` as one block (two anchors, by exception), formed only
-   where codegen's fused attention kernel matches it; it takes no other node.
+   -> softmax -> [is_nan -> where(isnan, 0, p)] -> matmul`` as one block (two
+   anchors, by exception), formed only where codegen's fused attention kernel
+   matches it and the verifier's ``is_attention_chain`` knows its shape; it
+   takes no other node.  The optional NaN guard is what SDPA exports put after
+   the softmax; the kernel computes it (0 for a row whose max is not finite).
 
 The partition
 -------------
@@ -192,16 +195,32 @@ def attention_chains(graph: Graph) -> list[list[int]]:
             if len(prev) != 1:
                 break
             chain.insert(0, prev[0])
-        readers = sm.outputs[0].users
-        if chain[0].op != "matmul" or len(readers) != 1 or readers[0].op != "matmul":
+        tail = _after_softmax(sm)
+        if chain[0].op != "matmul" or tail is None:
             continue
-        chain.append(readers[0])
+        chain.extend(tail)
         if all(id(n) in pos for n in chain) and match_attention(chain) is not None:
             lead = [t for t in _operand_transposes(chain, pos) if match_attention([t, *chain]) is not None]
             if lead and match_attention(lead + chain) is not None:
                 chain = lead + chain
             chains.append([pos[id(n)] for n in chain])
     return chains
+
+
+def _after_softmax(sm: Node) -> list[Node] | None:
+    """The chain's nodes after its softmax: ``[matmul]``, or ``[is_nan, where, matmul]`` (SDPA's NaN guard)."""
+    readers = sm.outputs[0].users
+    if len(readers) == 1:
+        return readers if readers[0].op == "matmul" else None
+    ops = sorted(r.op for r in readers)
+    if len(readers) != 2 or ops != ["is_nan", "where"]:
+        return None
+    is_nan = next(r for r in readers if r.op == "is_nan")
+    where = next(r for r in readers if r.op == "where")
+    after = where.outputs[0].users
+    if is_nan.outputs[0].users != [where] or len(after) != 1 or after[0].op != "matmul":
+        return None
+    return [is_nan, where, after[0]]
 
 
 def _operand_transposes(chain: list[Node], pos: dict[int, int]) -> list[Node]:
@@ -231,7 +250,12 @@ def partition(graph: Graph, max_ops: int = 16) -> Partition:
     groups = _Groups(len(nodes))
     reasons: dict[int, str] = {}
     closed: set[int] = set()
+    unfused: list[tuple[str, str]] = []
     for chain in attention_chains(graph):
+        problems = block_problems([nodes[p] for p in chain], graph.outputs)
+        if problems:  # the verifier's contract is the law: a chain it does not know stays unfused
+            unfused.append((nodes[chain[-1]].outputs[0].name, f"attention chain not fused: {problems[0]}"))
+            continue
         groups.merge(chain)
         closed.update(chain)
 
@@ -307,7 +331,7 @@ def partition(graph: Graph, max_ops: int = 16) -> Partition:
         blocks.append(Block(f"b{k}", members, anchor, members[-1]))
     # only exits keep their reason: a node refused early but swallowed later was merged after all
     refusals = tuple((nodes[ps[-1]].outputs[0].name, reasons[ps[-1]]) for ps in ordered if ps[-1] in reasons)
-    return Partition(tuple(blocks), refusals)
+    return Partition(tuple(blocks), refusals + tuple(unfused))
 
 
 def assign_blocks(graph: Graph, part: Partition) -> None:

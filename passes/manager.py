@@ -34,7 +34,7 @@ __all__ = ["DEFAULT_PIPELINE", "Instruments", "Pass", "PassError", "PassLog", "P
            "PipelineResult", "Refusal", "RewritePass", "check_order", "format_pipeline", "parse_pipeline", "random_inputs",
            "register_pass", "registered_passes", "run_pipeline", "run_pipeline_report"]
 
-DEFAULT_PIPELINE = "fuse-qlinear,canonicalize,fold-conv-bn,dce,fuse-blocks"
+DEFAULT_PIPELINE = "fuse-qlinear,canonicalize,fold-conv-bn,sink-views,dce,fuse-blocks"
 
 
 class PipelineError(ValueError):
@@ -76,7 +76,7 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-PASS_MODULES = ("kiln.passes.conv_bn", "kiln.passes.norm", "kiln.passes.fusion", "kiln.passes.qdq",
+PASS_MODULES = ("kiln.passes.conv_bn", "kiln.passes.views", "kiln.passes.norm", "kiln.passes.fusion", "kiln.passes.qdq",
                "kiln.passes.reparam", "kiln.passes.weight_only", "kiln.passes.qlinear")
 
 

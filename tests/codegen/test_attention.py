@@ -418,3 +418,95 @@ def test_codegen_lowers_a_transpose_led_block_to_the_fused_kernel():
     kernel = lower_kernel(block, TARGET, name="attention")
     assert kernel.kind == "attention" and not kernel.notes
     assert [a.value.name for a in kernel.args] == ["xq", "kT", "xv", "mask"]
+
+
+# ------------------------------------------------------------------ SDPA's NaN guard
+
+# torch SDPA's dynamo export: q and kT pre-scaled, an additive mask, where(isnan(p), 0, p) after the softmax.
+SDPA = """graph @sdpa(%q: f32[1,2,16,8], %kT: f32[1,2,8,16], %v: f32[1,2,16,8], %m: f32[1,1,16,16]) -> (%out) {
+  %zero = const f32[] [0.0]
+  %s = matmul(%q, %kT) : f32[1,2,16,16]
+  %a = add(%s, %m) : f32[1,2,16,16]
+  %p = softmax(%a) {axis=-1} : f32[1,2,16,16]
+  %n = is_nan(%p) : bool[1,2,16,16]
+  %w = where(%n, %zero, %p) : f32[1,2,16,16]
+  %out = matmul(%w, %v) : f32[1,2,16,8]
+}"""
+
+
+def sdpa_feeds(g) -> dict[str, np.ndarray]:
+    """Causal additive mask with row 3 fully masked (-inf) and a +inf score in row 7; a NaN q entry (head 1, row 9)."""
+    feeds = feeds_for(g)
+    m = np.where(np.tril(np.ones((16, 16), bool)), 0.0, -np.inf).astype(np.float32)[None, None].copy()
+    m[..., 3, :] = -np.inf
+    m[..., 7, 2] = np.inf
+    feeds["m"] = m
+    feeds["q"][0, 1, 9, 0] = np.nan
+    return feeds
+
+
+def test_the_nan_guard_after_softmax_is_matched():
+    g = parse(SDPA)
+    spec = match_attention(g.nodes)
+    assert spec is not None and spec.nan_guard
+    assert [n.op for n in spec.nodes] == ["matmul", "add", "softmax", "is_nan", "where", "matmul"]
+    assert (spec.mask_kind, spec.mask.name) == ("additive", "m")
+    assert not match_attention(parse(VIT).nodes).nan_guard
+
+
+@pytest.mark.parametrize("edit", [
+    ("where(%n, %zero, %p)", "where(%n, %p, %zero)"),  # keeps the NaNs, zeroes the rest
+    ("%zero = const f32[] [0.0]", "%zero = const f32[] [1.0]"),  # a fill other than 0
+    ("%zero = const f32[] [0.0]", "%zero = const f32[] [-0.0]"),  # -0 rows: not what the kernel writes
+    ("%n = is_nan(%p)", "%n = is_inf(%p)"),
+])
+def test_guard_near_misses_are_refused(edit):
+    assert match_attention(parse(SDPA.replace(*edit)).nodes) is None
+
+
+def test_a_guarded_p_read_elsewhere_is_refused():
+    g = parse(SDPA.replace("-> (%out)", "-> (%out, %n)"))
+    assert match_attention(g.nodes) is None
+    text = SDPA.replace("-> (%out)", "-> (%out, %r)") + ""
+    text = text.replace("  %out = matmul(%w, %v) : f32[1,2,16,8]\n",
+                        "  %out = matmul(%w, %v) : f32[1,2,16,8]\n  %r = relu(%p) : f32[1,2,16,16]\n")
+    g2 = parse(text)
+    assert match_attention(g2.nodes[:-1]) is None
+
+
+def test_fully_masked_inf_and_nan_rows_give_the_guards_zeros():
+    """The rows the guard zeroes (max -inf, +inf, a NaN score) come out 0; every other row matches too."""
+    g = parse(SDPA)
+    feeds = sdpa_feeds(g)
+    want = interpret(g, feeds)["out"]
+    assert (want[0, :, 3] == 0).all() and (want[0, :, 7] == 0).all() and (want[0, 1, 9] == 0).all()
+    assert np.isfinite(want).all() and (np.abs(want[0, 0, 9]) > 0).any()
+    spec, _ = check_numerics(g, feeds)
+    assert spec.nan_guard
+
+
+def test_without_the_guard_the_same_rows_stay_nan():
+    """The unguarded kernel keeps the interpreter's NaN rows: the guard is what makes them 0."""
+    text = SDPA.replace("  %n = is_nan(%p) : bool[1,2,16,16]\n  %w = where(%n, %zero, %p) : f32[1,2,16,16]\n", "")
+    g = parse(text.replace("matmul(%w, %v)", "matmul(%p, %v)"))
+    feeds = sdpa_feeds(g)
+    feeds["q"][0, 1, 9, 0] = 0.5  # NaN scores: the vector max may drop them, the interpreter's does not
+    want = interpret(g, feeds)["out"]
+    assert np.isnan(want[0, :, 3]).all() and np.isnan(want[0, :, 7]).all()
+    spec, _ = check_numerics(g, feeds)
+    assert not spec.nan_guard
+
+
+def test_a_guarded_gpt_causal_mask_keeps_its_column_bound():
+    text = GPT.replace("  %out = matmul(%softmax, %v) : f32[1,4,128,64]\n",
+                       "  %isnan = is_nan(%softmax) : bool[1,4,128,128]\n"
+                       "  %guard = where(%isnan, %zero, %softmax) : f32[1,4,128,128]\n"
+                       "  %out = matmul(%guard, %v) : f32[1,4,128,64]\n").replace(
+        "%neg_inf = const f32[] [-inf]\n", "%neg_inf = const f32[] [-inf]\n  %zero = const f32[] [0.0]\n")
+    mask = causal_bool(128).copy()
+    mask[..., 5, :] = True  # a fully masked row: 0 with the guard
+    g = parse(text, constants={"mask": mask})
+    spec, kernel = check_numerics(g)
+    assert spec.nan_guard and spec.causal_offset == 0
+    (got,) = run_kernel(kernel, feeds_for(g), TARGET)
+    assert (got[..., 5, :] == 0).all()

@@ -92,12 +92,15 @@ def to_onnx(op: str, inputs: Sequence[np.ndarray | None], attrs: dict[str, Any],
     feeds: dict[str, np.ndarray] = {}
     inits: dict[str, np.ndarray] = {}
     names: dict[int, str] = {}
+    pos = 0  # ONNX input positions: kiln's operands fill the slots its attr_inputs leave free
     for i, a in enumerate(inputs):
-        if a is None:
-            continue
-        name = f"in{i}"
-        names[i] = name
-        (inits if kdt(a) in CARRIER else feeds)[name] = np.asarray(a)
+        while pos in spec.attr_inputs:
+            pos += 1
+        if a is not None:
+            name = f"in{i}"
+            names[pos] = name
+            (inits if kdt(a) in CARRIER else feeds)[name] = np.asarray(a)
+        pos += 1
     onnx_attrs: dict[str, Any] = {}
     for key, value in attrs.items():
         kind = opdef.attrs[key].kind

@@ -586,3 +586,49 @@ def test_zoo_gpt_attention_blocks_take_the_q_and_v_transposes():
     assert len(attention) == 4
     for b in attention:
         assert b == ["transpose", "transpose", "matmul", "mul", "where", "softmax", "matmul"]
+
+
+# ------------------------------------------------------------------ SDPA's NaN guard in the attention block
+
+SDPA_GUARD = """graph @g(%q: f32[1,2,8,4], %kT: f32[1,2,4,8], %xv: f32[1,8,2,4], %m: f32[1,1,8,8]) -> (%y) {
+  %zero = const f32[] [0.0]
+  %v = transpose(%xv) {perm=[0, 2, 1, 3]} : f32[1,2,8,4]
+  %s = matmul(%q, %kT) : f32[1,2,8,8]
+  %a = add(%s, %m) : f32[1,2,8,8]
+  %p = softmax(%a) {axis=-1} : f32[1,2,8,8]
+  %n = is_nan(%p) : bool[1,2,8,8]
+  %w = where(%n, %zero, %p) : f32[1,2,8,8]
+  %o = matmul(%w, %v) : f32[1,2,8,4]
+  %y = relu(%o) : f32[1,2,8,4]
+}"""
+
+
+def test_the_guarded_chain_is_found_with_its_v_transpose():
+    from kiln.passes.fusion import attention_chains
+
+    g = ir.parse(SDPA_GUARD)
+    assert [[g.nodes[p].op for p in c] for c in attention_chains(g)] == [
+        ["transpose", "matmul", "add", "softmax", "is_nan", "where", "matmul"]]
+
+
+def test_sdpa_nan_guard_joins_the_attention_block():
+    before = ir.parse(SDPA_GUARD)
+    g, log = fuse(ir.parse(SDPA_GUARD))
+    assert groups(g) == [["v", "s", "a", "p", "n", "w", "o"], ["y"]]
+    assert log.rewrites[0] == ("o", "block b0: transpose+matmul+add+softmax+is_nan+where+matmul (anchor matmul)")
+    feeds = random_inputs(before)
+    feeds["m"] = np.where(np.tril(np.ones((8, 8), bool)), 0.0, -np.inf).astype(np.float32)[None, None]
+    feeds["m"][..., 2, :] = -np.inf  # a fully masked row: the guard's zeros
+    want, got = ir.interpret(before, feeds)["y"], ir.interpret(g, feeds)["y"]
+    np.testing.assert_array_equal(want, got)
+    assert (want[..., 2, :] == 0).all()
+
+
+def test_a_chain_the_verifier_does_not_know_stays_unfused_with_the_reason(monkeypatch):
+    import sys
+
+    verify_mod = sys.modules["kiln.ir.verify"]
+    monkeypatch.setattr(verify_mod, "is_attention_chain", lambda nodes: False)
+    g, log = fuse(ir.parse(SDPA_GUARD))
+    assert not any(b.count("matmul") == 2 for b in _blocks(g))
+    assert [r for r in reasons(log, "o") if r.startswith("attention chain not fused: second anchor")]

@@ -47,6 +47,7 @@ class Unsupported:
     reason: str = ""
     dynamic: bool = False  # refused because a compile-time operand is computed at run time
     version: bool = False  # refused because the model's opset defines a version of the op kiln lacks
+    inputs: list[str] = field(default_factory=list)  # graph inputs whose values decide a dynamic operand
 
     @property
     def count(self) -> int:
@@ -70,6 +71,11 @@ _HINT_CUSTOM = (
 _HINT_DYNAMIC = (
     "kiln needs shapes, axes and pads as compile-time constants: give the graph inputs static shapes "
     "(kiln.frontend.lift(model, input_shapes={name: [dims]})) or export the model with static shapes."
+)
+_HINT_SPECIALIZE = (
+    "The value of graph input(s) {names} decides a compile-time operand: specialize it with "
+    "kiln.frontend.lift(model, input_values={{name: array}}) or kiln.compile(model, example_inputs=...), "
+    "which binds it to that value (the compiled artifact then refuses any other value at run time)."
 )
 _HINT_VERSION = (
     "These ops exist in kiln at an older version only: re-export the model with the opset named per op, "
@@ -107,6 +113,8 @@ class UnsupportedOpsError(FrontendError):
             hints.append(_HINT_CUSTOM)
         if any(i.dynamic for i in self.items):
             hints.append(_HINT_DYNAMIC)
+        if self.specializable:
+            hints.append(_HINT_SPECIALIZE.format(names=_names(self.specializable)))
         if any(i.version for i in self.items):
             hints.append(_HINT_VERSION)
         if any(i.reason and not i.dynamic and not i.version and not i.is_custom for i in self.items):
@@ -117,6 +125,11 @@ class UnsupportedOpsError(FrontendError):
     @property
     def op_types(self) -> list[str]:
         return sorted({i.op_type for i in self.items})
+
+    @property
+    def specializable(self) -> list[str]:
+        """Graph inputs whose values decide refused dynamic operands (in first-seen order)."""
+        return list(dict.fromkeys(n for i in self.items if i.dynamic for n in i.inputs))
 
 
 class DynamicShapeError(UnsupportedOpsError):

@@ -39,6 +39,15 @@ How a model is lifted
    ``reshape{shape=[0, -1]}`` (or ``-1`` where one dim is unknown) and an
    ``Expand`` to the input's own symbolic dims uses ``1`` there. Anything
    else that needs a run-time shape is refused, naming the node.
+   Before refusing, Reshape/Expand/Tile/ConstantOfShape take the operand from
+   their output's shape when ONNX shape inference with data propagation
+   (``onnx.shape_inference.infer_shapes(..., data_prop=True)``, run once, lazily,
+   ignoring the model's own value_info and output shapes) derives it statically.
+   A refused run-time operand names the graph inputs its value is computed from
+   (``UnsupportedOpsError.specializable``); ``input_values`` binds such inputs
+   to values (they become constants, listed in ``graph.meta["specialized"]``) and
+   :func:`lift_specialized` does so from example inputs. Operands that do not
+   decide a shape stay run-time operands: Clip's min/max, Trilu's k.
 7. Every refusal (op kiln lacks, custom domain, training-mode use, dynamic
    shape, attribute value kiln cannot express) is collected; after the last
    node one ``UnsupportedOpsError`` lists all of them.
@@ -57,7 +66,7 @@ import heapq
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -97,13 +106,15 @@ NONDETERMINISTIC = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform
 # ONNX attributes that do not change the result of kiln's lifting (whatever their value).
 _IGNORED_ATTRS = {
     ("Conv", "kernel_shape"), ("ConvTranspose", "kernel_shape"),  # checked against the weight
-    ("MaxPool", "storage_order"),  # only affects the Indices output, which is refused if used
+    ("MaxPool", "storage_order"),  # only affects the Indices output (read by its converter)
     ("BatchNormalization", "momentum"),  # training only
     ("LayerNormalization", "stash_type"), ("RMSNormalization", "stash_type"),  # kiln computes wider
     ("Cast", "saturate"), ("QuantizeLinear", "saturate"),  # float8 only
     ("Dropout", "seed"), ("Dropout", "ratio"),
 }
 ModelSource = onnx.ModelProto | str | os.PathLike | bytes | bytearray | memoryview
+# ONNX ops kiln folds (never computes) whose scalar operands decide their output's length
+SHAPE_PRODUCERS = frozenset({"Range"})
 
 
 # ====================================================================== loading
@@ -169,7 +180,8 @@ def _label(source: ModelSource, model: onnx.ModelProto) -> str:
 # ====================================================================== public entry points
 
 def lift(model: ModelSource, *, canonicalize: bool = True,
-         input_shapes: dict[str, Sequence[int | str]] | None = None, params_as_inputs: bool = False) -> Graph:
+         input_shapes: dict[str, Sequence[int | str]] | None = None, params_as_inputs: bool = False,
+         input_values: Mapping[str, Any] | None = None) -> Graph:
     """ONNX -> kiln IR (see the module docstring); the result is verified.
 
     ``input_shapes`` overrides the declared shape of graph inputs by name
@@ -179,15 +191,43 @@ def lift(model: ModelSource, *, canonicalize: bool = True,
     the ONNX file, listed in ``graph.meta["params"]``), to be fed at run time
     for weight swapping and fine-tuning loops; integer and scalar initializers
     (shapes, indices, epsilons) stay constants.
+    ``input_values`` specializes graph inputs: each named input becomes a
+    constant of the given value (its dtype and declared shape must fit), so an
+    operand kiln needs at compile time (a Reshape's shape, reduction axes...)
+    computed from it folds; ``graph.meta["specialized"]`` records
+    ``{name: value as a (nested) list}``. :func:`lift_specialized` picks the
+    inputs to bind from a refusal.
     """
     proto = load_model(model)
     label = _label(model, proto)
-    graph = _Lifter(proto, label, input_shapes or {}, params_as_inputs).run()
+    graph = _Lifter(proto, label, input_shapes or {}, params_as_inputs, input_values or {}).run()
     graph.dce()
     if canonicalize:
         from .canonicalize import canonicalize as canon
         canon(graph)
     return ir.verify(graph)
+
+
+def lift_specialized(model: ModelSource, examples: Mapping[str, Any], *, max_rounds: int = 8,
+                     **kwargs: Any) -> Graph:
+    """``lift``, binding (as ``input_values``) exactly the graph inputs that lift reports as deciding a
+    compile-time operand, with their values from ``examples``; other inputs stay run-time inputs.
+
+    Each round lifts with the inputs bound so far; a refusal whose dynamic operands name inputs that
+    ``examples`` holds (and that are not bound yet) binds them and lifts again. Any other refusal, or
+    one naming an input without an example, is raised as is (its message names the input).
+    """
+    proto = load_model(model)
+    bound: dict[str, Any] = dict(kwargs.pop("input_values", None) or {})
+    for _ in range(max_rounds):
+        try:
+            return lift(proto, input_values=bound, **kwargs)
+        except UnsupportedOpsError as e:
+            new = [n for n in e.specializable if n in examples and n not in bound]
+            if not new:
+                raise
+            bound.update({n: examples[n] for n in new})
+    return lift(proto, input_values=bound, **kwargs)
 
 
 def supported_ops() -> list[str]:
@@ -347,19 +387,23 @@ def _to_kind(kind: str, v: Any, what: str) -> Any:
 class _Refuse(Exception):
     """A node kiln cannot convert; collected into UnsupportedOpsError."""
 
-    def __init__(self, reason: str = "", *, dynamic: bool = False, version: bool = False):
+    def __init__(self, reason: str = "", *, dynamic: bool = False, version: bool = False,
+                 inputs: Sequence[str] = ()):
         super().__init__(reason)
         self.reason = reason
         self.dynamic = dynamic
         self.version = version
+        self.inputs = list(inputs)  # graph inputs whose values decide the refused (dynamic) operand
 
 
 # ====================================================================== the lifter
 
 class _Lifter:
     def __init__(self, model: onnx.ModelProto, label: str, input_shapes: dict[str, Sequence[int | str]],
-                 params_as_inputs: bool = False):
+                 params_as_inputs: bool = False, input_values: Mapping[str, Any] | None = None):
         self.model = model
+        self.input_values = dict(input_values or {})
+        self._inferred: dict[str, tuple[int, ...] | None] | None = None
         self.params_as_inputs = params_as_inputs
         self.label = label
         self.input_shapes = dict(input_shapes)
@@ -510,14 +554,22 @@ class _Lifter:
     # ------------------------------------------------------------ inputs and initializers
     def _inputs(self, gp: onnx.GraphProto) -> None:
         inits = {t.name: t for t in gp.initializer}
-        unknown = set(self.input_shapes) - {i.name for i in gp.input if i.name not in inits}
+        own = [i.name for i in gp.input if i.name not in inits]
+        unknown = set(self.input_shapes) - set(own)
         if unknown:
             raise FrontendError(f"input_shapes names {sorted(unknown)}, which are not graph inputs of "
-                                f"{self.label} (inputs: {[i.name for i in gp.input if i.name not in inits]})")
+                                f"{self.label} (inputs: {own})")
+        unknown = set(self.input_values) - set(own)
+        if unknown:
+            raise FrontendError(f"input_values names {sorted(unknown)}, which are not graph inputs of "
+                                f"{self.label} (inputs: {own})")
         used_syms = {d.dim_param for i in gp.input for d in i.type.tensor_type.shape.dim if d.dim_param}
         self.used_syms = {_symbol(s) for s in used_syms}
         for vi in gp.input:
             if vi.name in inits:
+                continue
+            if vi.name in self.input_values:
+                self.env[vi.name] = self._specialize(vi, self.input_values[vi.name])
                 continue
             self.env[vi.name] = self.g.add_input(vi.name, self._input_type(vi))
         for name, t in inits.items():
@@ -538,6 +590,81 @@ class _Lifter:
                 self.g.meta.setdefault("params", []).append(name)
             else:
                 self.env[name] = self.g.add_constant(arr, name)
+
+    def inferred_shape(self, name: str) -> tuple[int, ...] | None:
+        """The static shape that ONNX shape inference with data propagation gives ONNX value ``name``.
+
+        Computed once, on first use (a node whose compile-time operand kiln cannot resolve), over the
+        model with kiln's input types (``input_shapes`` applied, specialized inputs as initializers);
+        None when inference fails or leaves a dim unknown.
+        """
+        if self._inferred is None:
+            self._inferred = self._infer_shapes()
+        return self._inferred.get(name)
+
+    def _infer_shapes(self) -> dict[str, tuple[int, ...] | None]:
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        gp = model.graph
+        for vi in gp.input:
+            v = self.env.get(vi.name)
+            if v is None or v.is_const or not vi.type.HasField("tensor_type"):
+                continue
+            shape = vi.type.tensor_type.shape
+            shape.ClearField("dim")
+            for d in v.type.shape:
+                dim = shape.dim.add()
+                if isinstance(d, int):
+                    dim.dim_value = d
+                else:
+                    dim.dim_param = str(d)
+        del gp.value_info[:]  # only what inference derives counts, not what the model claims
+        for vi in gp.output:
+            if vi.type.HasField("tensor_type"):
+                vi.type.tensor_type.ClearField("shape")
+        have = {t.name for t in gp.initializer}
+        for name in self.g.meta.get("specialized", {}):
+            if name not in have:
+                gp.initializer.append(numpy_helper.from_array(self.env[name].const, name))
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception as e:  # noqa: BLE001 - inference is a best effort here
+            _log.debug("%s: ONNX shape inference failed: %s", self.label, e)
+            return {}
+        out: dict[str, tuple[int, ...] | None] = {}
+        for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+            tt = vi.type.tensor_type
+            if not vi.type.HasField("tensor_type") or not tt.HasField("shape"):
+                continue
+            dims = list(tt.shape.dim)
+            if all(d.WhichOneof("value") == "dim_value" for d in dims):
+                out[vi.name] = tuple(int(d.dim_value) for d in dims)
+        return out
+
+    def _specialize(self, vi: onnx.ValueInfoProto, value: Any) -> Value:
+        """Graph input ``vi`` as a constant of ``value`` (its dtype and declared shape must fit)."""
+        tt = vi.type.tensor_type
+        if vi.type.WhichOneof("value") != "tensor_type":
+            raise FrontendError(f"{self.label}: input_values[{vi.name!r}]: the input is not a tensor")
+        try:
+            want = TensorType(kiln_dtype(tt.elem_type), ()).np_dtype
+        except ValueError as e:
+            raise FrontendError(f"{self.label}: graph input {vi.name!r}: {e}") from None
+        arr = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+        if arr.dtype != want:
+            cast = arr.astype(want)
+            if not np.array_equal(cast, arr):
+                raise FrontendError(f"input_values[{vi.name!r}] has dtype {arr.dtype}, the input is "
+                                    f"{want.name} (and the values do not convert exactly)")
+            arr = cast
+        if tt.HasField("shape"):
+            dims = [d.dim_value if d.WhichOneof("value") == "dim_value" else None for d in tt.shape.dim]
+            if len(dims) != arr.ndim or any(d is not None and d != n for d, n in zip(dims, arr.shape)):
+                shown = ["?" if d is None else d for d in dims]
+                raise FrontendError(f"input_values[{vi.name!r}] has shape {list(arr.shape)}, the input is "
+                                    f"declared {shown}")
+        self.g.meta.setdefault("specialized", {})[vi.name] = arr.tolist()
+        return self.g.add_constant(np.array(arr), vi.name)
 
     def _input_type(self, vi: onnx.ValueInfoProto) -> TensorType:
         kind = vi.type.WhichOneof("value")
@@ -614,7 +741,7 @@ class _Lifter:
         outs = [self._nm(n) for n in node.output]
         if any(n in self.poisoned for n in ins):
             # Downstream of a refused node: nothing to convert, but an op kiln lacks is still listed.
-            if domain or node.op_type not in self.converters:
+            if (f"{domain}::{node.op_type}" if domain else node.op_type) not in self.converters:
                 self._record(node, domain, "")
             self.poisoned.update(o for o in outs if o)
             return
@@ -623,7 +750,7 @@ class _Lifter:
         try:
             results = self._convert(ctx)
         except _Refuse as r:
-            self._record(node, domain, r.reason, r.dynamic, r.version)
+            self._record(node, domain, r.reason, r.dynamic, r.version, r.inputs)
             self.poisoned.update(o for o in outs if o)
             return
         except FrontendError:
@@ -647,7 +774,10 @@ class _Lifter:
     def _convert(self, ctx: _Ctx) -> list[Value | None]:
         node = ctx.node
         if ctx.domain:
-            raise _Refuse("")
+            conv = self.converters.get(f"{ctx.domain}::{node.op_type}")  # e.g. com.microsoft::QGemm
+            if conv is None:
+                raise _Refuse("")
+            return conv(ctx)
         conv = self.converters.get(node.op_type)
         gap = version_gap(node.op_type, self.opset) if conv is not None else None
         if gap:
@@ -665,6 +795,15 @@ class _Lifter:
                 raise _Refuse(f"kiln has no {node.op_type} op and folds it only when its inputs are constant; "
                               f"input {i} is computed from a run-time shape ({_describe(ctx.inputs[i])})",
                               dynamic=True)
+            runtime = [i for i, v in enumerate(ctx.inputs) if v is not None and not v.is_const]
+            if node.op_type in SHAPE_PRODUCERS and all(ctx.inputs[i].type.is_static
+                                                       and ctx.inputs[i].type.numel <= 1 for i in runtime):
+                # e.g. Range(0, n) with n a graph input: its output's length is n, known once n is bound
+                small = runtime
+                i = small[0]
+                raise _Refuse(f"kiln has no {node.op_type} op and folds it only when its inputs are constant; "
+                              f"input {i} is computed at run time ({_describe(ctx.inputs[i])})",
+                              dynamic=True, inputs=[n for k in small for n in value_sources(ctx.inputs[k])])
             raise _Refuse("")
         try:
             return conv(ctx)
@@ -684,12 +823,13 @@ class _Lifter:
             raise _Refuse(f"kiln's type rule refuses it: {e}") from None
 
     def _record(self, node: onnx.NodeProto, domain: str, reason: str, dynamic: bool = False,
-                version: bool = False) -> None:
+                version: bool = False, inputs: Sequence[str] = ()) -> None:
         opset = self.opsets.get(domain, 1)
         key = (node.op_type, domain, opset, reason)
         item = self.refusals.setdefault(key, Unsupported(node.op_type, domain or "ai.onnx", opset,
                                                          reason=reason, dynamic=dynamic, version=version))
         item.node_names.append(_node_label(node))
+        item.inputs.extend(n for n in inputs if n not in item.inputs)
 
     def _check_declared(self, o: onnx.ValueInfoProto, v: Value) -> None:
         """The model's declared output type (where it is given) must agree with what kiln computes."""
@@ -795,10 +935,17 @@ class _Ctx:
         raise self.dynamic(i, what)
 
     def dynamic(self, i: int, what: str) -> _Refuse:
+        """The refusal of a run-time operand ``i``, naming the graph inputs whose values decide it."""
         v = self.input(i)
         src = _describe(v)
         return _Refuse(f"input {i} ({what}) is computed at run time ({src}); kiln needs it constant",
-                        dynamic=True)
+                        dynamic=True, inputs=[] if v is None else value_sources(v))
+
+    def inferred_output(self, i: int = 0) -> tuple[int, ...] | None:
+        """Output ``i``'s static shape by ONNX shape inference (with data propagation), if it has one."""
+        if i >= len(self.node.output) or not self.node.output[i]:
+            return None
+        return self.lifter.inferred_shape(self.node.output[i])
 
     def static_shape(self, v: Value, what: str) -> tuple[int, ...]:
         if not v.type.is_static:
@@ -821,6 +968,8 @@ class _Ctx:
         types = infer_types(kop, [None if v is None else v.type for v in inputs], attrs)
         names = self._out_names(kop, types, outs)
         present = [v for v in inputs if v is not None]
+        if types and all(t.is_static and t.numel == 0 for t in types):  # no elements: nothing to compute
+            return [self.g.add_constant(np.zeros(tuple(t.shape), t.np_dtype), n) for t, n in zip(types, names)]
         if present and all(v.is_const for v in present) and kop not in NEVER_FOLD and all(t.is_static for t in types) \
                 and sum(int(np.prod(t.shape, dtype=np.int64)) for t in types) <= LIFT_FOLD_LIMIT:
             arrays = run_node(Node(kop, attrs, self.node.name or kop),
@@ -951,6 +1100,24 @@ def _static(shape: Sequence[Dim]) -> tuple[int, ...]:
     return tuple(int(d) if isinstance(d, int) else 1 for d in shape)
 
 
+def value_sources(v: Value) -> list[str]:
+    """The graph inputs whose values ``v`` is computed from (not through their shapes alone)."""
+    out: list[str] = []
+    seen: set[int] = set()
+    stack = [v]
+    while stack:
+        u = stack.pop()
+        if id(u) in seen or u.is_const:
+            continue
+        seen.add(id(u))
+        p = u.producer
+        if p is None:
+            out.append(u.name)
+        elif p.op != "shape":
+            stack.extend(x for x in p.inputs if x is not None)
+    return sorted(out)
+
+
 def _describe(v: Value | None) -> str:
     if v is None:
         return "absent"
@@ -965,7 +1132,7 @@ def shape_expr(v: Value, depth: int = 0) -> tuple[Dim, ...] | None:
     """The elements of a 0-d/1-d integer value as dims (ints or symbols), when kiln can tell.
 
     Tracks ``shape`` of symbolically shaped values through gather, slice,
-    concat, (un)squeeze, reshape, cast, mul and exact div.
+    concat, (un)squeeze, reshape, cast, mul, exact div and integer add/sub.
     """
     t = v.type
     if t.rank > 1 or t.dtype not in ("i64", "i32", "f32", "f64") or depth > 64:
@@ -1006,6 +1173,23 @@ def shape_expr(v: Value, depth: int = 0) -> tuple[Dim, ...] | None:
         if any(x is None for x in parts):
             return None
         return tuple(d for part in parts for d in part)
+    if p.op in ("add", "sub") and t.dtype in ("i64", "i32"):
+        lhs, rhs = (shape_expr(x, depth + 1) for x in p.inputs[:2])
+        if lhs is None or rhs is None or len(lhs) != len(rhs) and 1 not in (len(lhs), len(rhs)):
+            return None
+        n = max(len(lhs), len(rhs))
+        lhs, rhs = (x * n if len(x) == 1 else x for x in (lhs, rhs))
+        out_sum: list[Dim] = []
+        for x, y in zip(lhs, rhs):
+            if isinstance(x, int) and isinstance(y, int):
+                out_sum.append(x + y if p.op == "add" else x - y)
+            elif y == 0:
+                out_sum.append(x)
+            elif x == 0 and p.op == "add":
+                out_sum.append(y)
+            else:
+                return None
+        return tuple(out_sum)
     if p.op in ("mul", "div"):
         lhs, rhs = (shape_expr(x, depth + 1) for x in p.inputs[:2])
         if lhs is None or rhs is None:
@@ -1058,6 +1242,21 @@ def reshape_target(in_shape: Sequence[Dim], target: Sequence[Dim], allowzero: in
 
 # ====================================================================== special converters
 
+def _shape_operand(ctx: _Ctx, i: int, what: str,
+                   from_output: Callable[[tuple[int, ...]], Sequence[int] | None]) -> np.ndarray | None:
+    """Input ``i`` as a constant, else derived by ``from_output`` from the node's output shape as ONNX
+    shape inference (with data propagation) gives it; refused as a dynamic operand when neither works."""
+    try:
+        return ctx.const_input(i, what)
+    except _Refuse as refusal:
+        out = ctx.inferred_output(0)
+        derived = None if out is None else from_output(out)
+        if derived is None:
+            raise refusal from None
+        return np.array(list(derived), dtype=np.int64)
+
+
+
 @_special("Identity")
 def _identity(ctx: _Ctx) -> list[Value | None]:
     x = ctx.x()
@@ -1069,13 +1268,18 @@ def _identity(ctx: _Ctx) -> list[Value | None]:
 
 @_special("Dropout")
 def _dropout(ctx: _Ctx) -> list[Value | None]:
+    """Inference Dropout is the identity (mask all true). training_mode must be constant (a graph input
+    is refused as a dynamic operand, so it can be specialized); when true, only ratio 0 is kept (the
+    identity again): any other ratio draws random numbers."""
     x = ctx.x()
     if ctx.opset >= 12 and ctx.input(2) is not None:
-        tm = ctx.input(2)
-        if not tm.is_const:
-            raise _Refuse("training_mode is computed at run time; kiln lifts inference graphs")
-        if bool(np.asarray(tm.const).reshape(-1)[0]):
-            raise _Refuse("training_mode is true; kiln lifts inference graphs (export with module.eval())")
+        tm = ctx.const_input(2, "training_mode")
+        if bool(np.asarray(tm).reshape(-1)[0]):
+            ratio = ctx.const_input(1, "ratio")
+            r = 0.5 if ratio is None else float(np.asarray(ratio).reshape(-1)[0])
+            if r != 0.0:
+                raise _Refuse(f"training_mode is true with ratio {r:g}: random dropout; kiln lifts inference "
+                              f"graphs (export with module.eval())")
     results: list[Value | None] = [x]
     if ctx.output_used(1):
         if ctx.opset < 10:
@@ -1124,7 +1328,7 @@ def _dense(attributes: Sequence[onnx.AttributeProto]) -> np.ndarray:
 
 @_special("ConstantOfShape")
 def _constant_of_shape(ctx: _Ctx) -> list[Value | None]:
-    shape = ctx.const_input(0, "shape")
+    shape = _shape_operand(ctx, 0, "shape", lambda out: out)
     value = ctx.attrs.get("value")
     fill = np.zeros((), np.float32) if value is None else np.asarray(value).reshape(-1)[:1].reshape(())
     shape = tuple(int(s) for s in np.asarray(shape).reshape(-1))
@@ -1268,9 +1472,8 @@ def _conv_transpose(ctx: _Ctx) -> list[Value | None]:
     return [ctx.op("conv_transpose", [x, w, b], attrs, out=0)]
 
 
-@_special("MaxPool", needs=("max_pool",))
+@_special("MaxPool", needs=("max_pool", "max_pool_with_indices"))
 def _max_pool(ctx: _Ctx) -> list[Value | None]:
-    ctx.refuse_used_outputs(1, "Indices")
     x = ctx.x()
     kernel = [int(k) for k in ctx.attrs.get("kernel_shape", [])]
     if not kernel:
@@ -1281,6 +1484,9 @@ def _max_pool(ctx: _Ctx) -> list[Value | None]:
     pads = _spatial_pads(ctx, x, kernel, strides, dilations, "MaxPool")
     attrs = {"kernel_shape": kernel, "strides": strides, "pads": pads, "dilations": dilations,
              "ceil_mode": int(ctx.attr("ceil_mode", 0))}
+    if ctx.output_used(1):
+        attrs["storage_order"] = int(ctx.attr("storage_order", 0))
+        return list(ctx.op_multi("max_pool_with_indices", [x], attrs, outs=[0, 1]))
     return [ctx.op("max_pool", [x], attrs, out=0)]
 
 
@@ -1293,29 +1499,77 @@ def _avg_pool(ctx: _Ctx) -> list[Value | None]:
     n = len(kernel)
     strides = _ints(ctx.attrs.get("strides"), n, 1)
     dilations = _ints(ctx.attrs.get("dilations"), n, 1)
-    if any(d != 1 for d in dilations):
-        raise _Refuse(f"dilations={dilations} (kiln's avg_pool has no dilation)")
     pads = _spatial_pads(ctx, x, kernel, strides, dilations, "AveragePool")
     attrs = {"kernel_shape": kernel, "strides": strides, "pads": pads,
              "ceil_mode": int(ctx.attr("ceil_mode", 0)),
              "count_include_pad": int(ctx.attr("count_include_pad", 0))}
+    if any(d != 1 for d in dilations):
+        attrs["dilations"] = dilations
     return [ctx.op("avg_pool", [x], attrs, out=0)]
 
 
-@_special("BatchNormalization", needs=("batch_norm",))
+@_special("BatchNormalization", needs=("batch_norm", "reduce_mean", "sub", "mul", "add", "reshape"))
 def _batch_norm(ctx: _Ctx) -> list[Value | None]:
-    if int(ctx.attrs.get("training_mode", 0)):
-        raise _Refuse("training_mode=1; kiln lifts inference graphs (export with module.eval())")
     if ctx.opset < 9 and int(ctx.attrs.get("spatial", 1)) == 0:
         raise _Refuse("spatial=0 (per-activation statistics) is not supported")
+    if int(ctx.attrs.get("training_mode", 0)):
+        return _batch_norm_training(ctx)
     ctx.refuse_used_outputs(1, "running or saved mean/var of training mode")
     return ctx.generic(get_op("batch_norm"), skip_attrs=("spatial", "training_mode", "is_test"))
 
 
-@_special("LayerNormalization", needs=("layer_norm",))
+def _batch_norm_training(ctx: _Ctx) -> list[Value | None]:
+    """training_mode=1 (opset 14+): normalize with the batch's statistics (mean and biased variance over
+    every axis but 1); outputs running_mean/var = input * momentum + batch statistic * (1 - momentum)."""
+    x, scale, bias, mean_in, var_in = (ctx.x(i) for i in range(5))
+    if x.type.rank < 2:
+        raise _Refuse(f"training mode needs an input of rank >= 2, got {x.type}")
+    axes = [0, *range(2, x.type.rank)]
+    c = x.type.shape[1]
+    momentum = float(ctx.attr("momentum", 0.9))
+    eps = float(ctx.attr("epsilon", 1e-5))
+    mean_k = ctx.op("reduce_mean", [x], {"axes": axes, "keepdims": 1})
+    d = ctx.op("sub", [x, mean_k])
+    var_k = ctx.op("reduce_mean", [ctx.op("mul", [d, d])], {"axes": axes, "keepdims": 1})
+    target = reshape_target(mean_k.type.shape, [c])
+    if target is None:
+        raise _Refuse(f"training mode needs a static channel dim, got {x.type}", dynamic=True)
+    mean = ctx.op("reshape", [mean_k], {"shape": target})
+    var = ctx.op("reshape", [var_k], {"shape": target})
+    y = ctx.op("batch_norm", [x, scale, bias, mean, var], {"epsilon": eps}, out=0)
+    results: list[Value | None] = [y]
+    for k, (given, batch) in enumerate(((mean_in, mean), (var_in, var)), start=1):
+        if not ctx.output_used(k):
+            results.append(None)
+            continue
+        kept = ctx.op("mul", [given, ctx.scalar(momentum, given)])
+        results.append(ctx.op("add", [kept, ctx.op("mul", [batch, ctx.scalar(1.0 - momentum, batch)])], out=k))
+    return results
+
+
+@_special("LayerNormalization", needs=("layer_norm", "cast", "reduce_mean", "sub", "mul", "add", "sqrt",
+                                       "reciprocal"))
 def _layer_norm(ctx: _Ctx) -> list[Value | None]:
-    ctx.refuse_used_outputs(1, "Mean / InvStdDev")
-    return ctx.generic(get_op("layer_norm"))
+    """Y is kiln's layer_norm; the Mean and InvStdDev outputs, when used, are computed beside it in the
+    stash type (float32 unless stash_type says otherwise), as ONNX's function body does."""
+    if not (ctx.output_used(1) or ctx.output_used(2)):
+        return ctx.generic(get_op("layer_norm"))
+    x, scale, bias = ctx.x(0), ctx.x(1), ctx.input(2)
+    attrs = ctx.kiln_attrs(get_op("layer_norm"))
+    y = ctx.op("layer_norm", [x, scale, bias], attrs, out=0)
+    r = x.type.rank
+    axis = int(attrs.get("axis", -1))
+    if not -r <= axis < r:
+        raise _Refuse(f"axis {axis} is out of range for rank {r}")
+    axes = list(range(axis % r, r))
+    stash = _to_kind("dtype", int(ctx.attr("stash_type", 1)), "stash_type")
+    xu = x if x.type.dtype == stash else ctx.op("cast", [x], {"to": stash})
+    mean = ctx.op("reduce_mean", [xu], {"axes": axes, "keepdims": 1}, out=1)
+    d = ctx.op("sub", [xu, mean])
+    var = ctx.op("reduce_mean", [ctx.op("mul", [d, d])], {"axes": axes, "keepdims": 1})
+    eps = ctx.scalar(float(attrs.get("epsilon", 1e-5)), var)
+    inv = ctx.op("reciprocal", [ctx.op("sqrt", [ctx.op("add", [var, eps])])], out=2)
+    return [y, mean if ctx.output_used(1) else None, inv if ctx.output_used(2) else None]
 
 
 def _softmax_like(kop: str) -> Callable[[_Ctx], list[Value | None]]:
@@ -1470,6 +1724,9 @@ def _reshape(ctx: _Ctx) -> list[Value | None]:
         if any(isinstance(d, str) and d != o for d, o in zip(sym, y.type.shape)):
             raise ctx.dynamic(1, f"shape {list(sym)}")
         return [y]
+    if v is not None and not v.is_const and (sym is None or not all(isinstance(d, int) for d in sym)):
+        target = _shape_operand(ctx, 1, "shape", lambda out: out)  # from the output: literal dims
+        return [ctx.op("reshape", [x], {"shape": [int(d) for d in target], "allowzero": 1}, out=0)]
     return ctx.generic(get_op("reshape"))
 
 
@@ -1491,43 +1748,102 @@ def _expand(ctx: _Ctx) -> list[Value | None]:
             else:
                 raise ctx.dynamic(1, f"shape {list(sym)}")
         return [ctx.op("expand", [x], {"shape": target}, out=0)]
+    if v is not None and not v.is_const and sym is None:
+        target = _shape_operand(ctx, 1, "shape", lambda out: out)
+        return [ctx.op("expand", [x], {"shape": [int(d) for d in target]}, out=0)]
     return ctx.generic(get_op("expand"))
+
+
+@_special("Tile", needs=("tile",))
+def _tile(ctx: _Ctx) -> list[Value | None]:
+    """Tile; run-time repeats resolve from the inferred output shape when every input dim is static and > 0."""
+    x = ctx.x()
+
+    def from_output(out: tuple[int, ...]) -> list[int] | None:
+        dims = x.type.shape
+        if len(out) != len(dims) or not all(isinstance(d, int) and d > 0 and o % d == 0
+                                            for d, o in zip(dims, out)):
+            return None
+        return [o // d for d, o in zip(dims, out)]
+
+    repeats = _shape_operand(ctx, 1, "repeats", from_output)
+    return [ctx.op("tile", [x], {"repeats": [int(r) for r in np.asarray(repeats).reshape(-1)]}, out=0)]
+
+
+@_special("Clip", needs=("clip",))
+def _clip(ctx: _Ctx) -> list[Value | None]:
+    """Constant bounds become clip's attributes; run-time bounds (opset 11+) its min/max operands."""
+    x = ctx.x()
+    if ctx.opset < 11:
+        return ctx.generic(get_op("clip"))
+    operands: list[Value | None] = [x, None, None]
+    attrs: dict[str, Any] = {}
+    for i, name in ((1, "min"), (2, "max")):
+        v = ctx.input(i)
+        if v is None:
+            continue
+        arr = v.const if v.is_const else None
+        if arr is not None and arr.size == 1 and (x.type.dtype in ("f16", "bf16", "f32", "f64")
+                                                   or float(arr.reshape(-1)[0]) == arr.reshape(-1)[0]):
+            attrs[name] = float(arr.reshape(-1)[0])
+        else:
+            operands[i] = v
+    return [ctx.op("clip", operands, attrs, out=0)]
+
+
+@_special("Trilu", needs=("trilu",))
+def _trilu(ctx: _Ctx) -> list[Value | None]:
+    """A constant k becomes trilu's attribute; a run-time k its operand."""
+    x, k = ctx.x(), ctx.input(1)
+    upper = int(ctx.attr("upper", 1))
+    if k is None or k.is_const:
+        kk = 0 if k is None else int(np.asarray(k.const).reshape(-1)[0])
+        return [ctx.op("trilu", [x], {"upper": upper, "k": kk}, out=0)]
+    return [ctx.op("trilu", [x, k], {"upper": upper}, out=0)]
 
 
 @_special("GatherND", needs=("reshape", "gather", "cast", "less", "add", "where", "mul", "reduce_sum"))
 def _gather_nd(ctx: _Ctx) -> list[Value | None]:
-    """GatherND (batch_dims 0) as a gather on axis 0 of the data with its first K dims flattened.
+    """GatherND as a gather on axis 0 of the data with its first b + K dims flattened (b = batch_dims).
 
-    The flat index is ``sum_k idx[..., k] * stride_k`` (negative entries count from the end of their
-    dim): folded to a constant when the indices are constant (range-checked then), else computed by
-    where/add/mul/reduce_sum. The first K dims of the data must be static.
+    The flat index is ``batch * prod(lead) + sum_k idx[..., k] * stride_k`` (negative entries count
+    from the end of their dim), with ``batch`` the flat position of the index's first b coordinates:
+    folded to a constant when the indices are constant (range-checked then), else computed by
+    where/add/mul/reduce_sum. The first b + K dims of the data must be static.
     """
     x, idx = ctx.x(0), ctx.x(1)
-    if int(ctx.attr("batch_dims", 0)):
-        raise _Refuse(f"batch_dims={int(ctx.attr('batch_dims', 0))} is not supported (only 0)")
+    b = int(ctx.attr("batch_dims", 0))
     if idx.type.rank == 0 or not isinstance(idx.type.shape[-1], int):
         raise _Refuse(f"indices {idx.type} need a static last dim", dynamic=True)
     k = int(idx.type.shape[-1])
-    lead = x.type.shape[:k]
-    if k > x.type.rank or not all(isinstance(d, int) for d in lead):
-        raise _Refuse(f"indices of depth {k} need the first {k} dims of the data {x.type} static", dynamic=True)
+    if b < 0 or b >= min(x.type.rank, idx.type.rank) or b + k > x.type.rank:
+        raise _Refuse(f"batch_dims={b} with indices {idx.type} does not fit the data {x.type}")
+    batch, lead = x.type.shape[:b], x.type.shape[b:b + k]
+    if not all(isinstance(d, int) for d in (*batch, *lead)) or list(idx.type.shape[:b]) != list(batch):
+        raise _Refuse(f"indices {idx.type} with batch_dims={b} need the first {b + k} dims of the data "
+                      f"{x.type} static (and the batch dims equal)", dynamic=True)
     dims = np.array(lead, dtype=np.int64)
     strides = np.array([int(np.prod(lead[i + 1:], dtype=np.int64)) for i in range(k)], dtype=np.int64)
-    target = reshape_target(x.type.shape, [int(np.prod(dims, dtype=np.int64)), *x.type.shape[k:]])
+    block = int(np.prod(dims, dtype=np.int64))
+    n_batch = int(np.prod(batch, dtype=np.int64))
+    target = reshape_target(x.type.shape, [n_batch * block, *x.type.shape[b + k:]])
     if target is None:
-        raise _Refuse(f"the data {x.type} cannot be flattened over its first {k} dims", dynamic=True)
+        raise _Refuse(f"the data {x.type} cannot be flattened over its first {b + k} dims", dynamic=True)
     flat_x = ctx.op("reshape", [x], {"shape": target})
+    offsets = (np.arange(n_batch, dtype=np.int64) * block).reshape(*batch, *[1] * (idx.type.rank - 1 - b))
     if idx.is_const:
         raw = np.asarray(idx.const, dtype=np.int64)
         wrapped = np.where(raw < 0, raw + dims, raw)
         if wrapped.size and ((wrapped < 0) | (wrapped >= dims)).any():
             raise _Refuse(f"an index in {_short(idx.const)} is out of range for the data dims {list(lead)}")
-        flat = ctx.const((wrapped * strides).sum(axis=-1).astype(np.int64))
+        flat = ctx.const(((wrapped * strides).sum(axis=-1) + offsets).astype(np.int64))
     else:
         i64 = ctx.op("cast", [idx], {"to": "i64"}) if idx.type.dtype != "i64" else idx
         wrapped = ctx.op("where", [ctx.op("less", [i64, ctx.const(np.zeros((), np.int64))]),
                                    ctx.op("add", [i64, ctx.const(dims)]), i64])
         flat = ctx.op("reduce_sum", [ctx.op("mul", [wrapped, ctx.const(strides)])], {"axes": [-1], "keepdims": 0})
+        if b:
+            flat = ctx.op("add", [flat, ctx.const(offsets)])
     return [ctx.op("gather", [flat_x, flat], {"axis": 0}, out=0)]
 
 
@@ -1611,6 +1927,7 @@ def _check_only(ctx: _Ctx, known: Sequence[str]) -> None:
 
 # Converter families in their own modules; they register into _SPECIAL through @_special.
 from . import (  # noqa: E402,F401
+    lift_contrib,
     lift_dtypes,
     lift_image,
     lift_index,
@@ -1622,5 +1939,5 @@ from . import (  # noqa: E402,F401
     lift_transformer,
 )
 
-__all__ = ["LIFT_FOLD_LIMIT", "MAX_OPSET", "MIN_OPSET", "lift", "load_model",
-           "reshape_target", "shape_expr", "supported_ops"]
+__all__ = ["LIFT_FOLD_LIMIT", "MAX_OPSET", "MIN_OPSET", "lift", "lift_specialized", "load_model",
+           "reshape_target", "shape_expr", "supported_ops", "value_sources"]

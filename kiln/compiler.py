@@ -74,11 +74,19 @@ class Resolved:
     label: str
     example_inputs: Any
     params: dict[str, np.ndarray] = field(default_factory=dict)
+    examples: dict[str, np.ndarray] = field(default_factory=dict)  # example inputs by ONNX input name
+    specialized: dict[str, np.ndarray] = field(default_factory=dict)  # inputs bound to a value by lift
 
 
 def resolve_model(model: Any, example_inputs: Any = None, *, params_as_inputs: bool = False) -> Resolved:
-    """Lift any accepted model form into kiln IR (with ``params_as_inputs``, weights become inputs)."""
+    """Lift any accepted model form into kiln IR (with ``params_as_inputs``, weights become inputs).
+
+    With example inputs, a graph input that lift names as deciding a compile-time operand (a Reshape's
+    shape, reduction axes, Pad's pads...) is specialized to its example value
+    (:func:`kiln.frontend.lift.lift_specialized`); ``graph.meta["specialized"]`` lists those inputs.
+    """
     from kiln import frontend
+    from kiln.frontend.lift import lift_specialized
 
     if isinstance(model, Graph):
         return Resolved(model.clone(), model.name, example_inputs)
@@ -98,9 +106,47 @@ def resolve_model(model: Any, example_inputs: Any = None, *, params_as_inputs: b
     else:
         proto = model  # lifted from the path itself, so that errors name the file
         label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
-    graph = frontend.lift(proto, params_as_inputs=params_as_inputs)
+    examples = _onnx_examples(proto, example_inputs)
+    if examples:
+        graph = lift_specialized(proto, examples, params_as_inputs=params_as_inputs)
+    else:
+        graph = frontend.lift(proto, params_as_inputs=params_as_inputs)
     params = initial_params(frontend.load_model(proto), graph) if params_as_inputs else {}
-    return Resolved(graph, label, example_inputs, params)
+    return Resolved(graph, label, example_inputs, params, examples, _specialized(proto, graph))
+
+
+def _specialized(proto: Any, graph: Graph) -> dict[str, np.ndarray]:
+    """The inputs lift specialized, as arrays of the ONNX input's dtype."""
+    values = graph.meta.get("specialized") or {}
+    if not values:
+        return {}
+    from kiln import frontend
+    from kiln.frontend.dtypes import kiln_dtype
+    from kiln.ir.types import to_numpy_dtype
+
+    types = {i.name: i.type.tensor_type.elem_type for i in frontend.load_model(proto).graph.input}
+    return {n: np.asarray(v, dtype=to_numpy_dtype(kiln_dtype(types[n]))) for n, v in values.items()}
+
+
+def _onnx_examples(proto: Any, example_inputs: Any) -> dict[str, np.ndarray]:
+    """Example inputs by the ONNX model's graph-input names (positional ones in the model's order)."""
+    if example_inputs is None:
+        return {}
+    if isinstance(example_inputs, Mapping):
+        return {k: _numpy(v) for k, v in example_inputs.items()}
+    from kiln import frontend
+
+    gp = frontend.load_model(proto).graph
+    inits = {t.name for t in gp.initializer}
+    names = [i.name for i in gp.input if i.name not in inits]
+    items = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if len(items) != len(names):
+        raise CompileError(f"got {len(items)} example inputs, the model takes {len(names)}: {names}")
+    return {n: _numpy(a) for n, a in zip(names, items)}
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
 def initial_params(proto: Any, graph: Graph) -> dict[str, np.ndarray]:
@@ -173,6 +219,12 @@ def _output_aliases(graph: Graph) -> list[bool]:
     return out
 
 
+def _specialized_signature(values: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Manifest entries of the specialized inputs: name, dtype, shape and the value they were bound to."""
+    return [{"name": n, "dtype": str(a.dtype), "shape": list(a.shape), "value": a.tolist()}
+            for n, a in values.items()]
+
+
 def _signature(values: Sequence[Any]) -> list[dict[str, Any]]:
     from kiln.codegen.lowering import tvm_dtype
 
@@ -231,7 +283,7 @@ def compile(model: Any, example_inputs: Any = None, *, passes: str | None = None
     passed = run_pipeline_report(graph, pipeline, instruments)
     graph = passed.graph
     declared = graph.clone()
-    symbols = bind_symbols(graph, _as_arrays(graph, example_inputs), shapes)
+    symbols = bind_symbols(graph, resolved.examples or _as_arrays(graph, example_inputs), shapes)
     tgt = parse_target(target) if target is not None else host_target()
     try:
         from kiln.codegen.tune import TuneOptions
@@ -247,6 +299,7 @@ def compile(model: Any, example_inputs: Any = None, *, passes: str | None = None
             library = f.read()
     total = time.perf_counter() - t0
     manifest = _manifest(declared, compiled, tgt, format_pipeline(pipeline), symbols, label)
+    manifest["specialized"] = _specialized_signature(resolved.specialized)
     if qresult is not None:
         manifest["calibration"] = qresult.manifest()
     stats = {"model": label, "nodes": len(graph.nodes), "kernels": len(compiled.kernels),
@@ -256,7 +309,16 @@ def compile(model: Any, example_inputs: Any = None, *, passes: str | None = None
              "library_bytes": len(library), "target": target_summary(tgt),
              "notes": [f"{k.name}: {n}" for k in compiled.kernels for n in k.notes],
              "passes": passed.records, "quantize": qresult.report if qresult is not None else None}
-    return Artifact(manifest, library, compiled.weights, print_graph(declared), stats, resolved.params)
+    return Artifact(manifest, library, compiled.weights, _ir_text(declared), stats, resolved.params)
+
+
+def _ir_text(graph: Graph) -> str:
+    """The graph as IR text; the ``specialized`` map (in the manifest) is left out of its attributes."""
+    if "specialized" not in graph.meta:
+        return print_graph(graph)
+    g = graph.clone()
+    g.meta.pop("specialized")
+    return print_graph(g)
 
 
 def _quantize_options(quantize: Any, calibration: Any, params_as_inputs: bool) -> Any:

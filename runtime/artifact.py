@@ -6,7 +6,9 @@ Members:
 - ``weights.npz``: the weights, an uncompressed npz read with ``allow_pickle=False``;
 - ``model.ir``: the final kiln IR as text (utf-8), for humans and tools;
 - ``manifest.json``: what the runtime needs to check and call the library,
-  including the sha256 of every other member (``members``).
+  including the sha256 of every other member (``members``) and, when the compiler
+  bound inputs to values (``specialized``: name, dtype, shape, value each), those
+  inputs, which the runtime accepts only with exactly that value.
 
 Everything is validated on read, so a damaged, edited or too-new file fails
 with an :class:`ArtifactError` naming the file and the problem rather than
@@ -134,6 +136,28 @@ def validate_manifest(manifest: Any, *, need_members: bool = True) -> list[str]:
         problems.append(f"entry should be a function name, found {manifest['entry']!r}")
     if need_members and not isinstance(manifest["members"], dict):
         problems.append(f"members should map member names to sha256, found {manifest['members']!r}")
+    if "specialized" in manifest:  # optional: artifacts without specialized inputs may omit it
+        problems += _check_specialized(manifest["specialized"])
+    return problems
+
+
+def _check_specialized(specs: Any) -> list[str]:
+    """Problems with the ``specialized`` list: inputs bound at compile time (signature plus ``value``)."""
+    problems = _check_signature("specialized", specs)
+    if problems:
+        return problems
+    for i, spec in enumerate(specs):
+        if "value" not in spec:
+            problems.append(f"specialized[{i}] ({spec['name']!r}) has no value")
+            continue
+        try:
+            arr = np.asarray(spec["value"], dtype=numpy_dtype(spec["dtype"]))
+        except (TypeError, ValueError, OverflowError) as e:
+            problems.append(f"specialized[{i}] ({spec['name']!r}): value does not fit dtype {spec['dtype']}: {e}")
+            continue
+        if list(arr.shape) != list(spec["shape"]):
+            problems.append(f"specialized[{i}] ({spec['name']!r}): value has shape {list(arr.shape)}, "
+                            f"the entry says {spec['shape']}")
     return problems
 
 

@@ -177,6 +177,9 @@ class Session:
         self.inputs = [TensorSpec.from_manifest(s) for s in manifest["inputs"]]
         self.outputs = [TensorSpec.from_manifest(s) for s in manifest["outputs"]]
         self.symbols: dict[str, int] = dict(manifest["symbols"])
+        self.specialized: dict[str, np.ndarray] = {
+            str(sp["name"]): np.asarray(sp["value"], dtype=numpy_dtype(sp["dtype"])).reshape(sp["shape"])
+            for sp in manifest.get("specialized") or []}
         self._entry = manifest["entry"]
         self._module = module
         self._weights = tuple(weights)
@@ -230,12 +233,37 @@ class Session:
         return None if None in shape else shape
 
     def validate(self, inputs: Mapping[str, Any]) -> list[np.ndarray]:
-        """The inputs as contiguous arrays in manifest order; InputError on any mismatch."""
+        """The inputs as contiguous arrays in manifest order; InputError on any mismatch.
+
+        Inputs the artifact was specialized for (``self.specialized``) may be given too; each must
+        hold exactly the value it was compiled for.
+        """
+        if self.specialized and isinstance(inputs, Mapping):
+            inputs = self._check_specialized(inputs)
         if isinstance(inputs, Mapping) and len(inputs) == len(self.inputs):
             fast = self._validate_fast(inputs)
             if fast is not None:
                 return fast
         return self._validate(inputs)
+
+    def _check_specialized(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """The inputs without the specialized ones, each of which must equal its compile-time value."""
+        rest: dict[str, Any] = {}
+        for name, value in inputs.items():
+            want = self.specialized.get(name)
+            if want is None:
+                rest[name] = value
+                continue
+            got = np.asarray(value)
+            if got.dtype != want.dtype:
+                raise InputError(f"input {name!r}: expected dtype {want.dtype.name}, got {got.dtype.name} (it was "
+                                 f"specialized to {want.tolist()} at compile time)")
+            same = got.shape == want.shape and np.array_equal(got, want, equal_nan=want.dtype.kind in "fc")
+            if not same:
+                raise InputError(f"input {name!r} was specialized to {want.tolist()} at compile time; got "
+                                 f"{got.tolist() if got.size <= 64 else f'an array of shape {list(got.shape)}'}; "
+                                 f"recompile with that value")
+        return rest
 
     def _validate_fast(self, inputs: Mapping[str, Any]) -> list[np.ndarray] | None:
         """The common case (every input an array of the compiled dtype and shape) without the diagnostics."""
@@ -336,6 +364,9 @@ class Session:
         from_dlpack = self._tvm.runtime.from_dlpack
         out = []
         for a in arrays:
+            if a.size == 0:  # no data; numpy's strides and pointer for it need not be what TVM checks
+                out.append(self._tvm.runtime.empty(a.shape, str(a.dtype), self._device))
+                continue
             try:
                 out.append(from_dlpack(a))
             except (RuntimeError, BufferError):  # not 64-byte aligned, or read-only
@@ -418,5 +449,6 @@ def load(path: str | os.PathLike, *, check_cpu: bool = True, threads: int | None
     module = _load_library(path, contents.library)
     tvm = import_tvm()
     dev = tvm.cpu()
-    weights = [tvm.runtime.tensor(_aligned(a), dev) for a in contents.weights.values()]
+    weights = [tvm.runtime.empty(a.shape, str(a.dtype), dev) if a.size == 0 else tvm.runtime.tensor(_aligned(a), dev)
+               for a in contents.weights.values()]
     return Session(path, contents.manifest, module, weights, contents.ir_text)

@@ -178,12 +178,26 @@ def div(ctx: LowerCtx, a: te.Tensor, b: te.Tensor) -> te.Tensor:
     return bcast(_int_div, a, b, name="T_div")
 
 
+def _float_mod(x: Expr, y: Expr) -> Expr:
+    """a - floor(a/b)*b as numpy's mod: fmod, moved into the divisor's sign; a zero takes b's sign."""
+    ct = _wide(x)
+    a, b = x.astype(ct), y.astype(ct)
+    r = _libm("fmod", a, b)
+    zero = _k(0.0, r)
+    flip = tirx.any(tirx.all(r < zero, b > zero), tirx.all(r > zero, b < zero))
+    signed_zero = tirx.call_pure_extern(ct, "copysign" if ct == "float64" else "copysignf", zero, b)
+    out = tirx.Select(r == zero, signed_zero, tirx.Select(flip, r + b, r))
+    return out.astype(dtype_of(x))
+
+
 @lowers("mod")
 def mod(ctx: LowerCtx, a: te.Tensor, b: te.Tensor, *, fmod: int) -> te.Tensor:
-    """fmod=1: the dividend's sign (C fmod); fmod=0: the divisor's (numpy mod). x mod 0 is 0."""
+    """fmod=1: the dividend's sign (C fmod); fmod=0: the divisor's (numpy mod). Integer x mod 0 is 0."""
     if is_float(a):
-        return bcast(lambda x, y: _libm("fmod", x.astype(_wide(x)), y.astype(_wide(x))).astype(dtype_of(x)),
-                     a, b, name="T_mod")
+        if fmod:
+            return bcast(lambda x, y: _libm("fmod", x.astype(_wide(x)), y.astype(_wide(x))).astype(dtype_of(x)),
+                         a, b, name="T_mod")
+        return bcast(_float_mod, a, b, name="T_mod")
     fn = tirx.truncmod if fmod else tirx.floormod
     return bcast(lambda x, y: fn(x, _safe_divisor(y)), a, b, name="T_mod")
 
@@ -350,14 +364,27 @@ def _int_bound(value: float | None, dtype: str) -> Expr | None:
     return _c(int(value), dtype)
 
 
+def _scalar(t: te.Tensor) -> Expr:
+    """The one element of a [] or [1] tensor."""
+    return t(*([0] * len(t.shape)))
+
+
 @lowers("clip")
-def clip(ctx: LowerCtx, x: te.Tensor, *, min: float | None = None, max: float | None = None) -> te.Tensor:
+def clip(ctx: LowerCtx, x: te.Tensor, lo: te.Tensor | None = None, hi: te.Tensor | None = None, *,
+         min: float | None = None, max: float | None = None) -> te.Tensor:
+    """Attribute bounds are compile-time constants; operand bounds are read at run time (NaN-propagating,
+    as the reference's maximum/minimum)."""
     dt = dtype_of(x)
     if is_float(dt):
-        lo, hi = (None if b is None else _c(b, dt) for b in (min, max))
+        a_lo, a_hi = (None if b is None else _c(b, dt) for b in (min, max))
     else:
-        lo, hi = _int_bound(min, dt), _int_bound(max, dt)
-    return unary(lambda v: _clamp(v, lo, hi), x, name="T_clip")
+        a_lo, a_hi = _int_bound(min, dt), _int_bound(max, dt)
+
+    def fn(v: Expr) -> Expr:
+        v = fmax(v, _scalar(lo)) if lo is not None else _clamp(v, a_lo, None)
+        return fmin(v, _scalar(hi)) if hi is not None else _clamp(v, None, a_hi)
+
+    return unary(fn, x, name="T_clip")
 
 
 def _float_to_int(v: Expr, dtype: str) -> Expr:
@@ -370,9 +397,17 @@ def _float_to_int(v: Expr, dtype: str) -> Expr:
 
 
 @lowers("cast")
-def cast(ctx: LowerCtx, x: te.Tensor, *, to: str) -> te.Tensor:
-    """float -> int truncates toward zero; anything -> bool is x != 0 (NaN -> True)."""
+def cast(ctx: LowerCtx, x: te.Tensor, *, to: str, saturate: int | None = None,
+         round_mode: str | None = None) -> te.Tensor:
+    """float -> int truncates toward zero; anything -> bool is x != 0 (NaN -> True).
+
+    Conversions to or from the narrow types are refused (``codegen/lowering/dtypes.py``), so
+    ``saturate`` and ``round_mode``, which only concern float8 targets, need no code here.
+    """
+    from .dtypes import refuse_narrow_conversion
+
     dt = tvm_dtype(to)
+    refuse_narrow_conversion(dtype_of(x), dt)
     if dt == "bool":
         nonzero = (lambda v: tirx.Or(v != _k(0, v), tirx.isnan(v))) if is_float(x) else (lambda v: v != _k(0, v))
         return unary(nonzero, x, name="T_cast")

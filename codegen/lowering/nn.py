@@ -253,24 +253,93 @@ def max_pool(ctx: LowerCtx, x: te.Tensor, *, kernel_shape, strides, pads, dilati
     return te.compute(out_shape(ctx), body, name="max_pool")
 
 
+@lowers("max_pool_with_indices")
+def max_pool_with_indices(ctx: LowerCtx, x: te.Tensor, *, kernel_shape, strides, pads, dilations, ceil_mode,
+                          storage_order) -> tuple[te.Tensor, te.Tensor]:
+    """One (index, value) reduction over the window: the larger value wins, a tie the earlier tap.
+
+    Taps outside the input carry the dtype's lowest value and an index past every real one, so they
+    lose every tie; a NaN tap wins (as numpy's max, so y matches max_pool)."""
+    nsp = len(x.shape) - 2
+    strides, pads, dil = _spatial(nsp, strides, pads, dilations)
+    n, c, *sizes = shape_of(x)
+    total = math.prod(sizes)
+    low = tirx.const(-math.inf, x.dtype) if is_float(x.dtype) else tirx.const(int(np.iinfo(str(x.dtype)).min), x.dtype)
+    outside = tirx.const(total, "int64")
+    rk = [te.reduce_axis((0, k), name=f"rk{i}") for i, k in enumerate(kernel_shape)]
+
+    def combine(lhs, rhs):
+        (i0, v0), (i1, v1) = lhs, rhs
+        if is_float(x.dtype):
+            better = tirx.any(tirx.all(tirx.isnan(v1), tirx.Not(tirx.isnan(v0))), v1 > v0)
+            tie = tirx.any(v1 == v0, tirx.all(tirx.isnan(v1), tirx.isnan(v0)))
+        else:
+            better, tie = v1 > v0, v1 == v0
+        take = tirx.any(better, tirx.all(tie, i1 < i0))
+        return tirx.Select(take, i1, i0), tirx.Select(take, v1, v0)
+
+    def identity(t0, t1):
+        return tirx.const(total + 1, t0), low
+
+    reducer = te.comm_reducer(combine, identity, name="argmax_pool")
+
+    def body(nb, ch, *o):
+        pos = [_window(o[i], rk[i], strides[i], dil[i], pads[i]) for i in range(nsp)]
+        inside = tirx.all(*(tirx.all(p >= 0, p < s) for p, s in zip(pos, sizes)))
+        flat = 0
+        for p, s in zip(pos, sizes):
+            flat = flat * s + p
+        idx = tirx.Select(inside, flat.astype("int64"), outside)
+        return reducer((idx, tirx.if_then_else(inside, x(nb, ch, *pos), low)), axis=rk)
+
+    shape = out_shape(ctx)
+    best_idx, best = te.compute(shape, body, name="max_pool_argmax")
+
+    def index(nb, ch, *o):
+        r = best_idx(nb, ch, *o)
+        spatial = _column_major(r, tuple(sizes)) if storage_order else r
+        base = (nb.astype("int64") * c + ch.astype("int64")) * total
+        return tirx.Select(r >= outside, tirx.const(-1, "int64"), base + spatial)
+
+    ctx.kind = "reduction"
+    y = te.compute(shape, lambda *i: best(*i), name="max_pool")
+    return y, te.compute(shape, index, name="max_pool_indices")
+
+
+def _column_major(r, dims: tuple[int, ...]):
+    """The column-major flat index of the element whose row-major flat index is ``r``."""
+    out, stride = 0, 1
+    for coord, d in zip(_unravel(r, dims), dims):
+        out = out + coord * stride
+        stride *= d
+    return out
+
+
 @lowers("avg_pool")
-def avg_pool(ctx: LowerCtx, x: te.Tensor, *, kernel_shape, strides, pads, ceil_mode, count_include_pad) -> te.Tensor:
+def avg_pool(ctx: LowerCtx, x: te.Tensor, *, kernel_shape, strides, pads, ceil_mode, count_include_pad,
+             dilations=()) -> te.Tensor:
     """The divisor counts the window's taps inside the input (or the explicitly padded input)."""
     nsp = len(x.shape) - 2
-    strides, pads, _ = _spatial(nsp, strides, pads)
+    strides, pads, dil = _spatial(nsp, strides, pads, dilations)
     sizes = shape_of(x)[2:]
     acc = _acc(x.dtype)
     rk = [te.reduce_axis((0, k), name=f"rk{n}") for n, k in enumerate(kernel_shape)]
 
     def body(nb, c, *o):
-        pos = [_window(o[i], rk[i], strides[i], 1, pads[i]) for i in range(nsp)]
+        pos = [_window(o[i], rk[i], strides[i], dil[i], pads[i]) for i in range(nsp)]
         inside = tirx.all(*(tirx.all(p >= 0, p < s) for p, s in zip(pos, sizes)))
         return te.sum(tirx.if_then_else(inside, x(nb, c, *pos), tirx.const(0, x.dtype)).astype(acc), axis=rk)
 
     def count(o, i: int):
         lo, hi = (0, sizes[i] + pads[i] + pads[nsp + i]) if count_include_pad else (pads[i], pads[i] + sizes[i])
         start = o * strides[i]
-        return tirx.max(tirx.min(start + kernel_shape[i], hi) - tirx.max(start, lo), 0)
+        if dil[i] == 1:
+            return tirx.max(tirx.min(start + kernel_shape[i], hi) - tirx.max(start, lo), 0)
+        # taps start + j*d (0 <= j < k) inside [lo, hi): j from ceil((lo - start)/d) to ceil((hi - start)/d)
+        d = dil[i]
+        first = tirx.max(tirx.floordiv(lo - start + d - 1, d), 0)
+        last = tirx.min(tirx.floordiv(hi - start + d - 1, d), kernel_shape[i])
+        return tirx.max(last - first, 0)
 
     def mean(nb, c, *o):
         n = math.prod(count(o[i], i) for i in range(nsp))

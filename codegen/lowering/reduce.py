@@ -62,10 +62,31 @@ def _from_key(k: Expr, dtype: str) -> Expr:
     return tirx.reinterpret(dtype, k ^ ((k >> tirx.const(bits_of(k) - 1, dtype_of(k))) & tirx.max_value(dtype_of(k))))
 
 
+def _filled(x: te.Tensor, axes: Sequence[int], keepdims: int, value: Expr, name: str) -> te.Tensor:
+    """The result of reducing ``x`` over ``axes`` when they are empty: ``value`` everywhere."""
+    red = set(_axes(x, axes))
+    shape = [1 if a in red else int(d) for a, d in enumerate(x.shape) if keepdims or a not in red]
+    return te.compute(shape, lambda *i: value, name=name)
+
+
 def _max_min(name: str, reducer, largest: bool) -> None:
-    """Floats reduce an order-preserving integer key (a NaN-propagating float reducer defeats rfactor)."""
+    """Floats reduce an order-preserving integer key (a NaN-propagating float reducer defeats rfactor);
+    bool reduces as uint8; an empty reduction is the identity (-inf / +inf, the dtype's min / max)."""
     def lower(ctx: LowerCtx, x: te.Tensor, *, axes, keepdims) -> te.Tensor:
         ctx.kind = "reduction"
+        dt = dtype_of(x)
+        if _count(x, axes) == 0:
+            if dt == "bool":
+                ident = tirx.const(not largest, "bool")
+            elif is_float(x):
+                ident = tirx.const(-math.inf if largest else math.inf, dt)
+            else:
+                ident = tirx.min_value(dt) if largest else tirx.max_value(dt)
+            ctx.kind = "injective"
+            return _filled(x, axes, keepdims, ident, f"T_{name}")
+        if dt == "bool":
+            r = _reduce(reducer, topi.cast(x, "uint8"), axes, keepdims)
+            return te.compute(r.shape, lambda *i: r(*i) != tirx.const(0, "uint8"), name=f"T_{name}")
         if not is_float(x):
             return _reduce(reducer, x, axes, keepdims)
         qnan = _QNAN_BITS[dtype_of(x)]

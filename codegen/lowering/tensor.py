@@ -221,12 +221,16 @@ def shape(ctx: LowerCtx, x: te.Tensor, *, start=0, end=None) -> te.Tensor:
 
 
 @lowers("trilu")
-def trilu(ctx: LowerCtx, x: te.Tensor, *, upper, k) -> te.Tensor:
+def trilu(ctx: LowerCtx, x: te.Tensor, k_operand: te.Tensor | None = None, *, upper, k) -> te.Tensor:
+    """The diagonal offset is the attribute, or the k operand read at run time (compared in int64)."""
     zero = tirx.const(False if str(x.dtype) == "bool" else 0, x.dtype)
 
     def f(*i):
-        d = i[-1] - i[-2]
-        keep = d >= k if upper else d <= k
+        if k_operand is None:
+            d, kk = i[-1] - i[-2], k
+        else:
+            d, kk = (i[-1] - i[-2]).astype("int64"), k_operand(*([0] * len(k_operand.shape)))
+        keep = d >= kk if upper else d <= kk
         return tirx.Select(keep, x(*i), zero)
 
     return te.compute(x.shape, f, name="T_trilu")

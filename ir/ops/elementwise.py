@@ -10,7 +10,7 @@ from scipy.special import (
 )
 
 from ..registry import Attr, Attrs, FusionKind, OnnxSpec, OpTypeError, op
-from ..types import FLOAT_DTYPES, TensorType, to_numpy_dtype
+from ..types import FLOAT_DTYPES, TensorType
 from .common import broadcast_infer, float_same_as, same_as, same_dtype
 
 EW, BC = FusionKind.ELEMENTWISE, FusionKind.BROADCAST
@@ -54,18 +54,19 @@ def div(a, b):
 
 def _mod_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
     out = broadcast_infer()(ts, attrs)
-    if out[0].dtype in FLOAT_DTYPES and not attrs.get("fmod", 0):
-        raise OpTypeError(f"mod: float operands ({out[0].dtype}) need fmod=1, as ONNX requires")
     if out[0].dtype == "bool":
         raise OpTypeError("mod: bool operands are not supported")
     return out
 
 
 @op("mod", group="binary-arith/source", bound="double", inputs=("a", "b"), attrs={"fmod": Attr("int", 0)}, infer=_mod_infer,
-    fusion=BC, onnx="Mod")
+    fusion=BC, onnx=OnnxSpec("Mod", since=28))
 def mod(a, b, fmod):
-    """Remainder: fmod=0 takes the divisor's sign (integers only), fmod=1 the dividend's (C fmod)."""
-    return _like(a, np.fmod(a, b) if fmod else np.mod(a, b))
+    """Remainder: fmod=0 takes the divisor's sign (a - floor(a/b)*b; floats since ONNX opset 28, with
+    its special cases: x mod +-inf is x or the divisor, 0 takes the divisor's sign), fmod=1 the
+    dividend's (C fmod)."""
+    with np.errstate(all="ignore"):
+        return _like(a, np.fmod(a, b) if fmod else np.mod(a, b))
 
 
 @op("pow", group="binary-arith/source", bound=lambda node, ib, n: min(max(ib[0], 2.0), 1e100) ** 3, inputs=("a", "b"), infer=lambda ts, at: [TensorType(ts[0].dtype, broadcast_infer()(
@@ -262,29 +263,55 @@ def hard_sigmoid(x, alpha, beta):
     return _like(x, np.clip(alpha * x.astype(np.float64) + beta, 0.0, 1.0))
 
 
-@op("clip", bound=_clip_bound, inputs=("x",), attrs={"min": Attr("float", None), "max": Attr("float", None)},
-    infer=same_as(), fusion=EW, onnx=OnnxSpec("Clip", attr_inputs={1: "min", 2: "max"}))
-def clip(x, min=None, max=None):
-    """Clamp to [min, max]; an absent bound is unbounded."""
-    lo = -np.inf if min is None else min
-    hi = np.inf if max is None else max
-    return _like(x, np.minimum(np.maximum(x, lo), hi))
+def _clip_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
+    x = ts[0]
+    for i, name in ((1, "min"), (2, "max")):
+        t = ts[i] if i < len(ts) else None
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise OpTypeError(f"clip: the {name} operand has dtype {t.dtype}, the input {x.dtype}")
+        if t.rank > 1 or (t.rank == 1 and t.shape[0] != 1):
+            raise OpTypeError(f"clip: the {name} operand must hold one value (shape [] or [1]), got {t}")
+        if attrs.get(name) is not None:
+            raise OpTypeError(f"clip: {name} is given both as an operand and as an attribute")
+    return [x]
+
+
+@op("clip", inputs=("x", "min?", "max?"), attrs={"min": Attr("float", None), "max": Attr("float", None)},
+    infer=_clip_infer, fusion=EW, onnx=OnnxSpec("Clip", attr_inputs={1: "min", 2: "max"}))
+def clip(x, lo=None, hi=None, *, min=None, max=None):
+    """Clamp to [min, max]; each bound is an attribute (a compile-time float) or a one-value operand
+    of x's dtype (read at run time), or absent (unbounded). min > max gives max, as ONNX/numpy's clip;
+    a NaN bound operand gives NaN."""
+    if lo is not None or hi is not None:
+        y = x
+        if lo is not None:
+            y = np.maximum(y, lo.reshape(()))
+        elif min is not None:
+            y = _like(x, np.maximum(y, min))
+        if hi is not None:
+            y = np.minimum(y, hi.reshape(()))
+        elif max is not None:
+            y = _like(x, np.minimum(y, max))
+        return _like(x, y)
+    lo_ = -np.inf if min is None else min
+    hi_ = np.inf if max is None else max
+    return _like(x, np.minimum(np.maximum(x, lo_), hi_))
 
 
 def _cast_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
-    return [ts[0].with_dtype(attrs["to"])]
+    from .dtypes import cast_infer
+    return cast_infer(ts, attrs)
 
 
-@op("cast", bound="keep", inputs=("x",), attrs={"to": Attr("dtype")}, infer=_cast_infer, fusion=EW,
-    onnx=OnnxSpec("Cast"))
-def cast(x, to):
-    """Convert to dtype ``to``: float->int truncates toward zero, anything->bool is x != 0."""
-    dt = to_numpy_dtype(to)
-    if to == "bool":
-        return x != 0
-    with np.errstate(invalid="ignore", over="ignore"):
-        if x.dtype.kind == "f" and dt.kind in "iu":
-            return np.trunc(x).astype(dt)
-        return x.astype(dt)
+@op("cast", bound="keep", inputs=("x",), infer=_cast_infer, fusion=EW,
+    attrs={"to": Attr("dtype"), "saturate": Attr("int", None), "round_mode": Attr("str", None)},
+    onnx=OnnxSpec("Cast", since=25))
+def cast(x, to, saturate=None, round_mode=None):
+    """Convert to dtype ``to`` as ONNX Cast: float->int truncates toward zero, anything->bool is
+    x != 0, float8 saturates unless saturate=0, float8e8m0 rounds by round_mode (ir/ops/dtypes.py)."""
+    from .dtypes import convert
+    return convert(x, to, saturate, round_mode)
 
 

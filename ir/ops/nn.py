@@ -307,29 +307,73 @@ def max_pool(x, *, kernel_shape, strides, pads, dilations, ceil_mode):
     return win.max(axis=tuple(range(-nsp, 0))).astype(x.dtype)
 
 
-def _counts_1d(size: int, k: int, s: int, pb: int, pe: int, extra: int, out: int, include_pad: int) -> np.ndarray:
+def _max_pool_indices_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
+    if attrs.get("storage_order", 0) not in (0, 1):
+        raise OpTypeError(f"max_pool_with_indices: storage_order must be 0 or 1, got {attrs['storage_order']}")
+    pool_attrs = {k: v for k, v in attrs.items() if k != "storage_order"}
+    (y,) = _pool_infer("max_pool_with_indices", FLOAT_DTYPES | {"i8", "u8"}, True)(ts, pool_attrs)
+    return [y, y.with_dtype("i64")]
+
+
+@op("max_pool_with_indices", bound="keep", inputs=("x",), outputs=("y", "indices"),
+    attrs={"kernel_shape": Attr("ints"), "strides": Attr("ints", INTS), "pads": Attr("ints", INTS),
+           "dilations": Attr("ints", INTS), "ceil_mode": Attr("int", 0), "storage_order": Attr("int", 0)},
+    infer=_max_pool_indices_infer, fusion=OPAQUE, onnx="MaxPool")
+def max_pool_with_indices(x, *, kernel_shape, strides, pads, dilations, ceil_mode, storage_order):
+    """ONNX MaxPool with its Indices output: y as max_pool; indices (i64) flat into x, of the first
+    tap (in window order) holding the window's maximum; storage_order=1 numbers the spatial dims
+    column-major ((n*C + c) * prod(S) + h + w*H ...). A window with a NaN points at its first NaN."""
+    y = max_pool(x, kernel_shape=kernel_shape, strides=strides, pads=pads, dilations=dilations,
+                 ceil_mode=ceil_mode)
+    nsp = x.ndim - 2
+    strides, pads, dil = _spatial_attrs("max_pool_with_indices", nsp,
+                                        {"strides": strides, "pads": pads, "dilations": dilations})
+    out = _static_spatial(x, kernel_shape, strides, pads, dil, ceil_mode)
+    extra = _ceil_extra(x, kernel_shape, strides, pads, dil, out)
+    sizes = x.shape[2:]
+    flat = np.arange(math.prod(sizes), dtype=np.int64).reshape(1, 1, *sizes)
+    taps = _windows(_pad_spatial(flat, pads, extra, value=-1), kernel_shape, strides, dil, out)
+    taps = taps.reshape(*out, -1)
+    valid = taps >= 0
+    low = -np.inf if x.dtype.kind == "f" or str(x.dtype) == "bfloat16" else np.iinfo(x.dtype).min
+    win = _windows(_pad_spatial(x.astype(_calc_dtype(x)), pads, extra, value=low), kernel_shape, strides,
+                   dil, out).reshape(*x.shape[:2], *out, -1)
+    best = np.where(valid, win, low).max(axis=-1, keepdims=True)
+    hit = valid & ((win == best) | (np.isnan(win) & np.isnan(best)))
+    pos = np.argmax(hit, axis=-1)
+    spatial = np.take_along_axis(np.broadcast_to(taps, hit.shape), pos[..., None], axis=-1)[..., 0]
+    if storage_order:
+        coords = np.unravel_index(np.maximum(spatial, 0), sizes)
+        spatial = sum(c * math.prod(sizes[:i]) for i, c in enumerate(coords))
+    base = np.arange(x.shape[0] * x.shape[1], dtype=np.int64).reshape(*x.shape[:2], *[1] * nsp)
+    idx = base * math.prod(sizes) + spatial
+    return y, np.where(hit.any(axis=-1), idx, -1).astype(np.int64)
+
+
+def _counts_1d(size: int, k: int, s: int, pb: int, pe: int, extra: int, out: int, include_pad: int,
+               d: int = 1) -> np.ndarray:
     mask = np.zeros(size + pb + pe + extra)
     if include_pad:
         mask[: size + pb + pe] = 1
     else:
         mask[pb: pb + size] = 1
-    return sliding_window_view(mask, k)[: (out - 1) * s + 1: s].sum(-1)
+    return sliding_window_view(mask, d * (k - 1) + 1)[: (out - 1) * s + 1: s, ::d].sum(-1)
 
 
 @op("avg_pool", group="pool", bound="keep", inputs=("x",),
     attrs={"kernel_shape": Attr("ints"), "strides": Attr("ints", INTS), "pads": Attr("ints", INTS),
-           "ceil_mode": Attr("int", 0), "count_include_pad": Attr("int", 0)},
-    infer=_pool_infer("avg_pool", FLOAT_DTYPES, False), fusion=OUT, onnx="AveragePool")
-def avg_pool(x, *, kernel_shape, strides, pads, ceil_mode, count_include_pad):
-    """N-d average pooling (ONNX AveragePool).
+           "ceil_mode": Attr("int", 0), "count_include_pad": Attr("int", 0), "dilations": Attr("ints", INTS)},
+    infer=_pool_infer("avg_pool", FLOAT_DTYPES, True), fusion=OUT, onnx="AveragePool")
+def avg_pool(x, *, kernel_shape, strides, pads, ceil_mode, count_include_pad, dilations=()):
+    """N-d average pooling (ONNX AveragePool, dilations since opset 19).
 
-    The divisor counts the window's cells inside the input (count_include_pad=0) or
-    inside the explicitly padded input (count_include_pad=1); cells of a ceil-mode
+    The divisor counts the window's taps inside the input (count_include_pad=0) or
+    inside the explicitly padded input (count_include_pad=1); taps of a ceil-mode
     window that run past the padded edge are never counted (as ONNX Runtime does).
     """
     nsp = x.ndim - 2
-    strides, pads, dil = _spatial_attrs("avg_pool", nsp, {"strides": strides, "pads": pads},
-                                        with_dilations=False)
+    strides, pads, dil = _spatial_attrs("avg_pool", nsp, {"strides": strides, "pads": pads,
+                                                         "dilations": list(dilations or [])})
     out = _static_spatial(x, kernel_shape, strides, pads, dil, ceil_mode)
     extra = _ceil_extra(x, kernel_shape, strides, pads, dil, out)
     xp = _pad_spatial(x.astype(_calc_dtype(x)), pads, extra)
@@ -337,7 +381,7 @@ def avg_pool(x, *, kernel_shape, strides, pads, ceil_mode, count_include_pad):
     counts = np.ones(())
     for i in range(nsp):
         c = _counts_1d(x.shape[2 + i], kernel_shape[i], strides[i], pads[i], pads[i + nsp], extra[i], out[i],
-                       count_include_pad)
+                       count_include_pad, dil[i])
         counts = np.multiply.outer(counts, c)
     with np.errstate(invalid="ignore", divide="ignore"):
         return (sums / counts).astype(x.dtype)

@@ -82,10 +82,24 @@ def _l2(x, axes, keep):
 _reduction("reduce_sum", "ReduceSum", _sum, "Sum over ``axes`` (all when empty).", group="reduce", bound=bound_reduce_sum)
 _reduction("reduce_mean", "ReduceMean", _mean,
            "Mean over ``axes`` (all when empty); integers divide truncating toward zero.", group="reduce", bound="keep")
-_reduction("reduce_max", "ReduceMax", lambda x, a, k: np.max(x, axis=a, keepdims=k),
-           "Maximum over ``axes`` (all when empty); NaN propagates.", group="reduce", bound="keep")
-_reduction("reduce_min", "ReduceMin", lambda x, a, k: np.min(x, axis=a, keepdims=k),
-           "Minimum over ``axes`` (all when empty); NaN propagates.", group="reduce", bound="keep")
+def _extreme(x: np.ndarray, high: bool):
+    """The identity of max (high=False: -inf, the dtype's minimum, False) or of min (high=True)."""
+    if x.dtype == np.bool_:
+        return np.bool_(high)
+    if _is_float(x):
+        return np.asarray(np.inf if high else -np.inf).astype(x.dtype)
+    info = np.iinfo(x.dtype)
+    return x.dtype.type(info.max if high else info.min)
+
+
+_reduction("reduce_max", "ReduceMax", lambda x, a, k: np.max(x, axis=a, keepdims=k, initial=_extreme(x, False)),
+           "Maximum over ``axes`` (all when empty); NaN propagates; an empty reduction gives -inf (the\n"
+           "dtype's minimum for integers, False for bool), as ONNX.", allowed=NUMERIC | {"bool"},
+           group="reduce", bound="keep")
+_reduction("reduce_min", "ReduceMin", lambda x, a, k: np.min(x, axis=a, keepdims=k, initial=_extreme(x, True)),
+           "Minimum over ``axes`` (all when empty); NaN propagates; an empty reduction gives +inf (the\n"
+           "dtype's maximum for integers, True for bool), as ONNX.", allowed=NUMERIC | {"bool"},
+           group="reduce", bound="keep")
 _reduction("reduce_prod", "ReduceProd", _prod, "Product over ``axes`` (all when empty).", group="reduce/source", bound=lambda node, ib, n: 2.0 ** min(n * max(ib[0], 1.0), 1000.0))
 _reduction("reduce_l2", "ReduceL2", _l2, "sqrt(sum(x**2)) over ``axes`` (all when empty); floats only.",
            allowed=FLOAT_DTYPES, group="reduce", bound=lambda node, ib, n: n ** 0.5 * ib[0])

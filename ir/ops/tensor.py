@@ -413,13 +413,23 @@ def _trilu_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
     x = ts[0]
     if x.rank < 2:
         raise OpTypeError(f"trilu needs rank >= 2, got {x}")
+    k = ts[1] if len(ts) > 1 else None
+    if k is not None:
+        if k.dtype != "i64" or k.rank > 1 or (k.rank == 1 and k.shape[0] != 1):
+            raise OpTypeError(f"trilu: the k operand must be one i64 value (shape [] or [1]), got {k}")
+        if attrs.get("k", 0):
+            raise OpTypeError("trilu: k is given both as an operand and as a nonzero attribute")
     return [x]
 
 
-@op("trilu", bound="keep", inputs=("x",), attrs={"upper": Attr("int", 1), "k": Attr("int", 0)}, infer=_trilu_infer,
-    fusion=INJ, onnx=OnnxSpec("Trilu", attr_inputs={1: "k"}, attr_dtypes={"k": "i64"}))
-def trilu(x, *, upper, k):
-    """Keep the upper (j - i >= k) or lower (j - i <= k) triangle of the last two dims, zero the rest."""
+@op("trilu", bound="keep", inputs=("x", "k?"), attrs={"upper": Attr("int", 1), "k": Attr("int", 0)},
+    infer=_trilu_infer, fusion=INJ, onnx=OnnxSpec("Trilu", attr_inputs={1: "k"}, attr_dtypes={"k": "i64"}))
+def trilu(x, k_operand=None, *, upper, k):
+    """Keep the upper (j - i >= k) or lower (j - i <= k) triangle of the last two dims, zero the rest;
+    k is the attribute, or the one-value i64 operand read at run time (the attribute is then 0)."""
+    if k_operand is not None:
+        k = int(np.asarray(k_operand).reshape(()))
+    k = int(min(max(k, -x.shape[-2] - 1), x.shape[-1] + 1)) if x.ndim >= 2 else k
     return np.triu(x, k) if upper else np.tril(x, k)
 
 

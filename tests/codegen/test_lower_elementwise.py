@@ -263,3 +263,44 @@ def test_every_elementwise_op_is_lowered():
     assert ops
     missing = [n for n, d in ops.items() if d.lower_tvm is None]
     assert not missing
+
+
+@pytest.mark.parametrize("dtype", ["f16", "f32", "f64"])
+def test_mod_float_fmod_0(dtype):
+    """numpy's mod (ONNX opset 28): the divisor's sign, zeros signed like it, x mod +-inf per the spec."""
+    dt = to_numpy_dtype(dtype)
+    a = np.array([-4.3, 7.2, 5, 0, -0.0, 0, -0.0, -3, 3, -1, 1, np.inf, -np.inf, 1, 1, np.nan, 1], dt)
+    b = np.array([2.1, -3.4, 8, -2, 2, 2, -2, np.inf, np.inf, -np.inf, -np.inf, 2, 2, 0, -0.0, 2, np.nan], dt)
+    check_op("mod", [("a", a), ("b", b)], attrs="{fmod = 0}")
+    rng = np.random.default_rng(61)
+    check_op("mod", [("a", rand(rng, (3, 20), dtype, -50, 50)), ("b", rand(rng, (3, 1), dtype, -3, 3))],
+             attrs="{fmod = 0}")
+
+
+def _clip_text(dtype: str, lo: bool, hi: bool, attrs: str = "") -> str:
+    ins = [f"%x: {dtype}[3,7]"] + ([f"%lo: {dtype}[]"] if lo else []) + ([f"%hi: {dtype}[1]"] if hi else [])
+    args = ", ".join(["%x", "%lo" if lo else "_"] + (["%hi"] if hi else []))
+    return (f"graph @g({', '.join(ins)}) -> (%y) {{\n"
+            f"  %y = clip({args}){attrs} : {dtype}[3,7]\n}}\n")
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64", "i32", "u8"])
+@pytest.mark.parametrize("lo,hi,attrs", [(True, True, ""), (True, False, " {max = 3.0}"), (False, True, ""),
+                                         (False, True, " {min = 1.0}")])
+def test_clip_operand_bounds(dtype, lo, hi, attrs):
+    rng = np.random.default_rng(62)
+    dt = to_numpy_dtype(dtype)
+    feeds = {"x": rand(rng, (3, 7), dtype, 0, 9)}
+    if lo:
+        feeds["lo"] = np.array(2, dt)
+    if hi:
+        feeds["hi"] = np.array([6], dt)
+    check_graph_kernels(_clip_text(dtype, lo, hi, attrs), feeds)
+
+
+def test_clip_operand_bounds_min_above_max_and_nan():
+    x = np.array([[-2.0, 0.0, 2.0, np.nan, 1.0, -1.0, 5.0]] * 3, np.float32)
+    check_graph_kernels(_clip_text("f32", True, True), {"x": x, "lo": np.array(1.0, np.float32),
+                                                        "hi": np.array([-1.0], np.float32)})
+    check_graph_kernels(_clip_text("f32", True, True), {"x": x, "lo": np.array(np.nan, np.float32),
+                                                        "hi": np.array([1.0], np.float32)})

@@ -228,3 +228,34 @@ def test_bfloat16_anchors():
     check_op("conv", [rnd(1, 3, 6, 6).astype(bf), Const(rnd(4, 3, 3, 3).astype(bf))], kind="conv2d")
     check_op("softmax", [rnd(3, 10).astype(bf)], {"axis": -1})
     check_op("layer_norm", [rnd(3, 16).astype(bf), Const(rnd(16).astype(bf))])
+
+
+@pytest.mark.parametrize("xs,attrs", [
+    ((2, 3, 6, 7), {"kernel_shape": [2, 2]}),
+    ((2, 3, 6, 7), {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    ((2, 3, 6, 7), {"kernel_shape": [2, 3], "dilations": [2, 1], "storage_order": 1}),
+    ((2, 3, 6, 7), {"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}),
+    ((1, 2, 9), {"kernel_shape": [3], "strides": [2], "pads": [1, 1]}),
+    ((1, 2, 4, 5, 3), {"kernel_shape": [2, 2, 2], "storage_order": 1}),
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.int8])
+def test_max_pool_with_indices(xs, attrs, dtype):
+    """Both outputs from one (index, value) reduction; small integers make ties (the first tap wins)."""
+    x = np.random.default_rng(81).integers(-3, 3, xs).astype(dtype)
+    check_op("max_pool_with_indices", [x], attrs, n_out=2, kind="reduction")
+
+
+def test_max_pool_with_indices_nan_and_minus_infinity():
+    x = np.array([[[[np.nan, 1.0, -np.inf, -np.inf], [2.0, np.nan, -np.inf, -np.inf]]]], np.float32)
+    check_op("max_pool_with_indices", [x], {"kernel_shape": [2, 2], "strides": [2, 2]}, n_out=2)
+
+
+@pytest.mark.parametrize("count_include_pad", [0, 1])
+@pytest.mark.parametrize("xs,attrs", [
+    ((1, 2, 7, 8), {"kernel_shape": [2, 2], "dilations": [2, 2]}),
+    ((1, 2, 7, 8), {"kernel_shape": [3, 2], "dilations": [2, 3], "pads": [2, 1, 2, 1]}),
+    ((1, 2, 7, 8), {"kernel_shape": [2, 2], "dilations": [2, 2], "strides": [2, 2], "ceil_mode": 1}),
+    ((1, 1, 9), {"kernel_shape": [3], "dilations": [3], "strides": [2], "pads": [1, 2]}),
+])
+def test_avg_pool_dilated(xs, attrs, count_include_pad):
+    check_op("avg_pool", [rnd(*xs)], attrs | {"count_include_pad": count_include_pad}, kind="reduction")

@@ -9,6 +9,7 @@ import kiln.codegen.lowering  # noqa: F401  (registers the lowerings)
 from kiln.codegen.kernel import lower_node
 from kiln.ir.registry import all_ops
 from kiln.ir.text import parse
+from kiln.ir.types import to_numpy_dtype
 
 from .test_lower_elementwise import rand
 from .util import TARGET, check_graph_kernels
@@ -97,3 +98,19 @@ def test_every_reduce_op_is_lowered():
     ops = {n: d for n, d in all_ops().items() if d.reference.__module__.endswith(".reduce")}
     assert ops
     assert not [n for n, d in ops.items() if d.lower_tvm is None]
+
+
+@pytest.mark.parametrize("op", ["reduce_max", "reduce_min"])
+@pytest.mark.parametrize("dtype", ["f32", "i32", "bool"])
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_max_min_of_an_empty_set(op, dtype, keepdims):
+    """-inf / +inf (the dtype's min / max, False / True) everywhere, as the reference."""
+    x = np.zeros((2, 0, 4), to_numpy_dtype(dtype))
+    check_graph_kernels(graph(op, dtype, (2, 0, 4), [1], keepdims), {"x": x})
+
+
+@pytest.mark.parametrize("op", ["reduce_max", "reduce_min"])
+@pytest.mark.parametrize("axes", [[1], [], [0, 2]])
+def test_max_min_bool(op, axes):
+    x = np.random.default_rng(71).integers(0, 2, (3, 16, 5)).astype(bool)
+    check_graph_kernels(graph(op, "bool", (3, 16, 5), axes, 0), {"x": x})

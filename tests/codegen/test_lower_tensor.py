@@ -250,3 +250,11 @@ def test_cumsum(axis, exclusive, reverse):
 def test_cumsum_dtypes_wrap_like_the_reference(dtype):
     check_op("cumsum", [rnd(4, 40, dtype=dtype) * (3 if np.dtype(dtype).kind in "iu" else 1)],
              {"axis": 1, "exclusive": 1})
+
+
+@pytest.mark.parametrize("upper", [0, 1])
+@pytest.mark.parametrize("k", [-3, 0, 2, IMAX, IMIN])
+def test_trilu_k_operand(upper, k):
+    """k read at run time from a one-value i64 operand."""
+    check_op("trilu", [rnd(2, 4, 5), np.array(k, np.int64)], {"upper": upper}, kind="injective")
+    check_op("trilu", [rnd(3, 3), np.array([k], np.int64)], {"upper": upper})

@@ -91,8 +91,17 @@ def test_mod_int(fmod, dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_mod_float(dtype):
     check("mod", [rnd((3, 4), dtype, -9, 9), nonzero((1, 4), dtype)], {"fmod": 1})
-    with pytest.raises(OpTypeError, match="fmod=1"):
-        infer("mod", [TensorType.of(np.zeros(2, dtype))] * 2, fmod=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_mod_float_fmod_0_is_floor_mod(dtype):
+    """ONNX opset 28: a - floor(a/b)*b with its listed special cases (onnxruntime has no kernel for it)."""
+    a = np.array([-4.5, 7.25, 0.0, -0.0, -3.0, 3.0, -1.0, 1.0, np.inf, 1.0, np.nan, 2.0], dtype)
+    b = np.array([2.0, -3.0, -2.0, 2.0, np.inf, np.inf, -np.inf, -np.inf, 2.0, 0.0, 2.0, np.nan], dtype)
+    (y,), _ = run_kiln("mod", [a, b], {"fmod": 0})
+    want = [1.5, -1.75, -0.0, 0.0, np.inf, 3.0, -1.0, -np.inf, np.nan, np.nan, np.nan, np.nan]
+    np.testing.assert_array_equal(y, np.array(want, dtype))
+    assert y.dtype == dtype and np.signbit(y[2]) and not np.signbit(y[3])
 
 
 @pytest.mark.parametrize("a_dt,b_dt,a_lo", [(np.float32, np.float32, 0.1), (np.float32, np.int64, -3.0),
@@ -267,6 +276,27 @@ def test_clip(lo, hi, dtype):
     check("clip", [rnd((3, 4), dtype)], attrs)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.int64])
+@pytest.mark.parametrize("which", ["both", "min", "max"])
+def test_clip_operand_bounds(dtype, which):
+    """min/max as one-value operands (ONNX Clip's inputs 1 and 2, read at run time)."""
+    x = rnd((3, 4), dtype)
+    lo = np.array(-1 if np.dtype(dtype).kind == "i" else -0.5, dtype)
+    hi = np.array([2 if np.dtype(dtype).kind == "i" else 0.75], dtype)
+    args = [x, lo if which != "max" else None, hi if which != "min" else None]
+    check("clip", args)
+    (y,), _ = run_kiln("clip", args)
+    assert (y >= lo).all() if which != "max" else (y <= hi).all()
+
+
+def test_clip_operand_min_above_max_gives_max_and_nan_bound_gives_nan():
+    x = np.array([-2.0, 0.0, 2.0], np.float32)
+    (y,), _ = run_kiln("clip", [x, np.array(1.0, np.float32), np.array(-1.0, np.float32)])
+    assert y.tolist() == [-1.0, -1.0, -1.0]
+    (y,), _ = run_kiln("clip", [x, np.array(np.nan, np.float32)])
+    assert np.isnan(y).all()
+
+
 CASTS = [
     ("f32", "i32", [-2.7, -0.5, 0.0, 0.5, 2.7, 100.9, -100.9]),
     ("f32", "i64", [-2.7, 3.99, -3.99]),
@@ -347,7 +377,10 @@ def test_symbolic_broadcast_agrees_with_numpy_for_every_binding(shapes, n, s):
     ("where", ["bool[3]", "f32[3]", "i32[3]"], {}, "dtype"),
     ("exp", ["i32[3]"], {}, "float"),
     ("sum", ["i32[3]", "i32[3]"], {}, "float"),
-    ("mod", ["f32[3]", "f32[3]"], {}, "fmod=1"),
+    ("mod", ["bool[3]", "bool[3]"], {}, "bool"),
+    ("clip", ["f32[3]", "f32[2]"], {}, "one value"),
+    ("clip", ["f32[3]", "f64[]"], {}, "dtype"),
+    ("clip", ["f32[3]", "f32[]"], {"min": 0.0}, "both as an operand and as an attribute"),
 ])
 def test_type_errors(op, types, attrs, match):
     with pytest.raises(OpTypeError, match=match) as e:

@@ -14,7 +14,8 @@ from kiln.ir import OpTypeError, TensorType
 
 from .onnx_single import T, check, infer, run_kiln
 
-COVERED = {"conv", "conv_transpose", "max_pool", "avg_pool", "global_avg_pool", "global_max_pool",
+COVERED = {"conv", "conv_transpose", "max_pool", "max_pool_with_indices", "avg_pool", "global_avg_pool",
+           "global_max_pool",
            "batch_norm", "layer_norm", "rms_norm", "instance_norm", "lrn", "softmax", "log_softmax",
            "matmul"}
 
@@ -184,6 +185,43 @@ def test_max_pool_padding_is_minus_infinity():
 @pytest.mark.parametrize("xs,attrs", POOL_CASES)
 def test_avg_pool(xs, attrs, count_include_pad):
     check("avg_pool", [rnd(*xs)], attrs | {"count_include_pad": count_include_pad})
+
+
+@pytest.mark.parametrize("count_include_pad", [0, 1])
+@pytest.mark.parametrize("xs,attrs", [
+    ((1, 2, 7, 8), {"kernel_shape": [2, 2], "dilations": [2, 2]}),
+    ((1, 2, 7, 8), {"kernel_shape": [3, 2], "dilations": [2, 3], "pads": [2, 1, 2, 1]}),
+    ((1, 2, 7, 8), {"kernel_shape": [2, 2], "dilations": [2, 2], "strides": [2, 2], "ceil_mode": 1}),
+    ((1, 1, 9), {"kernel_shape": [3], "dilations": [3], "strides": [2], "pads": [1, 2]}),
+])
+def test_avg_pool_dilated(xs, attrs, count_include_pad):
+    check("avg_pool", [rnd(*xs)], attrs | {"count_include_pad": count_include_pad}, opset=19)
+
+
+@pytest.mark.parametrize("xs,attrs", [
+    ((2, 3, 6, 7), {"kernel_shape": [2, 2]}),
+    ((2, 3, 6, 7), {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    ((2, 3, 6, 7), {"kernel_shape": [2, 3], "dilations": [2, 1], "storage_order": 1}),
+    ((2, 3, 6, 7), {"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}),
+    ((1, 2, 9), {"kernel_shape": [3], "strides": [2], "pads": [1, 1]}),
+    ((1, 2, 4, 5, 3), {"kernel_shape": [2, 2, 2], "storage_order": 1}),
+])
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_with_indices(xs, attrs, ties):
+    """Both outputs vs onnxruntime; with ties (small integers) the first tap in window order wins."""
+    x = rng.integers(-3, 3, xs).astype(np.float32) if ties else rnd(*xs)
+    y, idx = check("max_pool_with_indices", [x], attrs)
+    (y_plain,), _ = run_kiln("max_pool", [x], {k: v for k, v in attrs.items() if k != "storage_order"})
+    np.testing.assert_array_equal(y, y_plain)
+    if not attrs.get("storage_order"):
+        np.testing.assert_array_equal(x.reshape(-1)[idx], y)  # row-major indices point at the maxima
+
+
+def test_max_pool_with_indices_types():
+    assert infer("max_pool_with_indices", ["f32[N,3,8,8]"], kernel_shape=[2, 2], strides=[2, 2]) == \
+        [T("f32[N,3,4,4]"), T("i64[N,3,4,4]")]
+    with pytest.raises(OpTypeError, match="storage_order must be 0 or 1"):
+        infer("max_pool_with_indices", ["f32[1,3,8,8]"], kernel_shape=[2, 2], storage_order=2)
 
 
 def test_avg_pool_ceil_window_counts_by_hand():

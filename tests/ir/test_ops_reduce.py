@@ -35,6 +35,27 @@ def test_int(op, dtype, axes):
     check(op, [x], {"axes": axes, "keepdims": 1})
 
 
+@pytest.mark.parametrize("op,dtype,want", [
+    ("reduce_max", np.float32, -np.inf), ("reduce_min", np.float32, np.inf),
+    ("reduce_max", np.int32, np.iinfo(np.int32).min), ("reduce_min", np.int64, np.iinfo(np.int64).max),
+    ("reduce_max", np.bool_, False), ("reduce_min", np.bool_, True),
+])
+def test_max_min_of_an_empty_set_is_the_identity(op, dtype, want):
+    """ONNX (ReduceMax/Min-18+): an empty reduction gives -inf / +inf (the dtype's min / max)."""
+    (y,), _ = run_kiln(op, [np.zeros((2, 0, 4), dtype)], {"axes": [1], "keepdims": 1})
+    assert y.shape == (2, 1, 4) and y.dtype == dtype and (y == want).all()
+
+
+@pytest.mark.parametrize("op", ["reduce_max", "reduce_min"])
+@pytest.mark.parametrize("axes", [[], [1], [0, 1]])
+def test_max_min_bool(op, axes):
+    """bool inputs since ReduceMax/Min-20: any / all."""
+    x = rng.integers(0, 2, size=(4, 3)).astype(bool)
+    (y,), _ = run_kiln(op, [x], {"axes": axes, "keepdims": 0})
+    want = (x.any if op == "reduce_max" else x.all)(axis=tuple(axes) if axes else None)
+    np.testing.assert_array_equal(y, want)
+
+
 @pytest.mark.parametrize("op", REDUCTIONS)
 def test_f64(op):
     x = rng.standard_normal((3, 5)).astype(np.float64)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from onnx import helper
 
 from kiln.ir import OpTypeError, TensorType
 
@@ -184,6 +185,23 @@ def test_shape(start, end):
 @pytest.mark.parametrize("shape", [(4, 5), (2, 3, 3)])
 def test_trilu(upper, k, shape):
     check("trilu", [rnd(*shape)], {"upper": upper, "k": k})
+
+
+@pytest.mark.parametrize("upper", [0, 1])
+@pytest.mark.parametrize("k", [-4, -1, 0, 2, 7, IMAX, IMIN])
+def test_trilu_k_operand(upper, k):
+    """k as ONNX Trilu's input 1, read at run time: the same result as the attribute."""
+    x = rnd(2, 3, 5)
+    (y,), _ = run_kiln("trilu", [x, np.array(k, np.int64)], {"upper": upper})
+    (want,), _ = run_kiln("trilu", [x], {"upper": upper, "k": k})
+    assert_same(y, want)
+    want_ort = run_graph([helper.make_node("Trilu", ["x", "k"], ["y"], upper=upper)],
+                         {"x": x, "k": np.array(k, np.int64)}, {}, [("y", "f32")])[0]
+    assert_same(y, want_ort)
+    with pytest.raises(OpTypeError, match="k operand must be one i64 value"):
+        infer("trilu", ["f32[3,3]", "i32[]"])
+    with pytest.raises(OpTypeError, match="nonzero attribute"):
+        infer("trilu", ["f32[3,3]", "i64[1]"], k=1)
 
 
 @pytest.mark.parametrize("start,limit,delta,dtype", [

@@ -81,7 +81,7 @@ def test_onnx_proto_and_path_compile_with_symbols_bound_by_example_inputs(tmp_pa
     art = kiln.compile(proto, {"x": x})
     assert art.manifest["symbols"] == {"N": 3}
     assert art.manifest["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["N", 4]}]
-    assert art.manifest["pipeline"] == "fuse-qlinear,canonicalize,fold-conv-bn,dce,fuse-blocks"
+    assert art.manifest["pipeline"] == "fuse-qlinear,canonicalize,fold-conv-bn,sink-views,dce,fuse-blocks"
     np.testing.assert_array_equal(art.load().run({"x": x})["y"], want)
     path = tmp_path / "tiny.onnx"
     onnx.save(proto, path)
@@ -261,3 +261,48 @@ def test_cli_inspect_artifact_lists_kernels_with_their_ops(tmp_path, capsys):
     assert "weight input" in out and "pipeline: fuse-qlinear,canonicalize,fold-conv-bn,dce" in out
     assert "graph @" in out  # --ir prints the artifact's IR, with its fused blocks
     assert 'block("b0")' in out and 'block("b0")' in kiln.load(str(art)).ir_text
+
+
+# ---------------------------------------------------------------- operands computed from graph inputs
+
+def _axes_model() -> onnx.ModelProto:
+    """y = ReduceSum(x, axes) * 1 + Clip(z, lo, hi): axes decides a shape; lo/hi are run-time values."""
+    nodes = [helper.make_node("ReduceSum", ["x", "axes"], ["s"], keepdims=0),
+             helper.make_node("Clip", ["z", "lo", "hi"], ["c"]),
+             helper.make_node("Add", ["s", "c"], ["y"])]
+    f32 = TensorProto.FLOAT
+    graph = helper.make_graph(
+        nodes, "axes", [helper.make_tensor_value_info("x", f32, [2, 3, 4]),
+                        helper.make_tensor_value_info("axes", TensorProto.INT64, [2]),
+                        helper.make_tensor_value_info("z", f32, [3]),
+                        helper.make_tensor_value_info("lo", f32, []),
+                        helper.make_tensor_value_info("hi", f32, [])],
+        [helper.make_tensor_value_info("y", f32, [3])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+
+
+@pytest.mark.slow
+def test_inputs_deciding_shapes_are_specialized_from_the_examples(tmp_path):
+    rng = np.random.default_rng(3)
+    feeds = {"x": rng.standard_normal((2, 3, 4)).astype(np.float32), "axes": np.array([0, 2], np.int64),
+             "z": np.array([-2.0, 0.5, 3.0], np.float32), "lo": np.array(-1.0, np.float32),
+             "hi": np.array(1.0, np.float32)}
+    art = kiln.compile(_axes_model(), example_inputs=feeds)
+    assert [s["name"] for s in art.manifest["inputs"]] == ["x", "z", "lo", "hi"]
+    assert art.manifest["specialized"] == [{"name": "axes", "dtype": "int64", "shape": [2], "value": [0, 2]}]
+    sess = kiln.load(art.save(tmp_path / "m.kiln"))
+    want = feeds["x"].sum(axis=(0, 2)) + np.clip(feeds["z"], -1.0, 1.0)
+    for given in (feeds, {k: v for k, v in feeds.items() if k != "axes"}):
+        np.testing.assert_allclose(sess.run(given)["y"], want, rtol=1e-5, atol=1e-5)
+    tight = sess.run({**feeds, "lo": np.array(0.0, np.float32), "hi": np.array(0.25, np.float32)})["y"]
+    np.testing.assert_allclose(tight, feeds["x"].sum(axis=(0, 2)) + np.array([0.0, 0.25, 0.25]), rtol=1e-5)
+    with pytest.raises(kiln.runtime.InputError, match=r"input 'axes' was specialized to \[0, 2\] at compile "
+                                                      r"time; got \[1\]; recompile with that value"):
+        sess.run({**feeds, "axes": np.array([1], np.int64)})
+
+
+def test_an_input_deciding_a_shape_without_an_example_is_refused_by_name():
+    from kiln.frontend import DynamicShapeError
+
+    with pytest.raises(DynamicShapeError, match=r"graph input\(s\) 'axes' decides a compile-time operand"):
+        kiln.compile(_axes_model())

@@ -196,3 +196,35 @@ def test_unaligned_input_is_copied_into_an_aligned_buffer(static):
         x = buf[offset:offset + 16].reshape(2, 8)
         x[...] = _x(seed=offset)
         np.testing.assert_array_equal(static.run({"x": x})["sum"], x + W)
+
+
+# ---------------------------------------------------------------- inputs specialized at compile time
+
+@pytest.fixture(scope="module")
+def specialized(artifacts, tmp_path_factory) -> Session:
+    """The static artifact, recorded as compiled with input ``axes`` bound to [0, 2]."""
+    spec = [{"name": "axes", "dtype": "int64", "shape": [2], "value": [0, 2]}]
+    path = artifacts["static"].variant(tmp_path_factory.mktemp("spec") / "spec.kiln", specialized=spec)
+    return load(path)
+
+
+def test_specialized_input_is_optional_and_checked(specialized):
+    x = np.arange(16, dtype=np.float32).reshape(2, 8)
+    want = specialized.run({"x": x})
+    assert np.array_equal(specialized.run({"x": x, "axes": np.array([0, 2])})["sum"], want["sum"])
+    assert specialized.specialized["axes"].tolist() == [0, 2]
+    with pytest.raises(InputError, match=r"input 'axes' was specialized to \[0, 2\] at compile time; got \[1\]; "
+                                         r"recompile with that value"):
+        specialized.run({"x": x, "axes": np.array([1])})
+    with pytest.raises(InputError, match=r"input 'axes' was specialized to \[0, 2\] at compile time; "
+                                         r"got \[0, 1\]"):
+        specialized.run({"x": x, "axes": np.array([0, 1])})
+    with pytest.raises(InputError, match="input 'axes': expected dtype int64, got int32"):
+        specialized.run({"x": x, "axes": np.array([0, 2], dtype=np.int32)})
+
+
+def test_malformed_specialized_entry_is_an_artifact_error(artifacts, tmp_path):
+    bad = [{"name": "axes", "dtype": "int64", "shape": [3], "value": [0, 2]}]
+    with pytest.raises(ArtifactError, match=r"specialized\[0\] \('axes'\): value has shape \[2\], the entry "
+                                            r"says \[3\]"):
+        artifacts["static"].variant(tmp_path / "bad.kiln", specialized=bad)

@@ -47,6 +47,7 @@ class Unsupported:
     reason: str = ""
     dynamic: bool = False  # refused because a compile-time operand is computed at run time
     version: bool = False  # refused because the model's opset defines a version of the op kiln lacks
+    nearest: str | None = None  # the supported op closest to an unknown one (FusedMatMul -> MatMul)
     inputs: list[str] = field(default_factory=list)  # graph inputs whose values decide a dynamic operand
 
     @property
@@ -59,9 +60,9 @@ class Unsupported:
 
 
 _HINT_STANDARD = (
-    "How to avoid: re-export the model with a newer opset (torch.onnx.export(..., opset_version=18) or "
-    "later) or rewrite the module so that the op is decomposed into supported ops before export; "
-    "if the op should be supported, file an issue with the model attached. "
+    "How to avoid: kiln implements these standard ops at no opset, so re-exporting will not help; rewrite the "
+    "module so that the op is decomposed into supported ops before export (the nearest supported op is named "
+    "where there is one), or file an issue with the model attached if kiln should support it. "
     "kiln.frontend.supported_ops() lists what kiln lifts."
 )
 _HINT_CUSTOM = (
@@ -105,6 +106,8 @@ class UnsupportedOpsError(FrontendError):
             what = f"{it.op_type} (domain {domain}, opset {it.opset})"
             if it.reason:
                 what += f" - {it.reason}"
+            elif it.nearest:
+                what += f" - not supported; nearest supported op: {it.nearest}"
             lines.append(f"  - {what}: {it.count} node(s): {_names(it.node_names)}")
         hints = []
         if any(not i.is_custom and not i.reason for i in self.items):

@@ -81,7 +81,7 @@ from kiln import ir
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.interpret import run_node
 from kiln.ir.registry import OpDef, OpTypeError, all_ops, get_op, infer_types
-from kiln.ir.types import Dim, TensorType, dim_div, dim_mul
+from kiln.ir.types import FLOAT8_DTYPES, Dim, TensorType, dim_div, dim_mul
 
 from .canonicalize import NEVER_FOLD
 from .dtypes import kiln_dtype
@@ -109,7 +109,7 @@ _IGNORED_ATTRS = {
     ("MaxPool", "storage_order"),  # only affects the Indices output (read by its converter)
     ("BatchNormalization", "momentum"),  # training only
     ("LayerNormalization", "stash_type"), ("RMSNormalization", "stash_type"),  # kiln computes wider
-    ("Cast", "saturate"), ("QuantizeLinear", "saturate"),  # float8 only
+    ("Cast", "saturate"),  # float8 only; lift_dtypes' Cast converter keeps it where it matters
     ("Dropout", "seed"), ("Dropout", "ratio"),
 }
 ModelSource = onnx.ModelProto | str | os.PathLike | bytes | bytearray | memoryview
@@ -228,6 +228,32 @@ def lift_specialized(model: ModelSource, examples: Mapping[str, Any], *, max_rou
                 raise
             bound.update({n: examples[n] for n in new})
     return lift(proto, input_values=bound, **kwargs)
+
+
+# Ops of other runtimes' custom domains and the standard spelling kiln takes instead (no name likeness).
+_KNOWN_ALTERNATIVES = {"FastGelu": "Gelu (approximate='tanh')", "BiasGelu": "Add + Gelu", "QuickGelu": "Sigmoid + Mul",
+                       "SkipLayerNormalization": "Add + LayerNormalization", "SkipSimplifiedLayerNormalization":
+                       "Add + RMSNormalization", "SimplifiedLayerNormalization": "RMSNormalization",
+                       "MultiHeadAttention": "Attention", "GroupQueryAttention": "Attention (kv_num_heads)",
+                       "FusedConv": "Conv + activation", "FusedGemm": "Gemm + activation",
+                       "FusedMatMul": "MatMul (with Transpose)", "BiasSoftmax": "Add + Softmax"}
+
+
+def nearest_supported(op_type: str, domain: str = "") -> str | None:
+    """The supported standard op that a user of ``op_type`` most likely wants, or None.
+
+    A custom-domain op with a standard op's name, a known fused op of ONNX Runtime's optimizer, or the
+    closest name among the ops kiln lifts (difflib, cutoff 0.75).
+    """
+    import difflib
+
+    ops = supported_ops()
+    if domain and op_type in ops:
+        return f"the standard ai.onnx {op_type} (export without {domain} fusions)"
+    if op_type in _KNOWN_ALTERNATIVES:
+        return _KNOWN_ALTERNATIVES[op_type]
+    close = difflib.get_close_matches(op_type, ops, n=1, cutoff=0.75)
+    return close[0] if close else None
 
 
 def supported_ops() -> list[str]:
@@ -416,6 +442,8 @@ class _Lifter:
         self.skip: set[int] = set()
         self.symbols = 0
         self.converters = _converters()
+        self._next_suffix: dict[str, int] = {}
+        self._claimed: set[str] = set()
 
     # ------------------------------------------------------------ driver
     def run(self) -> Graph:
@@ -436,6 +464,8 @@ class _Lifter:
         self.uses = Counter(self._nm(n) for k, node in enumerate(nodes) if k not in self.skip
                             for n in node.input if n)
         self.uses.update(o.name for o in gp.output)
+        self.uses.update(self._nm(n) for k, node in enumerate(nodes) if k not in self.skip
+                         for n in _outer_reads(node))  # If/Loop/Scan bodies read outer values too
         self._inputs(gp)
         for idx, node in enumerate(nodes):
             if idx in self.skip:
@@ -724,10 +754,13 @@ class _Lifter:
     def fresh(self, hint: str) -> str:
         """A value name free in the graph and not used by the ONNX model (so later ONNX names stay free)."""
         hint = hint or "v"
-        cand, k = hint, 0
-        while cand in self.onnx_names or self.g.fresh_name(cand) != cand:
+        k = self._next_suffix.get(hint, 0)  # resume where the last search for this hint stopped
+        cand = hint if k == 0 else f"{hint}_{k}"
+        while cand in self.onnx_names or cand in self._claimed or self.g.fresh_name(cand) != cand:
             k += 1
             cand = f"{hint}_{k}"
+        self._next_suffix[hint] = k
+        self._claimed.add(cand)  # the caller uses it: several unnamed outputs of one node stay distinct
         return cand
 
     def claim_output_name(self, name: str) -> str:
@@ -827,12 +860,20 @@ class _Lifter:
         opset = self.opsets.get(domain, 1)
         key = (node.op_type, domain, opset, reason)
         item = self.refusals.setdefault(key, Unsupported(node.op_type, domain or "ai.onnx", opset,
-                                                         reason=reason, dynamic=dynamic, version=version))
+                                                         reason=reason, dynamic=dynamic, version=version,
+                                                         nearest=None if reason else nearest_supported(
+                                                             node.op_type, domain)))
         item.node_names.append(_node_label(node))
         item.inputs.extend(n for n in inputs if n not in item.inputs)
 
     def _check_declared(self, o: onnx.ValueInfoProto, v: Value) -> None:
         """The model's declared output type (where it is given) must agree with what kiln computes."""
+        kind = o.type.WhichOneof("value")
+        if kind not in (None, "tensor_type"):
+            what = {"sequence_type": "a sequence", "map_type": "a map", "optional_type": "an optional",
+                    "sparse_tensor_type": "a sparse tensor"}.get(kind, kind)
+            raise FrontendError(f"{self.label}: graph output {o.name!r} is {what}; kiln takes and returns dense "
+                                f"tensors only")
         tt = o.type.tensor_type
         if not o.type.HasField("tensor_type") or not tt.elem_type:
             return
@@ -855,6 +896,20 @@ class _Lifter:
             raise InvalidModelError(f"{self.label}: graph output {o.name!r} is declared one way and computed "
                                     f"another (declared vs kiln: {'; '.join(problems)}); the model's output "
                                     f"type is stale or a type rule is wrong")
+
+
+def _outer_reads(node: onnx.NodeProto) -> set[str]:
+    """The names a node's subgraphs (If/Loop/Scan bodies, nested too) read from enclosing scopes."""
+    out: set[str] = set()
+    for a in node.attribute:
+        graphs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in graphs:
+            defined = {i.name for i in g.input} | {t.name for t in g.initializer}
+            defined |= {o for n in g.node for o in n.output}
+            reads = {i for n in g.node for i in n.input if i} | {o.name for o in g.output}
+            reads |= {r for n in g.node for r in _outer_reads(n)}
+            out |= reads - defined
+    return out
 
 
 def _graph_name(name: str) -> str:
@@ -1865,11 +1920,6 @@ def _mean(ctx: _Ctx) -> list[Value | None]:
     return [ctx.op("div", [total, ctx.scalar(len(xs), total)], out=0)]
 
 
-@_special("CastLike", needs=("cast",))
-def _cast_like(ctx: _Ctx) -> list[Value | None]:
-    return [ctx.op("cast", [ctx.x(0)], {"to": ctx.x(1).type.dtype}, out=0)]
-
-
 @_special("PRelu", needs=("where", "less", "mul"))
 def _prelu(ctx: _Ctx) -> list[Value | None]:
     x, slope = ctx.x(0), ctx.x(1)
@@ -1903,6 +1953,8 @@ def _quantize(ctx: _Ctx) -> list[Value | None]:
     else:
         dtype = "u8"
     attrs = {"axis": int(ctx.attr("axis", 1)), "block_size": int(ctx.attr("block_size", 0)), "dtype": dtype}
+    if dtype in FLOAT8_DTYPES and "saturate" in ctx.attrs:  # saturate=0 lets float8 overflow to inf/NaN
+        attrs["saturate"] = int(ctx.attrs["saturate"])
     _check_only(ctx, ("axis", "block_size", "output_dtype", "saturate"))
     return [ctx.op("quantize", [x, scale, zp], attrs, out=0)]
 

@@ -22,6 +22,7 @@ ConstantOfShape) is written back as ConstantOfShape, not as an initializer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -132,6 +133,30 @@ def _tensor(arr: np.ndarray, name: str) -> onnx.TensorProto:
     return numpy_helper.from_array(np.ascontiguousarray(arr).reshape(arr.shape), name)  # keeps 0-d 0-d
 
 
+def input_slots(opdef: OpDef, present: Sequence[bool]) -> list[tuple[str, Any]]:
+    """What fills each ONNX input of ``opdef``'s op: ``("operand", i)`` (kiln operand i), ``("attr", key)``
+    (attribute ``key`` written as a constant input) or ``("absent", None)``.
+
+    Kiln's operands fill the ONNX slots its ``attr_inputs`` leave free, in order; an attr_input slot that is also
+    the op's own optional operand of the same name (clip's min/max, trilu's k) takes that operand when present.
+    """
+    spec = opdef.onnx
+    shared = {i for i, k in spec.attr_inputs.items() if i < len(opdef.inputs) and opdef.inputs[i].rstrip("?") == k}
+    rest = iter([i for i in range(len(present)) if i not in shared])
+    n_slots = sum(1 for i in range(len(present)) if i not in shared) + len(spec.attr_inputs)
+    out: list[tuple[str, Any]] = []
+    for slot in range(n_slots):
+        if slot in spec.attr_inputs:
+            if slot in shared and slot < len(present) and present[slot]:
+                out.append(("operand", slot))
+            else:
+                out.append(("attr", spec.attr_inputs[slot]))
+        else:
+            i = next(rest, None)
+            out.append(("operand", i) if i is not None and present[i] else ("absent", None))
+    return out
+
+
 def _schema_or_none(op_type: str, opset: int, domain: str) -> Any:
     try:
         return onnx.defs.get_schema(op_type, opset, domain)
@@ -185,7 +210,9 @@ class _Lowerer:
         spec = opdef.onnx
         schema = onnx.defs.get_schema(spec.op_type, self.opset, spec.domain)
         name = self.node_name(n.name or f"{n.op}_{n.outputs[0].name}")
-        inputs = self._inputs(n, opdef, name)
+        if spec.lowerable is not None and (why := spec.lowerable(n, self.opset)):
+            raise LoweringError(f"{spec.op_type} (node {n.name or n.outputs[0].name}): {why}")
+        inputs = self._inputs(n, opdef, name, schema)
         values = {v.name: v for v in n.inputs if v is not None}
         for i, vname in enumerate(inputs):
             if vname in values:
@@ -206,27 +233,26 @@ class _Lowerer:
             raise LoweringError(f"{op_type}-{schema.since_version} (opset {self.opset}) does not take {dtype} at "
                                 f"input {i} (node {n.name or n.outputs[0].name}){fix}")
 
-    def _inputs(self, n: Node, opdef: OpDef, name: str) -> list[str]:
-        spec = opdef.onnx
-        kiln_ins = list(n.inputs)
+    def _inputs(self, n: Node, opdef: OpDef, name: str, schema: Any) -> list[str]:
         out: list[str] = []
-        pos = 0
-        total = len(kiln_ins) + len(spec.attr_inputs)
-        for i in range(total):
-            if i in spec.attr_inputs:
-                out.append(self._attr_input(n, spec.attr_inputs[i], opdef, name))
-            elif pos < len(kiln_ins):
-                v = kiln_ins[pos]
-                pos += 1
-                out.append("" if v is None else v.name)
+        for kind, ref in input_slots(opdef, [v is not None for v in n.inputs]):
+            if kind == "operand":
+                out.append(n.inputs[ref].name)
+            elif kind == "attr":
+                slot = len(out)
+                formals = list(schema.inputs)
+                required = slot < len(formals) and formals[slot].option == onnx.defs.OpSchema.FormalParameterOption.Single
+                out.append(self._attr_input(n, ref, opdef, name, required))
+            else:
+                out.append("")
         while out and out[-1] == "":
             out.pop()
         return out
 
-    def _attr_input(self, n: Node, kname: str, opdef: OpDef, name: str) -> str:
+    def _attr_input(self, n: Node, kname: str, opdef: OpDef, name: str, required: bool = False) -> str:
         val = n.attrs.get(kname)
-        if val is None or (isinstance(val, list) and not val):
-            return ""  # absent; for every attr_input op an empty list means what an absent input does
+        if val is None or (isinstance(val, list) and not val and not required):
+            return ""  # absent; for an optional input an empty list means what an absent input does
         kind = opdef.attrs[kname].kind
         dtype = opdef.onnx.attr_dtypes.get(kname)
         if dtype is not None and dtype in ("i64", "i32", "f32", "f64", "f16", "bf16", "bool", "i8", "u8"):
@@ -254,7 +280,7 @@ class _Lowerer:
                 continue  # kiln's empty list means "the ONNX default"; ONNX rejects an empty list (dilations=[])
             oname = spec.attr_names.get(k, k)
             kind = opdef.attrs[k].kind
-            implied = kind == "dtype" and any(x is not None and x.type.dtype == v for x in n.inputs)
+            implied = oname == "output_dtype" and any(x is not None and x.type.dtype == v for x in n.inputs)
             if implied:  # QuantizeLinear's zero point carries it; onnxruntime rejects output_dtype beside it
                 continue
             if oname not in schema.attributes:

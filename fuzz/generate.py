@@ -531,16 +531,16 @@ def _b_convt(b: Builder, x: Value | None) -> Value:
                   output_padding=opad)
 
 
-@builder("max_pool", "avg_pool")
+@builder("max_pool", "avg_pool", "max_pool_with_indices")
 def _b_pool(b: Builder, x: Value | None, op: str) -> Value:
     a = b.image(x)
-    sp = _spatial(b, a.type.shape[2:], dil=op == "max_pool", pad_below_kernel=True)
+    sp = _spatial(b, a.type.shape[2:], pad_below_kernel=True)
     attrs = {"kernel_shape": sp["kernel"], "strides": sp["strides"], "pads": sp["pads"],
-             "ceil_mode": int(b.chance(0.3))}
-    if op == "max_pool":
-        attrs["dilations"] = sp["dilations"]
-    else:
+             "ceil_mode": int(b.chance(0.3)), "dilations": sp["dilations"]}
+    if op == "avg_pool":
         attrs["count_include_pad"] = int(b.chance(0.3))
+    if op == "max_pool_with_indices":
+        attrs["storage_order"] = int(b.chance(0.3))
     return b.node(op, [a], **attrs)
 
 

@@ -93,6 +93,7 @@ class OnnxSpec:
     attr_names: dict[str, str] = field(default_factory=dict)  # kiln name -> ONNX name
     since: int | None = None  # newest ONNX version of op_type implemented (default: its version at opset 23)
     oldest: int | None = None  # oldest ONNX version with kiln's semantics (lowering below it decomposes)
+    lowerable: Callable[[Any, int], str | None] | None = None  # (node, opset) -> why it cannot be written there
 
 
 @dataclass(frozen=True)

@@ -59,8 +59,14 @@ def _mod_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
     return out
 
 
+def _mod_lowerable(node, opset: int) -> str | None:
+    if node.attrs.get("fmod") == 0 and node.outputs[0].type.dtype in FLOAT_DTYPES and opset < 28:
+        return f"float Mod with fmod=0 exists from opset 28 (lowering to {opset})"
+    return None
+
+
 @op("mod", group="binary-arith/source", bound="double", inputs=("a", "b"), attrs={"fmod": Attr("int", 0)}, infer=_mod_infer,
-    fusion=BC, onnx=OnnxSpec("Mod", since=28))
+    fusion=BC, onnx=OnnxSpec("Mod", since=28, lowerable=_mod_lowerable))
 def mod(a, b, fmod):
     """Remainder: fmod=0 takes the divisor's sign (a - floor(a/b)*b; floats since ONNX opset 28, with
     its special cases: x mod +-inf is x or the divisor, 0 takes the divisor's sign), fmod=1 the

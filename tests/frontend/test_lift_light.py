@@ -18,6 +18,7 @@ from onnx import helper, numpy_helper
 from kiln import ir
 from kiln.bench import randomized_weights
 from kiln.frontend import lift, lower_to_onnx
+from kiln.frontend.lower import DEFAULT_OPSET
 
 from .conftest import LIGHT_DIR, assert_close, light_input, make_model, ort_run, vi
 
@@ -299,7 +300,8 @@ def _backend_cases() -> dict[str, tuple[onnx.ModelProto, list[np.ndarray], list[
     for tc in testcases:
         if tc.model is not None and tc.data_sets:
             ins, outs = tc.data_sets[0]
-            out[tc.name] = (tc.model, list(ins), list(outs))
+            as_array = lambda a: numpy_helper.to_array(a) if isinstance(a, onnx.TensorProto) else a  # noqa: E731
+            out[tc.name] = (tc.model, [as_array(a) for a in ins], [as_array(a) for a in outs])
     data = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data")
     for sub in ("pytorch-converted", "pytorch-operator", "simple"):
         for d in sorted(os.listdir(os.path.join(data, sub))):
@@ -348,11 +350,18 @@ def test_onnx_backend_case(name):
             assert got[v.name].dtype == want.dtype and np.array_equal(got[v.name], want)
         else:
             assert_close(got[v.name], want, **_tolerance(want.dtype))
-    lowered = lower_to_onnx(graph)
+    if any(a.dtype.type.__module__.startswith("ml_dtypes") for a in list(feeds.values()) + outs):
+        return  # float8/float4/int2 (ml_dtypes): onnxruntime's Python API cannot take them; checked above
+    opset = max(DEFAULT_OPSET, next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))
+    lowered = lower_to_onnx(graph, opset=opset)  # the model's own opset when newer (BitShift-28 on int32...)
     try:
         results = ort_run(lowered, feeds)
     except ort.capi.onnxruntime_pybind11_state.NotImplemented:
         return  # onnxruntime has no kernel for this dtype (e.g. Max on int16): the original fails too
+    except (ort.capi.onnxruntime_pybind11_state.InvalidGraph, ort.capi.onnxruntime_pybind11_state.Fail):
+        if opset > DEFAULT_OPSET:
+            return  # an op version newer than onnxruntime 1.31 runs: checked against the stored outputs only
+        raise
     for low, want in zip(results, outs):
         if want.dtype.kind in "iub":
             assert low.dtype == want.dtype and np.array_equal(low, want)

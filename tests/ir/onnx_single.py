@@ -22,6 +22,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from kiln import ir
+from kiln.frontend.lower import input_slots
 from kiln.ir import TensorType
 
 OPSET = 21
@@ -92,20 +93,18 @@ def to_onnx(op: str, inputs: Sequence[np.ndarray | None], attrs: dict[str, Any],
     feeds: dict[str, np.ndarray] = {}
     inits: dict[str, np.ndarray] = {}
     names: dict[int, str] = {}
-    pos = 0  # ONNX input positions: kiln's operands fill the slots its attr_inputs leave free
-    for i, a in enumerate(inputs):
-        while pos in spec.attr_inputs:
-            pos += 1
-        if a is not None:
-            name = f"in{i}"
-            names[pos] = name
-            (inits if kdt(a) in CARRIER else feeds)[name] = np.asarray(a)
-        pos += 1
+    slots = input_slots(opdef, [a is not None for a in inputs])  # the ONNX positions lower_to_onnx uses
+    for pos, (kind, i) in enumerate(slots):
+        if kind == "operand":
+            names[pos] = f"in{i}"
+            (inits if kdt(inputs[i]) in CARRIER else feeds)[f"in{i}"] = np.asarray(inputs[i])
     onnx_attrs: dict[str, Any] = {}
     for key, value in attrs.items():
         kind = opdef.attrs[key].kind
         if key in spec.attr_inputs.values():
             idx = next(i for i, k in spec.attr_inputs.items() if k == key)
+            if idx in names:
+                continue  # the op's own operand fills this slot
             if value is None or (value == [] and opdef.attrs[key].default == []):
                 continue  # absent optional input: ONNX's default
             dt = spec.attr_dtypes.get(key) or kdt(inputs[0])

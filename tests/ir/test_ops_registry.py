@@ -98,7 +98,7 @@ def test_catalogue_names_and_attributes():
         "conv": (("x", "w", "b?"), {"strides", "pads", "dilations", "group"}),
         "conv_transpose": (("x", "w", "b?"), {"strides", "pads", "dilations", "group", "output_padding"}),
         "max_pool": (("x",), {"kernel_shape", "strides", "pads", "dilations", "ceil_mode"}),
-        "avg_pool": (("x",), {"kernel_shape", "strides", "pads", "ceil_mode", "count_include_pad"}),
+        "avg_pool": (("x",), {"kernel_shape", "strides", "pads", "ceil_mode", "count_include_pad", "dilations"}),
         "batch_norm": (("x", "scale", "bias", "mean", "var"), {"epsilon"}),
         "layer_norm": (("x", "scale", "bias?"), {"axis", "epsilon"}),
         "rms_norm": (("x", "scale"), {"axis", "epsilon"}),
@@ -113,7 +113,7 @@ def test_catalogue_names_and_attributes():
         "argmax": (("x",), {"axis", "keepdims", "select_last_index"}),
         "cumsum": (("x",), {"axis", "exclusive", "reverse"}),
         "reduce_mean": (("x",), {"axes", "keepdims"}),
-        "quantize": (("x", "scale", "zero_point?"), {"axis", "block_size", "dtype"}),
+        "quantize": (("x", "scale", "zero_point?"), {"axis", "block_size", "dtype", "saturate"}),
         "dequantize": (("x", "scale", "zero_point?"), {"axis", "block_size"}),
     }
     for name, (inputs, attrs) in want.items():

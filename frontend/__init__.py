@@ -17,13 +17,13 @@ from .errors import (
     Unsupported,
     UnsupportedOpsError,
 )
-from .lift import lift, load_model, supported_ops
+from .lift import lift, lift_specialized, load_model, supported_ops
 from .lower import lower_to_onnx
 
 __all__ = [
     "DanglingInputError", "DynamicShapeError", "FrontendError", "InvalidModelError", "LoweringError",
     "OpsetError", "Refusal", "Unsupported", "UnsupportedOpsError", "canonicalize", "canonicalize_with_report",
-    "export", "lift", "load_model", "lower_to_onnx", "supported_ops",
+    "export", "lift", "lift_specialized", "load_model", "lower_to_onnx", "supported_ops",
 ]
 
 

@@ -58,6 +58,8 @@ def _attr(v: Any) -> str:
         return json.dumps(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_attr(x) for x in v) + "]"
+    if isinstance(v, dict):  # graph.meta["specialized"] = {input: values}
+        return "{" + ", ".join(f"{_name(k)}={_attr(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"attribute value {v!r} of type {type(v).__name__} cannot be printed")
 
 
@@ -220,6 +222,9 @@ def _attr_value(lx: _Lexer) -> Any:
                 lx.expect(",")
             items.append(_attr_value(lx))
         return items
+    if v == "{":
+        lx.i -= 1
+        return _attr_dict(lx)
     lx.i -= 1
     raise lx.error(f"expected an attribute value, found {v!r}")
 

@@ -79,3 +79,11 @@ def test_elided_constants_need_their_data():
 def test_parse_errors_name_the_place_and_the_problem(text, message):
     with pytest.raises(ir.ParseError, match=message):
         ir.parse(text)
+
+
+def test_graph_meta_with_a_mapping_round_trips():
+    g = ir.parse("graph @main(%x: f32[2]) -> (%y) {\n  %y = relu(%x) : f32[2]\n}")
+    g.meta["specialized"] = {"axes": [0, 2], "k": [1]}
+    text = ir.print_graph(g)
+    assert "specialized={axes=[0, 2], k=[1]}" in text
+    assert ir.parse(text).meta == g.meta

@@ -12,19 +12,32 @@ by the next node)::
     p = where(is_nan(p), 0, p)                 optional: SDPA exports' guard of fully-masked rows
     o = matmul(p, v)                           [..., Sq, Dv]
 
-Each of ``q``, ``kT`` and ``v`` may come from a ``transpose`` of an outside
-tensor that only its matmul reads; such transposes lead the node list (graph
-order), join the block, and the kernel reads the untransposed tensor through
-the permutation (``AttentionSpec.q_perm`` …), so no copy is made.  A transpose
-of kT or v must keep the last axis last (the kernel's vector loads run along
-it; see ``_CONTIGUOUS_ROLES``); q's may be any permutation.
+Prologues: each of ``q``, ``kT`` and ``v`` may be made from an outside value
+``x`` by ``slice`` (unit steps), ``transpose`` and at most one ``mul`` by a
+one-element float32 constant, each read only by the next (any order; the
+nodes are in the list in graph order, before their readers).  They join the
+block and the kernel reads ``x`` through them (``AttentionSpec.q_perm``,
+``q_offset``, ``q_scale`` …): no copy is made, and GPT's fused q/k/v
+projection is read in place by slices of one head view.  A transpose of kT or
+v must keep the last axis last (the kernel's vector loads run along it; see
+``_CONTIGUOUS_ROLES``); q's may be any permutation.  The scale multiplies each
+element as it is read, as the graph rounds it (``(q·c1)·(k·c2)``, never
+``q·k·(c1·c2)``); q is read once per row tile into a local tile (``attn_q``),
+so its prologue costs nothing in the inner loop, while a kT or v scale is
+paid by every row tile and joins only while those are few
+(``_SCALED_KV_MAX_TILES``).  Epilogue: a last ``transpose`` of the output
+that keeps the last axis last (``out_perm``; attention's
+``[B, H, S, D] -> [B, S, H, D]``) is the block's exit and the kernel writes
+through it.
 
 :func:`lower_attention` lowers it to one kernel with the parameters of a
-:func:`~kiln.codegen.kernel.lower_block` kernel (q, kT, v, [mask], then out).
+:func:`~kiln.codegen.kernel.lower_block` kernel (the distinct outside values of
+q, kT, v, [mask], then out).
 Algorithm, for each (batch, head, tile of ``R`` query rows) - one task of a
 parallel loop:
 
-1. ``dot[r, j] = Σ_d q[r, d] · kT[d, j]`` for the tile's rows into a local
+0. ``qt[r, d] = q[r, d]`` read through q's prologue into a local ``R × d`` tile;
+1. ``dot[r, j] = Σ_d qt[r, d] · kT[d, j]`` for the tile's rows into a local
    ``R × Sk`` buffer (register tile: ``R`` rows × two vectors of ``j``,
    ``d`` outside the tile, a ``kT`` row loaded once per ``d`` for all rows);
 2. ``x = mask(scale(dot))`` recomputed where it is read (a multiply and a
@@ -106,25 +119,44 @@ class AttentionSpec:
     fill_when: bool = True  # where(m, fill, x): fill where m is True; where(m, x, fill): where False
     causal_offset: int | None = None  # constant mask: row i reads no column past i + offset (see _causal_offset)
     nan_guard: bool = False  # p = where(is_nan(p), 0, p) before the second matmul: a non-finite row max gives 0
-    # q / k_t / v read through a fused transpose: the matmul operand is transpose(x, perm), x the outside value
+    # q / k_t / v read through a fused prologue (see Prologue): the matmul operand at logical index i is
+    # x[j] = x[i[perm^-1 j] + offset[j]] (times the scale), x the outside value
     q_perm: tuple[int, ...] | None = None
     k_perm: tuple[int, ...] | None = None
     v_perm: tuple[int, ...] | None = None
+    q_offset: tuple[int, ...] | None = None  # per axis of the outside value: a fused slice's starts
+    k_offset: tuple[int, ...] | None = None
+    v_offset: tuple[int, ...] | None = None
+    q_scale: float | None = None  # a fused mul by a one-element constant, applied to each element as read
+    k_scale: float | None = None
+    v_scale: float | None = None
+    out_perm: tuple[int, ...] | None = None  # a fused transpose of the output (the block's exit)
 
     @property
     def out(self) -> Value:
-        """The block's output (the second matmul's)."""
+        """The block's output (the second matmul's, or its fused transpose's)."""
         return self.nodes[-1].outputs[0]
 
     @property
     def qk(self) -> Node:
-        """The first matmul (``q · kT``): the first node after the fused transposes."""
-        return next(n for n in self.nodes if n.op != "transpose")
+        """The first matmul (``q · kT``); prologue nodes are slices, transposes and muls."""
+        return next(n for n in self.nodes if n.op == "matmul")
+
+    @property
+    def pv(self) -> Node:
+        """The second matmul (``p · v``)."""
+        return [n for n in self.nodes if n.op == "matmul"][1]
 
     @property
     def scores_shape(self) -> tuple[int, ...]:
         """Shape of the scores the kernel never materializes: [..., Sq, Sk]."""
         return static_shape(self.qk.outputs[0])
+
+    def access(self, role: str) -> tuple[Value, tuple[int, ...] | None, tuple[int, ...] | None, float | None]:
+        """(outside value, perm, offset, scale) the kernel reads ``role`` ("q", "k" or "v") through."""
+        value = {"q": self.q, "k": self.k_t, "v": self.v}[role]
+        return (value, getattr(self, f"{role}_perm"), getattr(self, f"{role}_offset"),
+                getattr(self, f"{role}_scale"))
 
 
 # ------------------------------------------------------------------ matching
@@ -237,10 +269,32 @@ def _perm(node: Node) -> tuple[int, ...] | None:
         return None
     rank = x.type.rank
     perm = node.attrs.get("perm")
-    perm = tuple(range(rank))[::-1] if perm is None else tuple(int(p) for p in perm)
+    perm = tuple(range(rank))[::-1] if not perm else tuple(int(p) for p in perm)
     if sorted(perm) != list(range(rank)) or static_shape(out) != tuple(static_shape(x)[p] for p in perm):
         return None
     return perm
+
+
+def _slice_starts(node: Node) -> tuple[int, ...] | None:
+    """Per-axis starts of a float32 static unit-step ``slice`` (0 on axes it does not cut), else None."""
+    from kiln.ir.ops.tensor import _slice_params, _slice_range
+
+    if node.op != "slice" or len(node.inputs) != 1 or len(node.outputs) != 1:
+        return None
+    x, out = node.inputs[0], node.outputs[0]
+    if not (_is_f32_static(x) and _is_f32_static(out, x.type.rank if x is not None else None)):
+        return None
+    shape = static_shape(x)
+    starts = [0] * len(shape)
+    try:
+        params = _slice_params(len(shape), node.attrs)
+    except Exception:  # noqa: BLE001 - a slice its own type rule refuses is no prologue
+        return None
+    for axis, start, end, step in params:
+        if step != 1:
+            return None
+        starts[axis] = _slice_range(shape[axis], start, end, step)[0]
+    return tuple(starts)
 
 
 # kT and v are read in vectors along their last axis (score columns j, output
@@ -249,38 +303,126 @@ def _perm(node: Node) -> tuple[int, ...] | None:
 # measured 190 us fused vs 118 us + a ~7 us copy kernel unfused.)  q is read one
 # scalar at a time, so any permutation of q is fine.
 _CONTIGUOUS_ROLES = frozenset({"k", "v"})
+_PROLOGUE_OPS = frozenset({"slice", "transpose", "mul"})
+# q is scaled once per row tile (the attn_q stage), but a kT or v scale is applied to every vector
+# each row tile reads: Sq/R times the work of a separate mul kernel over kT.  Measured (1 thread, 12
+# heads, d=64): +0.2 us at Sq=16 (a kernel launch saved), +23 us at Sq=128 (a ~10 us kernel saved).
+# So a kT/v scale joins only while the row tiles are few.
+_SCALED_KV_MAX_TILES = 16
+
+
+@dataclass(frozen=True)
+class Prologue:
+    """How the kernel reads one matmul operand through fused slice/transpose/mul nodes (last first)."""
+
+    nodes: tuple[Node, ...]
+    value: Value  # the outside value
+    perm: tuple[int, ...] | None
+    offset: tuple[int, ...] | None
+    scale: float | None
+
+
+def _prologue(operand: Value, reader: Node, members: set[int]) -> Prologue | None:
+    """The slice/transpose/mul nodes of ``members`` that make ``operand`` from an outside value.
+
+    Walking from the operand to the source, the map from the operand's logical index ``i`` to the
+    source's index is ``src[j] = i[axis[j]] + offset[j]``: a transpose permutes it, a slice adds its
+    starts, a mul (by a one-element float32 constant, at most one) leaves it and records the scale.
+    None when a member node on the way is no such link (it then belongs nowhere: no match).
+    """
+    rank = operand.type.rank
+    axis, offset = list(range(rank)), [0] * rank
+    nodes: list[Node] = []
+    scale: float | None = None
+    x, user = operand, reader
+    while x.producer is not None and id(x.producer) in members:
+        node = x.producer
+        if node.op not in _PROLOGUE_OPS or not _private(x, user) or len(node.outputs) != 1:
+            return None
+        if node.op == "mul":
+            a, b = node.inputs
+            src = a if _scalar(b) is not None else b
+            found = _match_scale(node, src) if src is not None else None
+            if found is None or scale is not None or not _is_f32_static(src, rank) \
+                    or static_shape(src) != static_shape(x):
+                return None
+            scale = found[0]
+        elif node.op == "transpose":
+            perm = _perm(node)
+            if perm is None:
+                return None
+            inv = [perm.index(j) for j in range(rank)]
+            axis, offset = [axis[inv[j]] for j in range(rank)], [offset[inv[j]] for j in range(rank)]
+            src = node.inputs[0]
+        else:
+            starts = _slice_starts(node)
+            if starts is None:
+                return None
+            offset = [o + s for o, s in zip(offset, starts)]
+            src = node.inputs[0]
+        nodes.append(node)
+        x, user = src, node
+    if not nodes:
+        return Prologue((), operand, None, None, None)
+    perm = tuple(axis.index(a) for a in range(rank))
+    return Prologue(tuple(nodes), x, None if perm == tuple(range(rank)) else perm,
+                    tuple(offset) if any(offset) else None, scale)
 
 
 def match_attention(nodes: Sequence[Node]) -> AttentionSpec | None:
     """The attention spec of exactly this node list (graph order), or None when it is anything else.
 
-    Leading ``transpose`` nodes (at most one per q, kT and v, each read only by
-    its matmul) fold into the spec: the operand becomes the transpose's input,
-    read through the permutation.
+    Besides the chain, the list may hold, for each of q, kT and v, the ``slice``, ``transpose`` and
+    ``mul``-by-a-constant nodes (each read only by the next) that make it from an outside value
+    (:func:`_prologue`; the kernel reads that value through them), and last a ``transpose`` of the
+    output that keeps the last axis last (the kernel writes its output through it).
     """
     nodes = list(nodes)
-    lead = 0
-    while lead < len(nodes) and nodes[lead].op == "transpose":
-        lead += 1
-    if lead > 3 or (spec := _match_chain(nodes[lead:])) is None:
+    if len(nodes) < 3 or len({id(n) for n in nodes}) != len(nodes):
         return None
-    perms: dict[str, tuple[int, ...]] = {}
-    outside: dict[str, Value] = {}
-    slots = {"q": (spec.qk, 0, spec.q), "k": (spec.qk, 1, spec.k_t), "v": (spec.nodes[-1], 1, spec.v)}
-    for t in nodes[:lead]:
-        perm = _perm(t)
-        if perm is None:
+    out_perm = None
+    if nodes[-1].op == "transpose":
+        out_perm = _perm(nodes[-1])
+        rank = len(out_perm) if out_perm is not None else 0
+        x = nodes[-1].inputs[0]
+        if (out_perm is None or out_perm[-1] != rank - 1 or x is None or x.producer is not nodes[-2]
+                or not _private(x, nodes[-1])):
             return None
-        role = next((r for r, (_, _, val) in slots.items() if val is t.outputs[0]), None)
-        if role is None or role in perms or not _private(t.outputs[0], slots[role][0]):
-            return None
-        if role in _CONTIGUOUS_ROLES and perm[-1] != len(perm) - 1:
-            return None  # its vector loads would become gathers: slower than the transpose's own copy
-        perms[role], outside[role] = perm, t.inputs[0]
-    if not perms:
-        return spec
-    return replace(spec, nodes=tuple(nodes), q=outside.get("q", spec.q), k_t=outside.get("k", spec.k_t),
-                   v=outside.get("v", spec.v), q_perm=perms.get("q"), k_perm=perms.get("k"), v_perm=perms.get("v"))
+    core_end = len(nodes) - (out_perm is not None)
+    matmuls = [n for n in nodes[:core_end] if n.op == "matmul"]
+    if len(matmuls) != 2 or nodes[core_end - 1] is not matmuls[1]:
+        return None
+    qk, pv = matmuls
+    members = {id(n) for n in nodes[:core_end]}
+    roles = {}
+    for role, reader, operand in (("q", qk, qk.inputs[0]), ("k", qk, qk.inputs[1]), ("v", pv, pv.inputs[1])):
+        if operand is None or operand.producer is None or id(operand.producer) not in members:
+            roles[role] = Prologue((), operand, None, None, None)
+            continue
+        found = _prologue(operand, reader, members)
+        if found is None or (role in _CONTIGUOUS_ROLES and found.perm is not None
+                             and found.perm[-1] != len(found.perm) - 1):
+            return None  # a kT/v transpose moving the last axis: its loads would be gathers, slower than a copy
+        rows = qk.outputs[0].type.shape[-2] if qk.outputs and qk.outputs[0].type.rank >= 2 else None
+        if role in _CONTIGUOUS_ROLES and found.scale is not None \
+                and (not isinstance(rows, int) or -(-rows // ATTENTION_ROW_TILE) > _SCALED_KV_MAX_TILES):
+            return None  # every row tile would scale kT / v again: a separate mul kernel is cheaper
+        roles[role] = found
+    prologue = {id(n) for p in roles.values() for n in p.nodes}
+    if len(prologue) != sum(len(p.nodes) for p in roles.values()):
+        return None  # one node on two operands' paths
+    at = {id(n): i for i, n in enumerate(nodes)}
+    if any(at[id(r)] <= at[id(n)] for p in roles.values() for n in p.nodes for o in n.outputs for r, _ in o.uses):
+        return None  # the list is not in graph order
+    core = [n for n in nodes[:core_end] if id(n) not in prologue]
+    spec = _match_chain(core)
+    if spec is None:
+        return None
+    return replace(spec, nodes=tuple(nodes), q=roles["q"].value, k_t=roles["k"].value, v=roles["v"].value,
+                   q_perm=roles["q"].perm, k_perm=roles["k"].perm, v_perm=roles["v"].perm,
+                   q_offset=roles["q"].offset, k_offset=roles["k"].offset, v_offset=roles["v"].offset,
+                   q_scale=roles["q"].scale, k_scale=roles["k"].scale, v_scale=roles["v"].scale,
+                   out_perm=out_perm)
 
 
 def _match_chain(nodes: list[Node]) -> AttentionSpec | None:
@@ -397,23 +539,30 @@ def _batch_ok(q: Value, k_t: Value, v: Value, scores: tuple[int, ...]) -> bool:
 # ------------------------------------------------------------------ TE compute
 
 
-def _bread(t: te.Tensor, batch: Sequence[Expr], *rest: Expr, perm: Sequence[int] | None = None) -> Expr:
-    """``transpose(t, perm)[batch..., rest...]`` with its size-1 batch dims broadcast (no perm: ``t`` itself)."""
-    idx = [*batch, *rest]
-    if perm is None:
-        dims = [int(d) for d in t.shape]
-        return t(*(0 if a < len(batch) and dims[a] == 1 else e for a, e in enumerate(idx)))
-    dims = [int(t.shape[p]) for p in perm]  # the transposed (logical) shape
-    src: list[Expr] = [0] * len(perm)
-    for a, p in enumerate(perm):
-        src[p] = 0 if a < len(batch) and dims[a] == 1 else idx[a]
-    return t(*src)
+def _reader(spec: AttentionSpec, role: str, t: te.Tensor) -> Callable[..., Expr]:
+    """``read(batch, *rest)``: the matmul operand of ``role`` at a logical index, read from ``t``.
 
+    The operand is ``mul(transpose(slice(t)), scale)`` (each part optional, :class:`Prologue`): the
+    logical index goes through the permutation, the slice's starts are added, the element is
+    multiplied by the scale as read (the graph's own rounding); size-1 batch dims broadcast.
+    """
+    _, perm, offset, scale = spec.access(role)
+    reader, slot = (spec.qk, 0) if role == "q" else (spec.qk, 1) if role == "k" else (spec.pv, 1)
+    logical = static_shape(reader.inputs[slot])
+    rank = len(logical)
+    perm = tuple(range(rank)) if perm is None else perm
+    factor = tirx.const(scale, "float32") if scale is not None else None
 
-def _logical_shape(v: Value, perm: Sequence[int] | None) -> tuple[int, ...]:
-    """Static shape of ``transpose(v, perm)`` (``v``'s own without a perm)."""
-    shape = static_shape(v)
-    return shape if perm is None else tuple(shape[p] for p in perm)
+    def read(batch: Sequence[Expr], *rest: Expr) -> Expr:
+        idx = [*batch, *rest]
+        src: list[Expr] = [0] * rank
+        for a, p in enumerate(perm):
+            src[p] = 0 if a < len(batch) and logical[a] == 1 else idx[a]
+        if offset is not None:
+            src = [e + o if o else e for e, o in zip(src, offset)]
+        x = t(*src)
+        return x * factor if factor is not None else x
+    return read
 
 
 def _neg_inf_max() -> Callable:
@@ -473,29 +622,40 @@ def attention_te(spec: AttentionSpec, lanes: int = 1) -> tuple[list[te.Tensor], 
     """
     scores = spec.scores_shape
     batch, sq, sk = scores[:-2], scores[-2], scores[-1]
-    d_head, dv = _logical_shape(spec.q, spec.q_perm)[-1], _logical_shape(spec.v, spec.v_perm)[-1]
+    d_head, dv = static_shape(spec.qk.inputs[0])[-1], static_shape(spec.pv.inputs[1])[-1]
     ph = {id(val): te.placeholder(static_shape(val), tvm_dtype(val.type.dtype), name=f"in{n}")
           for n, val in enumerate(operands(spec))}
-    q, k_t, v = ph[id(spec.q)], ph[id(spec.k_t)], ph[id(spec.v)]
+    q = _reader(spec, "q", ph[id(spec.q)])
+    k_t = _reader(spec, "k", ph[id(spec.k_t)])
+    v = _reader(spec, "v", ph[id(spec.v)])
     mask = ph[id(spec.mask)] if spec.mask is not None else None
     nb = len(batch)
     rd = te.reduce_axis((0, d_head), name="d")
-    dot = te.compute(scores, lambda *i: te.sum(_bread(q, i[:nb], i[nb], rd, perm=spec.q_perm)
-                                               * _bread(k_t, i[:nb], rd, i[nb + 1], perm=spec.k_perm),
-                                               axis=rd), name="attn_qk")
+    # q read once per row tile (through its prologue, scaled) into a local [R, d] tile; the register
+    # tile below then broadcasts plain loads of it
+    q_tile = te.compute(batch + (sq, d_head), lambda *i: q(i[:nb], i[nb], i[nb + 1]), name="attn_q")
+    dot = te.compute(scores, lambda *i: te.sum(q_tile(*i[:nb], i[nb], rd) * k_t(i[:nb], rd, i[nb + 1]), axis=rd),
+                     name="attn_qk")
     score = te.compute(scores, _score_fn(spec, dot, mask), name="attn_score")
     mx = _row_reduce(score, _neg_inf_max(), batch + (sq,), sk, lanes, "attn_max")
     shift = te.compute(scores, lambda *i: score(*i) - mx(*i[:-1]), name="attn_shift")
     e = topi.fast_exp(shift)
     total = _row_reduce(e, te.sum, batch + (sq,), sk, lanes, "attn_sum")
     rv = te.reduce_axis((0, sk), name="jv")
-    acc = te.compute(batch + (sq, dv), lambda *i: te.sum(e(*i[:-1], rv) * _bread(v, i[:nb], rv, i[-1], perm=spec.v_perm),
-                                               axis=rv),
+    acc = te.compute(batch + (sq, dv), lambda *i: te.sum(e(*i[:-1], rv) * v(i[:nb], rv, i[-1]), axis=rv),
                      name="attn_pv")
     bad_row = tirx.const(0.0 if spec.nan_guard else math.nan, "float32")
-    out = te.compute(batch + (sq, dv),
-                     lambda *i: tirx.Select(tirx.isfinite(mx(*i[:-1])), acc(*i) / total(*i[:-1]), bad_row),
-                     name="attn_out")
+
+    def result(*i: Expr) -> Expr:
+        return tirx.Select(tirx.isfinite(mx(*i[:-1])), acc(*i) / total(*i[:-1]), bad_row)
+
+    if spec.out_perm is None:
+        out = te.compute(batch + (sq, dv), result, name="attn_out")
+    else:  # written through the fused transpose: out[o] = result[i] with i[perm[a]] = o[a]
+        perm = spec.out_perm
+        logical = batch + (sq, dv)
+        out = te.compute(tuple(logical[p] for p in perm),
+                         lambda *o: result(*(o[perm.index(k)] for k in range(len(perm)))), name="attn_out")
     return list(ph.values()), out
 
 
@@ -556,17 +716,23 @@ def _vectorize_split(sch: Schedule, loop, lanes: int) -> object | None:
 
 
 def schedule_attention(func: tirx.PrimFunc, target: Target, rows: int = ATTENTION_ROW_TILE,
-                       causal_offset: int | None = None) -> tirx.PrimFunc:
+                       causal_offset: int | None = None, out_perm: Sequence[int] | None = None) -> tirx.PrimFunc:
     """Parallel over batch·heads·row tiles, every stage computed inside the tile, tiles vectorized.
 
     With ``causal_offset`` the loops over score columns stop after the tile's last row + offset.
+    With ``out_perm`` (the output written transposed) the output loops are first put back in the
+    logical order (batch..., row, column).
     """
     sch = Schedule(func)
     lanes = vector_lanes(target, "float32")
     sch.compute_inline(sch.get_sblock("attn_score"))
     sch.compute_inline(sch.get_sblock("attn_shift"))
     out = sch.get_sblock("attn_out")
-    *batch, i, c = sch.get_loops(out)
+    loops = sch.get_loops(out)
+    if out_perm is not None:
+        loops = [loops[list(out_perm).index(k)] for k in range(len(out_perm))]
+        sch.reorder(*loops)
+    *batch, i, c = loops
     rows = min(rows, int(sch.get(i).extent))
     tiles = -(-int(sch.get(i).extent) // rows)
     io, ii = sch.split(i, [None, rows])
@@ -574,9 +740,13 @@ def schedule_attention(func: tirx.PrimFunc, target: Target, rows: int = ATTENTIO
     if _cores(target) > 1 and int(sch.get(tile).extent) > 1:
         sch.parallel(tile)
     names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
-    for name in ("attn_pv", "attn_sum", "attn_sum_part", "T_fast_exp", "attn_max", "attn_max_part", "attn_qk"):
+    for name in ("attn_pv", "attn_sum", "attn_sum_part", "T_fast_exp", "attn_max", "attn_max_part", "attn_qk",
+                 "attn_q"):
         if name in names:
             sch.compute_at(sch.get_sblock(name), tile, preserve_unit_loops=True)  # loops stay one per axis
+    q_cols = sch.get_loops(sch.get_sblock("attn_q"))[-1]
+    if int(sch.get(q_cols).extent) % lanes == 0:
+        sch.vectorize(q_cols)
     if int(sch.get(c).extent) % lanes == 0:
         sch.vectorize(c)
     qk = sch.get_sblock("attn_qk")
@@ -639,5 +809,5 @@ def lower_attention(spec: AttentionSpec, target: Target, name: str | None = None
     args = [KernelArg(value) for value in operands(spec)]
     kernel = Kernel(name or "kernel", list(spec.nodes), func, "attention", args, [spec.out])
     if schedule:
-        kernel.func = schedule_attention(func, target, causal_offset=spec.causal_offset)
+        kernel.func = schedule_attention(func, target, causal_offset=spec.causal_offset, out_perm=spec.out_perm)
     return kernel

@@ -181,22 +181,42 @@ def is_requantize(node: Node) -> bool:
     return node.op == "quantize" and not node.attrs.get("block_size")
 
 
-def is_attention_chain(nodes: Sequence[Node]) -> bool:
-    """``[transpose…] matmul -> [mul|div] -> [where|add] -> softmax -> [is_nan, where] -> matmul``, each node
-    reading the one before it (``where(is_nan(p), 0, p)`` is SDPA's guard of fully-masked rows).
+_PROLOGUE_OPS = frozenset({"slice", "transpose", "mul"})
 
-    Leading transposes (at most three) must each feed one of the two matmuls (its q, kT or v).
+
+def is_attention_chain(nodes: Sequence[Node]) -> bool:
+    """``[prologue…] matmul -> [mul|div] -> [where|add] -> softmax -> [is_nan, where] -> matmul [-> transpose]``,
+    each chain node reading the one before it (``where(is_nan(p), 0, p)`` is SDPA's guard of fully-masked rows).
+
+    The prologue: for each of q, kT and v, the ``slice``/``transpose``/``mul`` nodes that make the
+    matmul operand, each read by the next link and placed before it, none on two operands' paths (that
+    no other node reads them is the single-exit rule of :func:`block_problems`).  A last ``transpose``
+    may read the second matmul's output (the kernel writes its output through it).
     """
     nodes = list(nodes)
-    lead = 0
-    while lead < len(nodes) and nodes[lead].op == "transpose":
-        lead += 1
-    transposes, nodes = nodes[:lead], nodes[lead:]
-    if lead > 3 or (transposes and len(nodes) < 3):
+    if len({id(n) for n in nodes}) != len(nodes) or any(len(n.outputs) != 1 for n in nodes):
         return False
-    if any(len(t.outputs) != 1 or not any(t.outputs[0] is v for m in (nodes[0], nodes[-1]) for v in m.inputs)
-           for t in transposes):
+    if len(nodes) > 1 and nodes[-1].op == "transpose" and nodes[-2].op == "matmul" \
+            and nodes[-1].inputs[:1] == (nodes[-2].outputs[0],):
+        nodes = nodes[:-1]
+    matmuls = [n for n in nodes if n.op == "matmul"]
+    if len(matmuls) != 2 or nodes[-1] is not matmuls[1]:
         return False
+    qk, pv = matmuls
+    members = {id(n) for n in nodes}
+    at = {id(n): i for i, n in enumerate(nodes)}
+    prologue: set[int] = set()
+    for reader, v in ((qk, qk.inputs[0]), (qk, qk.inputs[1]), (pv, pv.inputs[1])):
+        while v is not None and v.producer is not None and id(v.producer) in members:
+            node = v.producer
+            if node.op not in _PROLOGUE_OPS or at[id(node)] > at[id(reader)] or id(node) in prologue:
+                return False
+            prologue.add(id(node))
+            data = [x for x in node.inputs if x is not None and x.const is None]
+            if len(data) != 1:
+                return False
+            reader, v = node, data[0]
+    nodes = [n for n in nodes if id(n) not in prologue]
     ops = [n.op for n in nodes]
     if ops[-4:-1] == ["softmax", "is_nan", "where"]:  # SDPA's NaN guard where(is_nan(p), 0, p)
         ops = ops[:-3] + ops[-1:]

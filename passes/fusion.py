@@ -42,9 +42,13 @@ runs it whenever some node has a block):
 6. The attention block: ``matmul -> [mul|div by a scalar] -> [where|add mask]
    -> softmax -> [is_nan -> where(isnan, 0, p)] -> matmul`` as one block (two
    anchors, by exception), formed only where codegen's fused attention kernel
-   matches it and the verifier's ``is_attention_chain`` knows its shape; it
-   takes no other node.  The optional NaN guard is what SDPA exports put after
-   the softmax; the kernel computes it (0 for a row whose max is not finite).
+   matches it and the verifier's ``is_attention_chain`` knows its shape.  The
+   optional NaN guard is what SDPA exports put after the softmax; the kernel
+   computes it (0 for a row whose max is not finite).  Besides the chain it
+   takes, for each of q, kT and v, the ``slice``/``transpose``/``mul``-by-a-
+   constant nodes that make the operand (the kernel reads their source through
+   them), and a last ``transpose`` of its output (the kernel writes through
+   it, the block's exit); no other node.
 
 The partition
 -------------
@@ -75,7 +79,7 @@ from typing import ClassVar
 
 import networkx as nx
 
-from kiln.ir.graph import Graph, Node
+from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.registry import FusionKind, is_anchor, is_view
 from kiln.ir.verify import block_problems, fusion_kind
 
@@ -173,8 +177,10 @@ _ATTENTION_STEPS = frozenset({"matmul", "mul", "div", "where", "add"})
 def attention_chains(graph: Graph) -> list[list[int]]:
     """Positions of each ``matmul -> [scale] -> [mask] -> softmax -> matmul`` chain codegen fuses into one kernel.
 
-    A ``transpose`` that makes q, kT or v, read by that matmul alone, leads the
-    chain (the kernel reads its input through the permutation, with no copy).
+    The nodes that make q, kT or v from an outside value - ``slice``, ``transpose`` and ``mul`` by a
+    one-element constant, each read only by the next - join the chain (the kernel reads the value
+    through them, with no copy), all of an operand's or none: a part alone saves no kernel.  So does a
+    ``transpose`` of the output that only it reads (the kernel writes through it).
 
     The chain is read back from every softmax; whether it is one is decided by
     codegen's own matcher (:func:`kiln.codegen.attention.match_attention`), so
@@ -199,11 +205,16 @@ def attention_chains(graph: Graph) -> list[list[int]]:
         if chain[0].op != "matmul" or tail is None:
             continue
         chain.extend(tail)
-        if all(id(n) in pos for n in chain) and match_attention(chain) is not None:
-            lead = [t for t in _operand_transposes(chain, pos) if match_attention([t, *chain]) is not None]
-            if lead and match_attention(lead + chain) is not None:
-                chain = lead + chain
-            chains.append([pos[id(n)] for n in chain])
+        if not all(id(n) in pos for n in chain) or match_attention(chain) is None:
+            continue
+        for extra in _operand_prologues(graph, chain):
+            grown = sorted(chain + extra, key=lambda n: pos[id(n)])
+            if match_attention(grown) is not None:
+                chain = grown
+        after = _output_transpose(graph, chain[-1])
+        if after is not None and match_attention([*chain, after]) is not None:
+            chain = [*chain, after]
+        chains.append([pos[id(n)] for n in chain])
     return chains
 
 
@@ -223,21 +234,43 @@ def _after_softmax(sm: Node) -> list[Node] | None:
     return [is_nan, where, after[0]]
 
 
-def _operand_transposes(chain: list[Node], pos: dict[int, int]) -> list[Node]:
-    """The ``transpose`` producers of the chain's q, kT and v before its first node (graph order), read by it alone.
+_PROLOGUE_OPS = frozenset({"slice", "transpose", "mul"})
 
-    The fused attention kernel reads their inputs through the permutation
-    (:func:`kiln.codegen.attention.match_attention` has the final word).
+
+def _read_only_by(graph: Graph, v: Value | None, reader: Node) -> bool:
+    return (v is not None and len(v.uses) == 1 and v.uses[0][0] is reader
+            and not any(v is o for o in graph.outputs))
+
+
+def _operand_prologues(graph: Graph, chain: list[Node]) -> list[list[Node]]:
+    """For q, kT and v: the slice/transpose/mul nodes that make the operand, each read only by the next.
+
+    A ``mul``'s other operand must be a constant (codegen checks it is one float32 element).
+    :func:`kiln.codegen.attention.match_attention` has the final word.
     """
     first, last = chain[0], chain[-1]
     found = []
     for reader, v in ((first, first.inputs[0]), (first, first.inputs[1]), (last, last.inputs[1])):
-        t = v.producer if v is not None else None
-        if (t is None or t.op != "transpose" or id(t) not in pos or pos[id(t)] > pos[id(first)]
-                or len(v.uses) != 1 or v.uses[0][0] is not reader or any(t is f for f in found)):
-            continue
-        found.append(t)
-    return sorted(found, key=lambda n: pos[id(n)])
+        nodes: list[Node] = []
+        while _read_only_by(graph, v, reader) and v.producer is not None and v.producer.op in _PROLOGUE_OPS:
+            node = v.producer
+            data = [x for x in node.inputs if x is not None and x.const is None]
+            if len(data) != 1 or len(node.outputs) != 1:
+                break
+            nodes.append(node)
+            reader, v = node, data[0]
+        if nodes:
+            found.append(nodes)
+    return found
+
+
+def _output_transpose(graph: Graph, pv: Node) -> Node | None:
+    """The ``transpose`` that alone reads the chain's output, if any (codegen checks its permutation)."""
+    out = pv.outputs[0]
+    if len(out.uses) != 1 or any(out is o for o in graph.outputs):
+        return None
+    reader = out.uses[0][0]
+    return reader if reader.op == "transpose" else None
 
 
 def partition(graph: Graph, max_ops: int = 16) -> Partition:

@@ -34,7 +34,7 @@ __all__ = ["DEFAULT_PIPELINE", "Instruments", "Pass", "PassError", "PassLog", "P
            "PipelineResult", "Refusal", "RewritePass", "check_order", "format_pipeline", "parse_pipeline", "random_inputs",
            "register_pass", "registered_passes", "run_pipeline", "run_pipeline_report"]
 
-DEFAULT_PIPELINE = "fuse-qlinear,canonicalize,fold-conv-bn,sink-views,dce,fuse-blocks"
+DEFAULT_PIPELINE = "fuse-qlinear,canonicalize,fold-conv-bn,hoist-views,sink-views,dce,fuse-blocks"
 
 
 class PipelineError(ValueError):

@@ -9,6 +9,7 @@ import pytest
 import tvm
 from tvm import s_tir
 
+from kiln import ir
 from kiln.codegen.attention import AttentionSpec, lower_attention, match_attention
 from kiln.codegen.kernel import run_kernel
 from kiln.codegen.target import host_target
@@ -510,3 +511,111 @@ def test_a_guarded_gpt_causal_mask_keeps_its_column_bound():
     assert spec.nan_guard and spec.causal_offset == 0
     (got,) = run_kernel(kernel, feeds_for(g), TARGET)
     assert (got[..., 5, :] == 0).all()
+
+
+# ------------------------------------------------------------------ q/k/v prologues and the output transpose
+
+# GPT-2 after hoist-views: q and v are slices of the fused projection's head view, q scaled by 1/sqrt(sqrt(d));
+# kT (a transpose moving the last axis) comes materialized; the output is transposed back to [1, S, H, D].
+GPT_QKV = """graph @gpt(%x: f32[1,32,12,16], %kT: f32[1,4,16,32]) -> (%out) {
+  %c = const f32[] [0.5]
+  %neg_inf = const f32[] [-inf]
+  %mask = const bool[1,1,32,32] dense<elided>
+  %hq = slice(%x) {starts=[0], ends=[4], axes=[2]} : f32[1,32,4,16]
+  %hv = slice(%x) {starts=[8], ends=[12], axes=[2]} : f32[1,32,4,16]
+  %tq = transpose(%hq) {perm=[0, 2, 1, 3]} : f32[1,4,32,16]
+  %v = transpose(%hv) {perm=[0, 2, 1, 3]} : f32[1,4,32,16]
+  %q = mul(%tq, %c) : f32[1,4,32,16]
+  %k = mul(%c, %kT) : f32[1,4,16,32]
+  %s = matmul(%q, %k) : f32[1,4,32,32]
+  %w = where(%mask, %neg_inf, %s) : f32[1,4,32,32]
+  %p = softmax(%w) {axis=-1} : f32[1,4,32,32]
+  %o = matmul(%p, %v) : f32[1,4,32,16]
+  %out = transpose(%o) {perm=[0, 2, 1, 3]} : f32[1,32,4,16]
+}"""
+
+
+def gpt_qkv(text: str = GPT_QKV):
+    return parse(text, constants={"mask": causal_bool(32)})
+
+
+def test_slices_transposes_scales_and_the_output_transpose_fold_into_the_spec():
+    g = gpt_qkv()
+    spec = match_attention(g.nodes)
+    assert spec is not None and spec.nodes == tuple(g.nodes)
+    assert (spec.q.name, spec.k_t.name, spec.v.name) == ("x", "kT", "x")
+    assert (spec.q_perm, spec.q_offset, spec.q_scale) == ((0, 2, 1, 3), None, 0.5)
+    assert (spec.k_perm, spec.k_offset, spec.k_scale) == (None, None, 0.5)
+    assert (spec.v_perm, spec.v_offset, spec.v_scale) == ((0, 2, 1, 3), (0, 0, 8, 0), None)
+    assert spec.out_perm == (0, 2, 1, 3) and spec.out is g.outputs[0]
+    assert spec.qk is g.value("s").producer and spec.pv is g.value("o").producer
+    assert spec.scores_shape == (1, 4, 32, 32) and spec.causal_offset == 0
+
+
+def test_the_fused_projection_form_matches_the_interpreter_reading_x_once():
+    spec, kernel = check_numerics(gpt_qkv())
+    assert [a.value.name for a in kernel.args] == ["x", "kT", "mask"]
+    assert [v.name for v in kernel.outputs] == ["out"]
+
+
+def test_each_operand_is_scaled_as_the_graph_rounds_it():
+    """mul(q, c1) and mul(kT, c2) with scales that round: the kernel multiplies each element as it reads it."""
+    text = GPT_QKV.replace("%c = const f32[] [0.5]", "%c = const f32[] [0.3535533845424652]")
+    g = gpt_qkv(text)
+    feeds = feeds_for(g)
+    feeds["x"] *= 7.0
+    spec, _ = check_numerics(g, feeds)
+    assert spec.q_scale == spec.k_scale == float(np.float32(0.3535533845424652))
+
+
+def test_a_sliced_operand_broadcasts_its_batch_dim_with_its_offset():
+    text = """graph @g(%x: f32[4,9,8], %kT: f32[3,8,9], %v: f32[3,9,5]) -> (%out) {
+      %q1 = slice(%x) {starts=[2, 1], ends=[3, 9], axes=[0, 1]} : f32[1,8,8]
+      %s = matmul(%q1, %kT) : f32[3,8,9]
+      %p = softmax(%s) {axis=-1} : f32[3,8,9]
+      %out = matmul(%p, %v) : f32[3,8,5]
+    }"""
+    text = text.replace("%x: f32[4,9,8]", "%x: f32[4,10,8]")
+    spec, kernel = check_numerics(parse(text))
+    assert spec.q_offset == (2, 1, 0) and spec.q_perm is None
+    assert [a.value.name for a in kernel.args] == ["x", "kT", "v"]
+
+
+PROLOGUE_MISSES = {
+    "two muls on q": ("%q = mul(%tq, %c) : f32[1,4,32,16]",
+                      "%q0 = mul(%tq, %c) : f32[1,4,32,16]\n  %q = mul(%q0, %c) : f32[1,4,32,16]"),
+    "q scaled by a tensor": ("%q = mul(%tq, %c)", "%q = mul(%tq, %tq)"),
+    "a strided slice": ("%hv = slice(%x) {starts=[8], ends=[12], axes=[2]}",
+                        "%hv = slice(%x) {starts=[4], ends=[12], axes=[2], steps=[2]}"),
+    "an output transpose moving the last axis": ("%out = transpose(%o) {perm=[0, 2, 1, 3]} : f32[1,32,4,16]",
+                                                 "%out = transpose(%o) {perm=[0, 1, 3, 2]} : f32[1,4,16,32]"),
+    "a prologue value read elsewhere": ("-> (%out)", "-> (%out, %tq)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PROLOGUE_MISSES))
+def test_prologue_near_misses_are_refused(case):
+    old, new = PROLOGUE_MISSES[case]
+    text = GPT_QKV.replace(old, new)
+    g = ir.verify(gpt_qkv(text))
+    assert match_attention(g.nodes) is None
+
+
+def test_without_the_refused_part_the_rest_still_matches():
+    """The output transpose that moves the last axis is left out; the chain without it is matched."""
+    g = gpt_qkv(GPT_QKV.replace("%out = transpose(%o) {perm=[0, 2, 1, 3]} : f32[1,32,4,16]",
+                                "%out = transpose(%o) {perm=[0, 1, 3, 2]} : f32[1,4,16,32]"))
+    assert match_attention(g.nodes) is None
+    spec = match_attention(g.nodes[:-1])
+    assert spec is not None and spec.out_perm is None and spec.out is g.value("o")
+
+
+def test_a_kt_scale_joins_only_while_the_row_tiles_are_few():
+    """Every row tile scales kT again: at 128 query rows (32 tiles) a separate mul kernel is cheaper."""
+    text = GPT.replace("%kT: f32[1,4,64,128]", "%k0: f32[1,4,64,128]").replace(
+        "  %matmul = matmul(%q, %kT)", "  %kT = mul(%k0, %scale) : f32[1,4,64,128]\n  %matmul = matmul(%q, %kT)")
+    g = parse(text, constants={"mask": causal_bool(128)})
+    assert match_attention(g.nodes) is None
+    assert match_attention(g.nodes[1:]) is not None
+    spec = match_attention(gpt_qkv().nodes)  # 32 rows: 8 tiles
+    assert spec is not None and spec.k_scale == 0.5

@@ -340,3 +340,50 @@ def test_a_quantized_linear_is_one_block_and_one_kernel_dequantize_and_requantiz
     want = ir.interpret(graph, feeds)["y"].astype(np.int32)
     assert np.abs(got - want).max() <= 1 and np.mean(got == want) > 0.95
     assert np.unique(want).size > 10
+
+
+# GPT-2's attention layer as exported: one q/k/v projection, split, head views, kT via transpose(reshape(transpose)).
+GPT_LAYER = """graph @g(%x: f32[16,64]) -> (%y) {
+  %w = const f32[64,192] dense<elided>
+  %c = const f32[] [0.5]
+  %mask = const bool[1,1,16,16] dense<elided>
+  %neg_inf = const f32[] [-inf]
+  %m = matmul(%x, %w) : f32[16,192]
+  %m3 = reshape(%m) {shape=[1, 16, 192]} : f32[1,16,192]
+  %s0, %s1, %s2 = split(%m3) {axis=2, split=[64, 64, 64]} : f32[1,16,64], f32[1,16,64], f32[1,16,64]
+  %hk = reshape(%s1) {shape=[1, 16, 4, 16]} : f32[1,16,4,16]
+  %tk = transpose(%hk) {perm=[0, 2, 1, 3]} : f32[1,4,16,16]
+  %hv = reshape(%s2) {shape=[1, 16, 4, 16]} : f32[1,16,4,16]
+  %v = transpose(%hv) {perm=[0, 2, 1, 3]} : f32[1,4,16,16]
+  %hq = reshape(%s0) {shape=[1, 16, 4, 16]} : f32[1,16,4,16]
+  %tq = transpose(%hq) {perm=[0, 2, 1, 3]} : f32[1,4,16,16]
+  %k3 = reshape(%tk) {shape=[4, 16, 16]} : f32[4,16,16]
+  %kt3 = transpose(%k3) {perm=[0, 2, 1]} : f32[4,16,16]
+  %kt4 = reshape(%kt3) {shape=[1, 4, 16, 16]} : f32[1,4,16,16]
+  %q = mul(%tq, %c) : f32[1,4,16,16]
+  %kT = mul(%kt4, %c) : f32[1,4,16,16]
+  %s = matmul(%q, %kT) : f32[1,4,16,16]
+  %sm = where(%mask, %neg_inf, %s) : f32[1,4,16,16]
+  %p = softmax(%sm) {axis=-1} : f32[1,4,16,16]
+  %o = matmul(%p, %v) : f32[1,4,16,16]
+  %ot = transpose(%o) {perm=[0, 2, 1, 3]} : f32[1,16,4,16]
+  %y = reshape(%ot) {shape=[16, 64]} : f32[16,64]
+}"""
+
+
+def test_gpt_attention_layer_is_three_kernels_after_hoist_views(built):
+    """q/k/v projection, kT (slice+transpose+mul), and attention reading q and v from the projection."""
+    graph = ir.parse(GPT_LAYER, constants={"w": np.random.default_rng(0).standard_normal((64, 192)).astype(
+        np.float32) * 0.3, "mask": ~np.tril(np.ones((16, 16), bool))[None, None]})
+    feeds = _feeds(graph)
+    art = kiln.compile(graph, feeds, passes="hoist-views,sink-views,dce,fuse-blocks")
+    assert not art.stats["notes"], art.stats["notes"]
+    got = art.load().run(feeds)
+    assert_close(got["y"], ir.interpret(graph, feeds)["y"], what="y")
+    (compiled,) = built
+    assert [[n.op for n in k.nodes] for k in compiled.kernels] == [
+        ["matmul"],
+        ["slice", "slice", "transpose", "transpose", "mul", "matmul", "where", "softmax", "matmul", "transpose"],
+        ["slice", "transpose", "mul"]]  # kernels in the order of their first nodes
+    assert compiled.kernels[1].kind == "attention"
+    _assert_scheduled(compiled.kernels)

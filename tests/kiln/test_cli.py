@@ -128,4 +128,4 @@ def test_passes_lists_every_registered_pass_with_its_options(capsys):
     out = capsys.readouterr().out
     for name in ("canonicalize", "dce", "fold-conv-bn", "fold-ln-affine", "ln-to-rmsnorm", "ln-to-crmsnorm"):
         assert name in out
-    assert "mode=deploy" in out and "default pipeline: fuse-qlinear,canonicalize,fold-conv-bn,sink-views,dce,fuse-blocks" in out
+    assert "mode=deploy" in out and "default pipeline: fuse-qlinear,canonicalize,fold-conv-bn,hoist-views,sink-views,dce,fuse-blocks" in out

@@ -81,7 +81,7 @@ def test_onnx_proto_and_path_compile_with_symbols_bound_by_example_inputs(tmp_pa
     art = kiln.compile(proto, {"x": x})
     assert art.manifest["symbols"] == {"N": 3}
     assert art.manifest["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["N", 4]}]
-    assert art.manifest["pipeline"] == "fuse-qlinear,canonicalize,fold-conv-bn,sink-views,dce,fuse-blocks"
+    assert art.manifest["pipeline"] == "fuse-qlinear,canonicalize,fold-conv-bn,hoist-views,sink-views,dce,fuse-blocks"
     np.testing.assert_array_equal(art.load().run({"x": x})["y"], want)
     path = tmp_path / "tiny.onnx"
     onnx.save(proto, path)

@@ -577,7 +577,7 @@ def test_is_attention_chain_accepts_leading_operand_transposes():
 
 
 @pytest.mark.slow
-def test_zoo_gpt_attention_blocks_take_the_q_and_v_transposes():
+def test_zoo_gpt_attention_blocks_take_the_q_and_v_transposes_and_the_output_transpose():
     from kiln import zoo
     from kiln.frontend import lift
 
@@ -585,7 +585,7 @@ def test_zoo_gpt_attention_blocks_take_the_q_and_v_transposes():
     attention = [b for b in _blocks(g) if "softmax" in b]
     assert len(attention) == 4
     for b in attention:
-        assert b == ["transpose", "transpose", "matmul", "mul", "where", "softmax", "matmul"]
+        assert b == ["transpose", "transpose", "matmul", "mul", "where", "softmax", "matmul", "transpose"]
 
 
 # ------------------------------------------------------------------ SDPA's NaN guard in the attention block
@@ -632,3 +632,70 @@ def test_a_chain_the_verifier_does_not_know_stays_unfused_with_the_reason(monkey
     g, log = fuse(ir.parse(SDPA_GUARD))
     assert not any(b.count("matmul") == 2 for b in _blocks(g))
     assert [r for r in reasons(log, "o") if r.startswith("attention chain not fused: second anchor")]
+
+
+# ------------------------------------------------------------------ q/k/v prologues and the output transpose
+
+# GPT-2 after hoist-views: q/k/v slices of one head view; q and kT scaled; kT's transpose moves the last axis.
+QKV = """graph @g(%x: f32[1,8,6,4]) -> (%y) {
+  %c = const f32[] [0.5]
+  %hq = slice(%x) {starts=[0], ends=[2], axes=[2]} : f32[1,8,2,4]
+  %hk = slice(%x) {starts=[2], ends=[4], axes=[2]} : f32[1,8,2,4]
+  %hv = slice(%x) {starts=[4], ends=[6], axes=[2]} : f32[1,8,2,4]
+  %tq = transpose(%hq) {perm=[0, 2, 1, 3]} : f32[1,2,8,4]
+  %tk = transpose(%hk) {perm=[0, 2, 3, 1]} : f32[1,2,4,8]
+  %v = transpose(%hv) {perm=[0, 2, 1, 3]} : f32[1,2,8,4]
+  %q = mul(%tq, %c) : f32[1,2,8,4]
+  %k = mul(%tk, %c) : f32[1,2,4,8]
+  %s = matmul(%q, %k) : f32[1,2,8,8]
+  %p = softmax(%s) {axis=-1} : f32[1,2,8,8]
+  %o = matmul(%p, %v) : f32[1,2,8,4]
+  %ot = transpose(%o) {perm=[0, 2, 1, 3]} : f32[1,8,2,4]
+  %y = reshape(%ot) {shape=[8, 8]} : f32[8,8]
+}"""
+
+
+def test_operand_prologues_and_the_output_transpose_join_the_attention_block():
+    g, log = fuse(QKV)
+    assert groups(g) == [["hk", "tk", "k"], ["hq", "hv", "tq", "v", "q", "s", "p", "o", "ot"]]
+    assert log.rewrites[1] == ("ot", "block b1: slice+slice+transpose+transpose+mul+matmul+softmax+matmul+"
+                                     "transpose (anchor matmul)")
+    before = ir.parse(QKV)
+    feeds = random_inputs(before)
+    np.testing.assert_array_equal(ir.interpret(before, feeds)["y"], ir.interpret(g, feeds)["y"])
+
+
+def test_an_operand_prologue_joins_whole_or_not_at_all():
+    """kT's slice+transpose+mul cannot all join (the transpose moves the last axis): its mul stays with them."""
+    from kiln.passes.fusion import attention_chains
+
+    g = ir.parse(QKV)
+    (chain,) = attention_chains(g)
+    names = [g.nodes[p].outputs[0].name for p in chain]
+    assert "k" not in names and "tk" not in names and "hk" not in names
+    assert names == ["hq", "hv", "tq", "v", "q", "s", "p", "o", "ot"]
+
+
+def test_a_prologue_stops_at_a_value_read_outside():
+    """q's transpose is also a graph output: the kernel reads it, scaled; its slice and transpose stay out."""
+    g, _ = fuse(QKV.replace("-> (%y)", "-> (%y, %tq)"))
+    attention = next(b for b in _blocks(g) if "softmax" in b)
+    assert attention == ["slice", "transpose", "mul", "matmul", "softmax", "matmul", "transpose"]
+    assert block_of(g, "q") == block_of(g, "s") != block_of(g, "tq") == block_of(g, "hq")
+
+
+def test_is_attention_chain_accepts_prologues_and_an_output_transpose():
+    from kiln.ir.verify import block_problems, is_attention_chain
+
+    g = ir.parse(QKV)
+    n = {node.outputs[0].name: node for node in g.nodes}
+    core = [n["s"], n["p"], n["o"]]
+    block = [n["hq"], n["hv"], n["tq"], n["v"], n["q"], *core, n["ot"]]
+    assert is_attention_chain(block) and block_problems(block, g.outputs) == []
+    assert is_attention_chain([n["tq"], n["q"], *core]) and is_attention_chain([*core, n["ot"]])
+    assert not is_attention_chain([n["q"], n["tq"], *core])  # a link after its reader
+    assert not is_attention_chain([n["hq"], n["hq"], n["tq"], n["q"], *core])
+    assert not is_attention_chain([n["ot"], *core])  # the output transpose first
+    assert not is_attention_chain([*core, n["ot"], n["q"]])
+    problems = block_problems([n["tq"], n["q"], *core], [*g.outputs, n["tq"].outputs[0]])
+    assert problems == ["%tq is a graph output but not the exit (last node) of its block"]

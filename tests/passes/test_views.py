@@ -1,8 +1,10 @@
-"""sink-views: ``f(view(a), b) -> view(f(a, b'))`` is exact, refused with a reason where b' does not exist.
+"""sink-views: ``f(view(a), b) -> view(f(a, b'))`` is exact, refused with a reason where b' does not exist;
+hoist-views: transpose chains fold, views move above a split, a split becomes slices, all exact.
 
 Graphs are written in IR text; rewritten graphs must compute bit-identical
 float64 outputs in the interpreter, refusals leave the printed graph as it was,
-and ``broadcast_through_view`` is checked against numpy on random shapes.
+and ``broadcast_through_view``, ``fold_transposes`` and ``hoist_split_views``
+are checked against numpy on random shapes.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from kiln.passes.manager import (
     registered_passes,
     run_pipeline,
 )
-from kiln.passes.views import SinkViews, broadcast_through_view, segments
+from kiln.passes.views import (
+    HoistViews,
+    SinkViews,
+    broadcast_through_view,
+    fold_transposes,
+    hoist_split_views,
+    segments,
+)
 
 
 def sink(text: str | Graph, constants: dict[str, np.ndarray] | None = None) -> tuple[Graph, Graph, PassLog]:
@@ -279,3 +288,229 @@ def test_the_rewrite_is_bit_exact_on_random_views(data):
         assert_same_outputs(before, g, seed=data.draw(st.integers(0, 9)))
     else:
         assert ir.print_graph(g) == ir.print_graph(before)
+
+
+# ================================================================ hoist-views
+
+
+def hoist(text: str, constants: dict[str, np.ndarray] | None = None) -> tuple[Graph, Graph, PassLog]:
+    """(original, rewritten, log): hoist-views on a parsed copy, verified."""
+    before = ir.parse(text, constants=constants)
+    g = ir.parse(text, constants=constants)
+    log = PassLog("hoist-views")
+    g = HoistViews().apply(g, log)
+    ir.verify(g)
+    return before, g, log
+
+
+# GPT-2's dynamo export: one q/k/v projection, split, a head view each, kT as transpose(reshape(transpose)).
+GPT_QKV = """graph @g(%x: f64[16,64], %w: f64[64,192]) -> (%q, %kT, %v) {
+  %c = const f64[] [0.5]
+  %m = matmul(%x, %w) : f64[16,192]
+  %m3 = reshape(%m) {shape=[1, 16, 192]} : f64[1,16,192]
+  %s0, %s1, %s2 = split(%m3) {axis=2, split=[64, 64, 64]} : f64[1,16,64], f64[1,16,64], f64[1,16,64]
+  %hk = reshape(%s1) {shape=[1, 16, 4, 16]} : f64[1,16,4,16]
+  %tk = transpose(%hk) {perm=[0, 2, 1, 3]} : f64[1,4,16,16]
+  %hv = reshape(%s2) {shape=[1, 16, 4, 16]} : f64[1,16,4,16]
+  %v = transpose(%hv) {perm=[0, 2, 1, 3]} : f64[1,4,16,16]
+  %hq = reshape(%s0) {shape=[1, 16, 4, 16]} : f64[1,16,4,16]
+  %tq = transpose(%hq) {perm=[0, 2, 1, 3]} : f64[1,4,16,16]
+  %k3 = reshape(%tk) {shape=[4, 16, 16]} : f64[4,16,16]
+  %kt3 = transpose(%k3) {perm=[0, 2, 1]} : f64[4,16,16]
+  %kt4 = reshape(%kt3) {shape=[1, 4, 16, 16]} : f64[1,4,16,16]
+  %q = mul(%tq, %c) : f64[1,4,16,16]
+  %kT = mul(%kt4, %c) : f64[1,4,16,16]
+}"""
+
+
+def test_gpt_qkv_split_becomes_slices_of_one_head_view_and_kt_one_transpose():
+    before, g, log = hoist(GPT_QKV)
+    assert ops(g) == ["matmul", "reshape", "reshape", "slice", "slice", "slice", "transpose", "transpose",
+                      "transpose", "mul", "mul"]
+    heads = g.nodes[2].outputs[0]
+    assert heads.type.shape == (1, 16, 12, 16)
+    slices = {n.outputs[0].name: (n.attrs["starts"], n.attrs["ends"], n.attrs["axes"]) for n in g.nodes
+              if n.op == "slice"}
+    assert slices == {"hq": ([0], [4], [2]), "hk": ([4], [8], [2]), "hv": ([8], [12], [2])}
+    kt = g.value("kt4").producer
+    assert kt.op == "transpose" and kt.attrs["perm"] == [0, 2, 3, 1] and kt.inputs[0] is g.value("hk")
+    assert [at for at, _ in log.rewrites] == ["kt4", "s0", "hq"]  # fold, hoist (at the old split), slices
+    assert log.rewrites[0][1] == "transpose+reshape+transpose+reshape folded into transpose [0, 2, 3, 1]"
+    assert_same_outputs(before, g)
+
+
+def test_hoisted_gpt_qkv_fuses_q_and_v_into_the_attention_block():
+    text = GPT_QKV.replace("f64", "f32").replace("-> (%q, %kT, %v)", "-> (%y)").replace(
+        "  %kT = mul(%kt4, %c) : f32[1,4,16,16]\n", """  %kT = mul(%kt4, %c) : f32[1,4,16,16]
+  %s = matmul(%q, %kT) : f32[1,4,16,16]
+  %p = softmax(%s) {axis=-1} : f32[1,4,16,16]
+  %o = matmul(%p, %v) : f32[1,4,16,16]
+  %ot = transpose(%o) {perm=[0, 2, 1, 3]} : f32[1,16,4,16]
+  %y = reshape(%ot) {shape=[16, 64]} : f32[16,64]
+""")
+    before = ir.parse(text)
+    g = run_pipeline(ir.parse(text), "hoist-views,sink-views,dce,fuse-blocks")
+    assert blocks(g) == [["matmul"],
+                         ["slice", "slice", "transpose", "transpose", "mul", "matmul", "softmax", "matmul",
+                          "transpose"],
+                         ["slice", "transpose", "mul"]]  # kT = transpose(k, [0,2,3,1]) stays a kernel
+    assert_same_outputs(before, g)
+
+
+def test_an_identity_view_before_a_transpose_disappears_and_a_unit_transpose_is_a_view():
+    before, g, log = hoist("""graph @g(%x: f64[2,3], %w: f64[3,4]) -> (%y, %z) {
+  %m = matmul(%x, %w) : f64[2,4]
+  %u = unsqueeze(%m) {axes=[0]} : f64[1,2,4]
+  %v = reshape(%u) {shape=[1, 2, 4]} : f64[1,2,4]
+  %y = transpose(%v) {perm=[0, 2, 1]} : f64[1,4,2]
+  %e = exp(%x) : f64[2,3]
+  %e1 = unsqueeze(%e) {axes=[1]} : f64[2,1,3]
+  %z = transpose(%e1) {perm=[1, 0, 2]} : f64[1,2,3]
+}""")
+    assert ops(g) == ["matmul", "reshape", "transpose", "exp", "reshape"]
+    assert g.value("y").producer.attrs["perm"] == [0, 2, 1]
+    assert g.value("y").producer.inputs[0].producer.inputs[0] is g.value("m")
+    assert g.value("z").producer.op == "reshape" and g.value("z").producer.inputs[0] is g.value("e")
+    assert_same_outputs(before, g)
+
+
+def test_canonical_chains_and_shared_links_are_left_alone():
+    before, g, log = hoist("""graph @g(%x: f64[2,3,4]) -> (%y, %z) {
+  %e = exp(%x) : f64[2,3,4]
+  %v = reshape(%e) {shape=[6, 4]} : f64[6,4]
+  %y = transpose(%v) {perm=[1, 0]} : f64[4,6]
+  %t = transpose(%x) {perm=[2, 1, 0]} : f64[4,3,2]
+  %r = reshape(%t) {shape=[1, 4, 3, 2]} : f64[1,4,3,2]
+  %z = transpose(%r) {perm=[0, 1, 3, 2]} : f64[1,4,2,3]
+  %w = relu(%t) : f64[4,3,2]
+}""".replace("-> (%y, %z)", "-> (%y, %z, %w)"))
+    assert ir.print_graph(g) == ir.print_graph(before) and not log.rewrites  # %t has two readers
+
+
+@pytest.mark.parametrize("views, reason", [
+    (("[1, 16, 4, 16]", "[1, 16, 4, 16]", "[1, 16, 8, 8]"),
+     "the views [[1, 16, 4, 16], [1, 16, 4, 16], [1, 16, 8, 8]] of its outputs do not cut the split axis 2 "
+     "of [1, 16, 192] the same way"),
+    (("[16, 64]", "[16, 64]", "[1, 16, 4, 16]"), "the views of its outputs have different ranks"),
+    (("[1, 4, 16, 16]", "[1, 4, 16, 16]", "[1, 4, 16, 16]"),
+     "the views [[1, 4, 16, 16], [1, 4, 16, 16], [1, 4, 16, 16]] of its outputs do not cut the split axis 2 "
+     "of [1, 16, 192] the same way"),
+])
+def test_split_views_that_do_not_agree_are_refused(views, reason):
+    shapes = [v.strip("[]").replace(" ", "") for v in views]
+    text = f"""graph @g(%x: f64[1,16,192]) -> (%a, %b, %c) {{
+  %e = exp(%x) : f64[1,16,192]
+  %s0, %s1, %s2 = split(%e) {{axis=2, split=[64, 64, 64]}} : f64[1,16,64], f64[1,16,64], f64[1,16,64]
+  %a = reshape(%s0) {{shape={views[0]}}} : f64[{shapes[0]}]
+  %b = reshape(%s1) {{shape={views[1]}}} : f64[{shapes[1]}]
+  %c = reshape(%s2) {{shape={views[2]}}} : f64[{shapes[2]}]
+}}"""
+    before, g, log = hoist(text)
+    assert ir.print_graph(g) == ir.print_graph(before)
+    assert ("s0", reason) in [(r.at, r.reason) for r in log.refusals]
+
+
+def test_a_split_read_by_views_with_unequal_pieces_hoists():
+    before, g, log = hoist("""graph @g(%x: f64[2,3,24]) -> (%a, %b) {
+  %e = exp(%x) : f64[2,3,24]
+  %s0, %s1 = split(%e) {axis=2, split=[8, 16]} : f64[2,3,8], f64[2,3,16]
+  %r0 = reshape(%s0) {shape=[2, 3, 2, 4]} : f64[2,3,2,4]
+  %r1 = reshape(%s1) {shape=[2, 3, 4, 4]} : f64[2,3,4,4]
+  %a = tanh(%r0) : f64[2,3,2,4]
+  %b = neg(%r1) : f64[2,3,4,4]
+}""")
+    assert ops(g) == ["exp", "reshape", "slice", "slice", "tanh", "neg"]
+    assert [n.attrs["starts"] for n in g.nodes if n.op == "slice"] == [[0], [2]]
+    assert_same_outputs(before, g)
+
+
+@pytest.mark.parametrize("tail, reason", [
+    ("  %a = tanh(%s0) : f64[2,6]\n  %b = neg(%s1) : f64[2,6]\n  %c = sigmoid(%s1) : f64[2,6]\n",
+     "%s1 has 2 readers: the split stays one kernel"),
+    ("  %a = tanh(%s0) : f64[2,6]\n  %b = softmax(%s1) {axis=-1} : f64[2,6]\n",
+     "%s1 is read by softmax, which does not take a slice into its kernel"),
+])
+def test_a_split_whose_outputs_do_not_all_feed_one_pointwise_node_stays(tail, reason):
+    outs = "%a, %b, %c" if "%c" in tail else "%a, %b"
+    text = (f"graph @g(%x: f64[2,12]) -> ({outs}) {{\n"
+            "  %s0, %s1 = split(%x) {axis=1, split=[6, 6]} : f64[2,6], f64[2,6]\n" + tail + "}")
+    before, g, log = hoist(text)
+    assert ir.print_graph(g) == ir.print_graph(before)
+    assert [(r.at, r.reason) for r in log.refusals] == [("s0", reason)]
+
+
+def test_a_glu_split_becomes_two_slices_in_one_block():
+    before, g, log = hoist("""graph @g(%x: f64[4,16]) -> (%y) {
+  %s0, %s1 = split(%x) {axis=-1, split=[8, 8]} : f64[4,8], f64[4,8]
+  %g = sigmoid(%s1) : f64[4,8]
+  %y = mul(%s0, %g) : f64[4,8]
+}""")
+    assert ops(g) == ["slice", "slice", "sigmoid", "mul"]
+    assert_same_outputs(before, g)
+    run_pipeline(g, "fuse-blocks")
+    assert blocks(g) == [["slice", "slice", "sigmoid", "mul"]]
+
+
+def test_hoist_views_is_registered_and_idempotent():
+    assert "hoist-views" in registered_passes()
+    before, g, _ = hoist(GPT_QKV)
+    again = ir.print_graph(g)
+    log = PassLog("hoist-views")
+    HoistViews().apply(g, log)
+    assert ir.print_graph(g) == again and not log.rewrites
+
+
+# ---------------------------------------------------------------- fold_transposes / hoist_split_views vs numpy
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_fold_transposes_agrees_with_numpy(data):
+    src = tuple(data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=4)))
+    x = np.arange(math.prod(src)).reshape(src)
+    want, steps = x, []
+    for _ in range(data.draw(st.integers(1, 4))):
+        if data.draw(st.booleans()):
+            perm = tuple(data.draw(st.permutations(range(want.ndim))))
+            want = want.transpose(perm)
+            steps.append(("transpose", perm))
+        else:  # a view that inserts or drops size-1 dims
+            dims = [d for d in want.shape if d != 1 or data.draw(st.booleans())]
+            for _ in range(data.draw(st.integers(0, 2))):
+                dims.insert(data.draw(st.integers(0, len(dims))), 1)
+            want = want.reshape(dims)
+            steps.append(("view", tuple(dims)))
+    view, perm = fold_transposes(src, steps)
+    got = x.reshape(view) if view is not None else x
+    got = got.transpose(perm) if perm is not None else got.reshape(want.shape)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    assert (perm is None) == np.array_equal(want.reshape(-1), x.reshape(-1))  # a view exactly when the order holds
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_hoist_split_views_agrees_with_numpy(data):
+    rank = data.draw(st.integers(1, 3))
+    axis = data.draw(st.integers(0, rank - 1))
+    unit = data.draw(st.sampled_from([1, 2, 4]))
+    sizes = [unit * data.draw(st.integers(1, 3)) for _ in range(data.draw(st.integers(1, 3)))]
+    src = [data.draw(st.integers(1, 3)) for _ in range(rank)]
+    src[axis] = sum(sizes)
+    x = np.arange(math.prod(src)).reshape(src)
+    pieces = np.split(x, np.cumsum(sizes)[:-1], axis=axis)
+    cut = data.draw(st.sampled_from([1, unit]))
+    views = [p.shape[:axis] + ((p.shape[axis] // cut, cut) if cut > 1 else (p.shape[axis],)) + p.shape[axis + 1:]
+             for p in pieces]
+    flat = data.draw(st.booleans()) and len(views) > 1
+    if flat:  # one piece viewed flat: the views no longer agree outside one axis (unless it changes nothing)
+        k = data.draw(st.integers(0, len(views) - 1))
+        views[k] = (int(pieces[k].size),)
+    found = hoist_split_views(tuple(src), axis, sizes, views)
+    if isinstance(found, str):
+        assert flat, found  # views that cut the axis alike always hoist
+        return
+    shape, axis2, sizes2 = found
+    got = np.split(x.reshape(shape), np.cumsum(sizes2)[:-1], axis=axis2)
+    for g_, p, v in zip(got, pieces, views):
+        np.testing.assert_array_equal(g_, p.reshape(v))

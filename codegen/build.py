@@ -26,7 +26,7 @@ from tvm.target import Target
 
 from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.registry import get_op, is_view
-from kiln.ir.types import eval_shape, is_static_dim
+from kiln.ir.types import BITS, eval_shape, from_numpy_dtype, is_static_dim
 from kiln.ir.verify import EPILOGUE_KINDS
 
 from .attention import lower_attention, match_attention
@@ -35,7 +35,7 @@ from .lowering import tvm_dtype
 from .tune import TuneOptions
 
 __all__ = ["CompiledGraph", "build_graph", "epilogue_blocks", "kernel_blocks",
-           "lower_kernel", "named_blocks", "specialize"]
+           "lower_kernel", "named_blocks", "refuse_subbyte_buffers", "specialize"]
 
 # Anchors whose schedules fold a pointwise epilogue into the output tile (schedules._epilogue_at).
 
@@ -217,6 +217,26 @@ def _kernel_name(block: list[Node], i: int) -> str:
     return f"k{i:03d}_{'_'.join(n.op for n in block[:3])}"
 
 
+def refuse_subbyte_buffers(graph: Graph, kernels: list[Kernel]) -> None:
+    """CodegenError naming the first buffer of a sub-byte dtype (int4, float4, ...) that would reach TVM:
+    a graph input or output or a kernel's operand or result. TVM 0.27 miscompiles packed sub-byte
+    buffers whatever op reads or writes them (a lowering that packs a constant, as dq_matmul does
+    its int4 weights, passes uint8 instead and is fine)."""
+    values = [*graph.inputs, *graph.outputs, *(v for n in graph.nodes if is_view(n.op) for v in n.inputs),
+              *(a.value for k in kernels for a in k.args if a.value is not None),
+              *(v for k in kernels for v in k.outputs)]
+    for v in values:
+        if BITS.get(v.type.dtype, 8) < 8:
+            dt = tvm_dtype(v.type.dtype)
+            raise CodegenError(f"value {v.name!r} has dtype {dt}: TVM 0.27's LLVM code for sub-byte buffers is "
+                               f"wrong; kiln runs {dt} tensors only in the interpreter")
+    for k in kernels:
+        for a in k.args:
+            if a.value is None and BITS.get(from_numpy_dtype(a.const.dtype), 8) < 8:
+                raise CodegenError(f"kernel {k.name}: a packed constant has dtype {a.const.dtype}, "
+                                   f"which TVM 0.27 miscompiles")
+
+
 def build_graph(graph: Graph, target: Target, *, tune: TuneOptions | None = None,
                 progress: Callable[[str, int, int], None] | None = None) -> CompiledGraph:
     """Lower, schedule (optionally tune) and compile ``graph`` (static shapes) for ``target``."""
@@ -229,6 +249,7 @@ def build_graph(graph: Graph, target: Target, *, tune: TuneOptions | None = None
             progress("lower", i, len(blocks))
         kernels.append(lower_kernel(block, target, name=_kernel_name(block, i)))
     timings["lower+schedule"] = time.perf_counter() - t0
+    refuse_subbyte_buffers(graph, kernels)
 
     t1 = time.perf_counter()
     alias = _dedupe(kernels)

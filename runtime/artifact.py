@@ -3,7 +3,9 @@
 Members:
 
 - ``lib.so``: the TVM Relax VM executable (``Executable.export_library``);
-- ``weights.npz``: the weights, an uncompressed npz read with ``allow_pickle=False``;
+- ``weights.npz``: the weights, an uncompressed npz read with ``allow_pickle=False``; an ml_dtypes
+  array (bfloat16, float8, ...) is stored as its unsigned-integer bits and viewed back as the dtype
+  the manifest's ``weight_specs`` records (.npy has no descriptor for those types);
 - ``model.ir``: the final kiln IR as text (utf-8), for humans and tools;
 - ``manifest.json``: what the runtime needs to check and call the library,
   including the sha256 of every other member (``members``) and, when the compiler
@@ -37,6 +39,7 @@ __all__ = [
     "REQUIRED_KEYS",
     "ArtifactContents",
     "ArtifactError",
+    "bits_dtype",
     "numpy_dtype",
     "read_artifact",
     "validate_manifest",
@@ -80,6 +83,32 @@ def numpy_dtype(name: str) -> np.dtype:
         if dt is None:
             raise TypeError(f"unknown dtype {name!r}") from None
         return np.dtype(dt)
+
+
+def bits_dtype(dtype: np.dtype) -> np.dtype | None:
+    """The unsigned integer dtype of ``dtype``'s itemsize for ml_dtypes' types (bfloat16, float8, int4, ...),
+    whose arrays neither .npy files nor numpy's DLPack carry; None for numpy's own dtypes."""
+    dtype = np.dtype(dtype)
+    return np.dtype(f"uint{8 * dtype.itemsize}") if dtype.isbuiltin == 2 else None
+
+
+def _storable(array: np.ndarray) -> np.ndarray:
+    """``array`` as written to weights.npz: ml_dtypes' arrays as their bits (the manifest keeps the dtype)."""
+    bits = bits_dtype(array.dtype)
+    return array if bits is None else array.view(bits)
+
+
+def _restored(array: np.ndarray, dtype_name: Any) -> np.ndarray:
+    """A weight read from weights.npz viewed as the manifest's dtype when it was stored as bits."""
+    try:
+        want = numpy_dtype(str(dtype_name))
+    except TypeError:
+        return array
+    bits = bits_dtype(want)
+    stored_as_bits = array.dtype == bits or (array.dtype.kind == "V" and array.dtype.names is None)
+    if bits is not None and stored_as_bits and array.dtype.itemsize == want.itemsize:
+        return array.view(want)
+    return array
 
 
 def _sha256(data: bytes) -> str:
@@ -167,7 +196,7 @@ def _npz_bytes(weights: Mapping[str, np.ndarray]) -> bytes:
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
         for name, array in weights.items():
             with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.asarray(array), allow_pickle=False)
+                np.lib.format.write_array(f, _storable(np.asarray(array)), allow_pickle=False)
     return buf.getvalue()
 
 
@@ -322,7 +351,7 @@ def _load_weights(path: str, manifest: Mapping[str, Any], data: bytes) -> dict[s
         name = spec.get("name")
         if name not in found:
             raise ArtifactError(f"{path}: manifest weight_specs names {name!r}, which is not a weight")
-        got = found[name]
+        got = found[name] = _restored(found[name], spec.get("dtype"))
         if got.dtype.name != spec.get("dtype") or list(got.shape) != list(spec.get("shape", [])):
             raise ArtifactError(f"{path}: weight {name!r}: manifest says {spec.get('dtype')} "
                                 f"{spec.get('shape')}, {WEIGHTS} has {got.dtype.name} {list(got.shape)}")

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .artifact import ArtifactError, numpy_dtype, read_artifact
+from .artifact import ArtifactError, bits_dtype, numpy_dtype, read_artifact
 from .cpu import host_arch, missing_cpu_features, required_cpu_features, target_arch
 
 __all__ = ["InputError", "Session", "TensorSpec", "configure_threads", "load"]
@@ -183,10 +183,11 @@ class Session:
         self._entry = manifest["entry"]
         self._module = module
         self._weights = tuple(weights)
-        self._weight_views = tuple(np.from_dlpack(w) for w in self._weights)
+        self._weight_views = tuple(_numpy_view(w, numpy_dtype(str(w.dtype))) for w in self._weights)
         self._aliases: list[bool | None] = [s.get("aliases") for s in manifest["outputs"]]
         self._static = {s.name: self._compiled_shape(s) for s in self.inputs}
         self._dtypes = {s.name: numpy_dtype(s.dtype) for s in self.inputs}
+        self._out_dtypes = [numpy_dtype(s.dtype) for s in self.outputs]
         self._tvm = import_tvm()
         self._device = self._tvm.cpu()
         self._tensor_type = self._tvm.runtime.Tensor
@@ -353,24 +354,31 @@ class Session:
 
     def _to_numpy(self, i: int, tensor: Any, arrays: Sequence[np.ndarray]) -> np.ndarray:
         """Output ``i`` without a copy, unless it may alias an input, a weight or another output."""
-        out = np.from_dlpack(tensor)
+        out = _numpy_view(tensor, self._out_dtypes[i])
         alias = self._aliases[i]
         if alias is None:  # an artifact that does not say: look
             alias = any(np.may_share_memory(out, a) for a in (*arrays, *self._weight_views))
         return out.copy() if alias else out
 
     def _to_device(self, arrays: Sequence[np.ndarray]) -> list[Any]:
-        """Zero-copy DLPack views (TVM wants 64-byte aligned, writeable data: others are copied into aligned buffers)."""
+        """Zero-copy DLPack views (TVM wants 64-byte aligned, writeable data: others are copied into aligned buffers).
+
+        numpy cannot DLPack-export ml_dtypes' arrays (bfloat16, float8): those go over as
+        their unsigned-integer bits and are re-typed on the TVM side (same bytes, no copy).
+        """
         from_dlpack = self._tvm.runtime.from_dlpack
         out = []
         for a in arrays:
             if a.size == 0:  # no data; numpy's strides and pointer for it need not be what TVM checks
                 out.append(self._tvm.runtime.empty(a.shape, str(a.dtype), self._device))
                 continue
+            bits = bits_dtype(a.dtype)
+            src = a if bits is None else a.view(bits)
             try:
-                out.append(from_dlpack(a))
+                t = from_dlpack(src)
             except (RuntimeError, BufferError):  # not 64-byte aligned, or read-only
-                out.append(from_dlpack(_aligned(a)))
+                t = from_dlpack(_aligned(src))
+            out.append(t if bits is None else t._create_view(a.shape, str(a.dtype)))
         return out
 
     def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -403,6 +411,14 @@ def _aligned(a: np.ndarray, alignment: int = 64) -> np.ndarray:
     out = buf[offset:offset + a.nbytes].view(a.dtype).reshape(a.shape)
     out[...] = a
     return out
+
+
+def _numpy_view(tensor: Any, dtype: np.dtype) -> np.ndarray:
+    """A zero-copy numpy view of a TVM tensor of ``dtype``; ml_dtypes' types go through their bits."""
+    bits = bits_dtype(dtype)
+    if bits is None:
+        return np.from_dlpack(tensor)
+    return np.from_dlpack(tensor._create_view(tuple(tensor.shape), bits.name)).view(dtype)
 
 
 def configure_threads(threads: int | None = None) -> int:

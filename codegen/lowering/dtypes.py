@@ -3,21 +3,20 @@
 TVM 0.27 on CPU cannot be trusted with the narrow types: its LLVM code for sub-byte buffers
 (int2/uint2/int4/uint4, float4e2m1, float6) writes out of bounds or fails to build, and its
 float8 conversions neither saturate nor keep NaN, inf, subnormals or the fnuz encodings (measured:
-float32 500 -> float8_e4m3fn 0.0, NaN -> 1.5). Kernels that convert to or from these types are
-refused with a NotImplementedError naming the dtype; a float8 ``bitcast`` to or from an 8-bit
-integer is only a reinterpretation of the byte and is compiled.
+float32 500 -> float8_e4m3fn 0.0, NaN -> 1.5). So float8 conversions use kiln's own bit-level codec
+(``convert`` in elementwise.py), sub-byte types are refused with a NotImplementedError naming the
+dtype, and a float8 ``bitcast`` to or from an 8-bit integer only reinterprets the byte.
 """
 
 from __future__ import annotations
 
 from tvm import te, tirx
 
-from kiln.ir.types import NARROW_FLOAT_DTYPES, SUBBYTE_INT_DTYPES, to_numpy_dtype
+from kiln.ir.types import SUBBYTE_INT_DTYPES, to_numpy_dtype
 
 from . import LowerCtx, lowers, tvm_dtype
 
 _SUBBYTE = frozenset(str(to_numpy_dtype(d)) for d in SUBBYTE_INT_DTYPES | {"f4e2m1", "f6e2m3", "f6e3m2"})
-_NARROW_FLOAT = frozenset(str(to_numpy_dtype(d)) for d in NARROW_FLOAT_DTYPES)
 
 
 def refuse_subbyte(dtype: str, op: str) -> None:
@@ -25,15 +24,6 @@ def refuse_subbyte(dtype: str, op: str) -> None:
     if dtype in _SUBBYTE:
         raise NotImplementedError(f"{op} of {dtype} tensors: TVM 0.27's LLVM code for sub-byte buffers "
                                   f"is wrong; kiln runs {dtype} only in the interpreter")
-
-
-def refuse_narrow_conversion(src: str, dst: str) -> None:
-    """NotImplementedError when a value conversion involves a type TVM converts wrongly."""
-    for d in (src, dst):
-        refuse_subbyte(d, "cast")
-        if d in _NARROW_FLOAT:
-            raise NotImplementedError(f"cast {src} -> {dst}: TVM 0.27's {d} conversions do not saturate "
-                                      f"and lose NaN/inf/subnormals; kiln runs it only in the interpreter")
 
 
 @lowers("bitcast")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from tvm import DataType, te, tirx, topi
 from tvm.ir.expr import ExprWithOp
@@ -396,21 +397,187 @@ def _float_to_int(v: Expr, dtype: str) -> Expr:
     return v.astype(dtype)
 
 
+# ------------------------------------------------------------------ cast, float8 codec
+#
+# TVM 0.27 converts float8 wrongly (codegen/lowering/dtypes.py), so kiln converts the bits itself:
+# a float8 value is read as its uint8 code (tirx.reinterpret, which TVM compiles right) and
+# decoded to float32 exactly; encoding rounds the float32/float64 bits to nearest even in integer
+# arithmetic, then applies ONNX Cast's saturate rules. float8e8m0 follows
+# onnx.numpy_helper.to_float8e8m0 (as ir/ops/dtypes.py's to_e8m0).
+
+
+@dataclass(frozen=True)
+class _F8:
+    """A float8 format: exponent/mantissa bits, bias, largest finite code, NaN code, inf code (or None)."""
+
+    mbits: int
+    ebits: int
+    bias: int
+    max_code: int
+    nan_code: int
+    inf_code: int | None
+    unsigned_zero: bool  # fnuz: no -0 (and 0x80 is NaN)
+
+
+F8_FORMATS = {
+    "float8_e4m3fn": _F8(3, 4, 7, 0x7E, 0x7F, None, False),
+    "float8_e4m3fnuz": _F8(3, 4, 8, 0x7F, 0x80, None, True),
+    "float8_e5m2": _F8(2, 5, 15, 0x7B, 0x7E, 0x7C, False),
+    "float8_e5m2fnuz": _F8(2, 5, 16, 0x7F, 0x80, None, True),
+}
+E8M0 = "float8_e8m0fnu"
+_SRC_BITS = {"float32": (32, 23, 127), "float64": (64, 52, 1023)}  # width, mantissa bits, bias
+
+
+def _u(value: int, dtype: str) -> Expr:
+    return tirx.const(value, dtype)
+
+
+def _f32_of_bits(bits: Expr) -> Expr:
+    return tirx.reinterpret("float32", bits)
+
+
+def decode_f8(v: Expr) -> Expr:
+    """A float8 value (any of the five ONNX formats) as the float32 it encodes, exactly."""
+    dt = dtype_of(v)
+    c = tirx.reinterpret("uint8", v).astype("uint32")
+    nan = _f32_of_bits(_u(0x7FC00000, "uint32"))
+    if dt == E8M0:  # 2**(c - 127); 0 is 2**-127 (a float32 subnormal); 0xFF is NaN
+        pow2 = _f32_of_bits(tirx.Select(c == _u(0, "uint32"), _u(0x00400000, "uint32"), c << _u(23, "uint32")))
+        return tirx.Select(c == _u(0xFF, "uint32"), nan, pow2)
+    f = F8_FORMATS[dt]
+    u32 = "uint32"
+    sign = (c >> _u(7, u32)) << _u(31, u32)
+    e = (c >> _u(f.mbits, u32)) & _u((1 << f.ebits) - 1, u32)
+    m = c & _u((1 << f.mbits) - 1, u32)
+    normal = ((e + _u(127 - f.bias, u32)) << _u(23, u32)) | (m << _u(23 - f.mbits, u32))
+    subnormal = tirx.reinterpret(u32, m.astype("float32") * _c(2.0 ** (1 - f.bias - f.mbits), "float32"))
+    value = _f32_of_bits(sign | tirx.Select(e == _u(0, u32), subnormal, normal))
+    if f.unsigned_zero:
+        return tirx.Select(c == _u(0x80, u32), nan, value)
+    top = _u((1 << f.ebits) - 1, u32)
+    if f.inf_code is None:  # e4m3fn: S.1111.111 is NaN, no inf
+        return tirx.Select((c & _u(0x7F, u32)) == _u(0x7F, u32), nan, value)
+    inf = _f32_of_bits(sign | _u(0x7F800000, u32))
+    return tirx.Select(e == top, tirx.Select(m == _u(0, u32), inf, nan), value)
+
+
+def _rne_shift(x: Expr, shift: Expr, dtype: str) -> Expr:
+    """x >> shift rounded to nearest even (1 <= shift < width)."""
+    one = _u(1, dtype)
+    q = x >> shift
+    rem = x & ((one << shift) - one)
+    half = one << (shift - one)
+    up = tirx.any(rem > half, tirx.all(rem == half, (q & one) == one))
+    return q + up.astype(dtype)
+
+
+def encode_f8(v: Expr, dt: str, saturate: bool) -> Expr:
+    """The float8 code of a float32/float64 value, rounded once to nearest even (ONNX Cast).
+
+    saturate: out-of-range values and infinities become +-max, else the format's overflow (inf for
+    e5m2, NaN for the others); NaN stays NaN; fnuz formats have no -0.
+    """
+    f = F8_FORMATS[dt]
+    width, fm, fbias = _SRC_BITS[dtype_of(v)]
+    ut, it = f"uint{width}", f"int{width}"
+    b = tirx.reinterpret(ut, v)
+    neg = (b >> _u(width - 1, ut)) == _u(1, ut)
+    a = b & _u((1 << (width - 1)) - 1, ut)
+    inf_bits = _u(((1 << (width - fm - 1)) - 1) << fm, ut)
+    exp_field = a >> _u(fm, ut)
+    shift = fm - f.mbits
+    rebias = fbias - f.bias
+    normal = _rne_shift(a - _u(rebias << fm, ut), _u(shift, ut), ut)
+    mant = (a & _u((1 << fm) - 1, ut)) | _u(1 << fm, ut)
+    sub_shift = tirx.max(tirx.min(_u(shift + 1 + rebias, it) - exp_field.astype(it), _u(fm + 2, it)), _u(1, it))
+    subnormal = _rne_shift(mant, sub_shift.astype(ut), ut)
+    mag = tirx.Select(exp_field > _u(rebias, ut), normal, subnormal)
+    max_code = _u(f.max_code, ut)
+    if saturate:
+        over = max_code
+    else:
+        over = _u(f.inf_code if f.inf_code is not None else f.nan_code, ut)
+    mag = tirx.Select(tirx.any(mag > max_code, a == inf_bits), over, mag)
+    code = tirx.Select(neg, mag | _u(0x80, ut), mag)
+    if f.unsigned_zero:
+        code = tirx.Select(tirx.any(mag == _u(0, ut), mag == _u(f.nan_code, ut)), mag, code)
+    code = tirx.Select(a > inf_bits, _u(f.nan_code, ut), code)
+    return tirx.reinterpret(dt, code.astype("uint8"))
+
+
+def _f32_round_to_odd(v: Expr) -> Expr:
+    """float64 -> the float32 toward zero with its last bit set when inexact (ir/ops/dtypes.py)."""
+    y = v.astype("float32")
+    yd = y.astype("float64")
+    inexact = tirx.all(tirx.isfinite(v), yd != v)
+    away = tirx.all(inexact, tirx.abs(yd) > tirx.abs(v))
+    bits = tirx.reinterpret("uint32", y) - away.astype("uint32")
+    return tirx.reinterpret("float32", bits | inexact.astype("uint32"))
+
+
+def encode_e8m0(v: Expr, saturate: bool, round_mode: str) -> Expr:
+    """float8e8m0 code of a float32 value: onnx.numpy_helper.to_float8e8m0's bit rules."""
+    u32 = "uint32"
+    bits = tirx.reinterpret(u32, v)
+    exponent = (bits >> _u(23, u32)) & _u(0xFF, u32)
+    special = exponent == _u(0xFF, u32)
+    if round_mode == "nearest":
+        g = (bits & _u(0x400000, u32)) != _u(0, u32)
+        rest = tirx.any((bits & _u(0x200000, u32)) != _u(0, u32), (bits & _u(0x1FFFFF, u32)) != _u(0, u32),
+                        exponent > _u(0, u32))
+        up = tirx.all(g, rest)
+    elif round_mode == "up":
+        up = (bits & _u(0x7FFFFF, u32)) != _u(0, u32)
+    else:
+        up = tirx.const(False, "bool")
+    if saturate:
+        up = tirx.all(up, exponent != _u(0xFE, u32))
+    code = tirx.Select(special, _u(0xFF, u32), exponent + up.astype(u32))
+    return tirx.reinterpret(E8M0, code.astype("uint8"))
+
+
+def _plain_cast(v: Expr, dt: str) -> Expr:
+    """A conversion between types TVM converts right: float -> int truncates, -> bool is != 0."""
+    if dt == "bool":
+        return tirx.Or(v != _k(0, v), tirx.isnan(v)) if is_float(v) else v != _k(0, v)
+    if is_float(v) and not is_float(dt):
+        return _float_to_int(v, dt)
+    return v.astype(dt)
+
+
+def _is_f8(dt: str) -> bool:
+    return dt in F8_FORMATS or dt == E8M0
+
+
+def convert(v: Expr, dt: str, saturate: int | None = None, round_mode: str | None = None) -> Expr:
+    """``v`` converted to TVM dtype ``dt`` with ONNX Cast's rules, float8 through kiln's codec."""
+    src = dtype_of(v)
+    if src == dt:
+        return v
+    if _is_f8(src):
+        v, src = decode_f8(v), "float32"
+        if src == dt:
+            return v
+    if not _is_f8(dt):
+        return _plain_cast(v, dt)
+    sat = saturate is None or bool(saturate)
+    if dt == E8M0:
+        v = _f32_round_to_odd(v.astype("float64")) if src not in ("float32", "float16", "bfloat16") \
+            else v.astype("float32")
+        return encode_e8m0(v, sat, round_mode or "up")
+    wide = "float32" if src in ("float32", "float16", "bfloat16", "bool") else "float64"
+    return encode_f8(v.astype(wide), dt, sat)
+
+
 @lowers("cast")
 def cast(ctx: LowerCtx, x: te.Tensor, *, to: str, saturate: int | None = None,
          round_mode: str | None = None) -> te.Tensor:
-    """float -> int truncates toward zero; anything -> bool is x != 0 (NaN -> True).
-
-    Conversions to or from the narrow types are refused (``codegen/lowering/dtypes.py``), so
-    ``saturate`` and ``round_mode``, which only concern float8 targets, need no code here.
-    """
-    from .dtypes import refuse_narrow_conversion
+    """float -> int truncates toward zero; anything -> bool is x != 0 (NaN -> True); float8 by
+    kiln's codec (saturate, round_mode as ONNX Cast). Sub-byte types (int4, float4) are refused."""
+    from .dtypes import refuse_subbyte
 
     dt = tvm_dtype(to)
-    refuse_narrow_conversion(dtype_of(x), dt)
-    if dt == "bool":
-        nonzero = (lambda v: tirx.Or(v != _k(0, v), tirx.isnan(v))) if is_float(x) else (lambda v: v != _k(0, v))
-        return unary(nonzero, x, name="T_cast")
-    if is_float(x) and not is_float(dt):
-        return unary(lambda v: _float_to_int(v, dt), x, name="T_cast")
-    return unary(lambda v: v.astype(dt), x, name="T_cast")
+    refuse_subbyte(dtype_of(x), "cast")
+    refuse_subbyte(dt, "cast")
+    return unary(lambda v: convert(v, dt, saturate, round_mode), x, name="T_cast")

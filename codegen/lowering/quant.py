@@ -18,14 +18,9 @@ from kiln.ir.ops.quant import RANGES, _centered
 from ..intrin import has_avx2
 from ..schedules import QMATMUL_MR, QMATMUL_NV
 from . import LowerCtx, lowers, shape_of, tvm_dtype
-from .elementwise import Expr, bits_of
+from .dtypes import refuse_subbyte
+from .elementwise import F8_FORMATS, Expr, bits_of, convert, decode_f8
 from .nn import _unravel
-
-
-def _no_int4(dtype: str) -> None:
-    if dtype in ("int4", "uint4"):
-        raise NotImplementedError(f"{dtype} tensors: TVM 0.27's LLVM code for sub-byte buffers writes out of "
-                                  f"bounds; store them as 8-bit in the graph")
 
 
 def _param(p: te.Tensor, idx: tuple, axis: int, block_size: int) -> Expr:
@@ -42,11 +37,16 @@ def _param(p: te.Tensor, idx: tuple, axis: int, block_size: int) -> Expr:
 
 @lowers("quantize")
 def quantize(ctx: LowerCtx, x: te.Tensor, scale: te.Tensor, zero_point: te.Tensor | None = None, *,
-             axis: int, block_size: int, dtype: str) -> te.Tensor:
-    """saturate(round_half_even(x / scale) + zero_point), divided in float32; NaN gives 0."""
-    lo, hi = (tirx.const(b, "float32") for b in RANGES[dtype])
+             axis: int, block_size: int, dtype: str, saturate: int | None = None) -> te.Tensor:
+    """saturate(round_half_even(x / scale) + zero_point), divided in float32; NaN gives 0.
+
+    float8 outputs: x / scale + zero_point in float32 (float64 for f64 x), rounded by ONNX Cast's
+    rules (``saturate``) through kiln's float8 codec (elementwise.py)."""
     out = tvm_dtype(dtype)
-    _no_int4(out)
+    refuse_subbyte(out, "quantize")
+    if out in F8_FORMATS:
+        return _quantize_f8(x, scale, zero_point, axis, block_size, out, saturate)
+    lo, hi = (tirx.const(b, "float32") for b in RANGES[dtype])
 
     def body(*i):
         q = tirx.nearbyint(x(*i).astype("float32") / _param(scale, i, axis, block_size).astype("float32"))
@@ -58,13 +58,39 @@ def quantize(ctx: LowerCtx, x: te.Tensor, scale: te.Tensor, zero_point: te.Tenso
     return te.compute(x.shape, body, name="T_quantize")
 
 
+def _quantize_f8(x: te.Tensor, scale: te.Tensor, zero_point: te.Tensor | None, axis: int, block_size: int,
+                 out: str, saturate: int | None) -> te.Tensor:
+    ct = "float64" if str(x.dtype) == "float64" else "float32"
+
+    def wide(v: Expr) -> Expr:
+        return decode_f8(v).astype(ct) if str(v.dtype) in F8_FORMATS else v.astype(ct)
+
+    def body(*i):
+        q = x(*i).astype(ct) / wide(_param(scale, i, axis, block_size))
+        if zero_point is not None:
+            q = q + wide(_param(zero_point, i, axis, block_size))
+        return convert(q.astype("float32"), out, saturate)
+
+    return te.compute(x.shape, body, name="T_quantize")
+
+
 @lowers("dequantize")
 def dequantize(ctx: LowerCtx, x: te.Tensor, scale: te.Tensor, zero_point: te.Tensor | None = None, *,
                axis: int, block_size: int) -> te.Tensor:
-    """(x - zero_point) * scale: the difference in int32 (int64 for int32 inputs), the product in float32."""
-    _no_int4(str(x.dtype))
-    acc = "int64" if bits_of(x) >= 32 else "int32"
+    """(x - zero_point) * scale: the difference in int32 (int64 for int32 inputs), the product in float32;
+    float8 codes are decoded exactly and computed in float64, as the reference does."""
+    src = str(x.dtype)
+    refuse_subbyte(src, "dequantize")
     out = str(scale.dtype)
+    if src in F8_FORMATS:
+        def body_f8(*i):
+            d = decode_f8(x(*i)).astype("float64")
+            if zero_point is not None:
+                d = d - decode_f8(_param(zero_point, i, axis, block_size)).astype("float64")
+            return (d * _param(scale, i, axis, block_size).astype("float64")).astype(out)
+
+        return te.compute(x.shape, body_f8, name="T_dequantize")
+    acc = "int64" if bits_of(x) >= 32 else "int32"
 
     def body(*i):
         d = x(*i).astype(acc)

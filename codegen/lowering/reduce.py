@@ -71,6 +71,7 @@ def _filled(x: te.Tensor, axes: Sequence[int], keepdims: int, value: Expr, name:
 
 def _max_min(name: str, reducer, largest: bool) -> None:
     """Floats reduce an order-preserving integer key (a NaN-propagating float reducer defeats rfactor);
+    f16/bf16 take the float32 key (the result is one of the inputs, so the round trip is exact);
     bool reduces as uint8; an empty reduction is the identity (-inf / +inf, the dtype's min / max)."""
     def lower(ctx: LowerCtx, x: te.Tensor, *, axes, keepdims) -> te.Tensor:
         ctx.kind = "reduction"
@@ -89,11 +90,12 @@ def _max_min(name: str, reducer, largest: bool) -> None:
             return te.compute(r.shape, lambda *i: r(*i) != tirx.const(0, "uint8"), name=f"T_{name}")
         if not is_float(x):
             return _reduce(reducer, x, axes, keepdims)
-        qnan = _QNAN_BITS[dtype_of(x)]
+        wide = "float32" if dt in ("float16", "bfloat16") else dt  # TVM has no bf16 isnan; exact both ways
+        qnan = _QNAN_BITS[wide]
         nan_key = qnan if largest else ~qnan  # keys of +NaN / -NaN: above +inf / below -inf
-        keys = te.compute(x.shape, lambda *i: _to_key(x(*i), nan_key), name=f"T_{name}_key")
+        keys = te.compute(x.shape, lambda *i: _to_key(x(*i).astype(wide), nan_key), name=f"T_{name}_key")
         k = _reduce(reducer, keys, axes, keepdims)
-        return te.compute(k.shape, lambda *i: _from_key(k(*i), dtype_of(x)), name=f"T_{name}")
+        return te.compute(k.shape, lambda *i: _from_key(k(*i), wide).astype(dt), name=f"T_{name}")
     lowers(name)(lower)
 
 

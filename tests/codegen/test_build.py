@@ -152,3 +152,27 @@ def test_epilogue_blocks_compile_to_fewer_kernels_and_match_the_interpreter():
     assert not compiled.kernels[0].notes  # the anchor's schedule took the epilogue
     # batch-norm statistics were folded into two per-channel vectors at compile time
     assert sorted(a.shape for a in compiled.weights.values() if a.ndim == 1) == [(16,), (16,)]
+
+
+@pytest.mark.parametrize("dtype", ["i4", "u4", "f4e2m1"])
+def test_sub_byte_buffers_are_refused_whatever_the_op(dtype):
+    """No op's lowering needs to know: a sub-byte graph input, output or kernel operand is refused."""
+    g = ir.Graph("g")
+    x = g.add_input("x", ir.TensorType(dtype, (4, 6)))
+    z = g.add_node("transpose", [x], {"perm": [1, 0]}, out_names=["z"]).output
+    g.set_outputs([z])
+    with pytest.raises(CodegenError, match=r"value 'x' has dtype .*(int4|float4).*sub-byte"):
+        build_graph(g, TARGET)
+
+
+def test_bf16_graph_builds_and_matches_the_interpreter():
+    import ml_dtypes
+
+    g = ir.Graph("g")
+    x = g.add_input("x", ir.TensorType("bf16", (3, 40)))
+    w = g.add_constant(np.linspace(-2, 2, 40, dtype=np.float32).astype(ml_dtypes.bfloat16), "w")
+    a = g.add_node("add", [x, w], out_names=["a"]).output
+    m = g.add_node("reduce_max", [a], {"axes": [1], "keepdims": 0}, out_names=["m"]).output
+    g.set_outputs([a, m])
+    feeds = {"x": np.random.default_rng(0).standard_normal((3, 40)).astype(ml_dtypes.bfloat16)}
+    _check(g, feeds)

@@ -34,8 +34,7 @@ def test_bitcast_kernel_matches_interpreter(src, dst, x):
     check_graph_kernels(text, {"x": x})
 
 
-@pytest.mark.parametrize("src,dst,name", [
-    ("f32", "f8e4m3fn", "float8_e4m3fn"), ("f8e5m2", "f16", "float8_e5m2"), ("f32", "f8e8m0", "float8_e8m0fnu"),
+@pytest.mark.parametrize("src,dst,name", [  # float8 casts compile (kiln's own codec, test_lower_elementwise)
     ("f32", "i2", "int2"), ("u4", "f32", "uint4"), ("f4e2m1", "f32", "float4_e2m1fn"),
 ])
 def test_narrow_casts_are_refused_naming_the_dtype(src, dst, name):

@@ -304,3 +304,96 @@ def test_clip_operand_bounds_min_above_max_and_nan():
                                                         "hi": np.array([-1.0], np.float32)})
     check_graph_kernels(_clip_text("f32", True, True), {"x": x, "lo": np.array(np.nan, np.float32),
                                                         "hi": np.array([1.0], np.float32)})
+
+
+# ------------------------------------------------------------------ float8 casts (kiln's bit-level codec)
+
+F8 = ["f8e4m3fn", "f8e4m3fnuz", "f8e5m2", "f8e5m2fnuz"]
+
+
+def _run_cast(x: np.ndarray, dst: str, attrs: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """(compiled, interpreted) results of ``cast(x) {to = dst, attrs}``."""
+    from kiln.codegen.kernel import lower_node, run_kernel
+    from kiln.ir.interpret import interpret
+    from kiln.ir.text import parse
+
+    from .util import TARGET
+
+    src = from_numpy_dtype(x.dtype)
+    extra = f", {attrs}" if attrs else ""
+    g = parse(f"graph @g(%x: {_type(src, x.shape)}) -> (%z) {{\n"
+              f'  %z = cast(%x) {{to = "{dst}"{extra}}} : {_type(dst, x.shape)}\n}}')
+    k = lower_node(g.nodes[0], TARGET)
+    assert not k.notes, k.notes
+    (got,) = run_kernel(k, {"x": x}, TARGET)
+    return got, interpret(g, {"x": x})["z"]
+
+
+def _assert_same_floats(got: np.ndarray, want: np.ndarray) -> None:
+    """Same dtype and the same value bit for bit, any NaN matching any NaN."""
+    assert got.dtype == want.dtype
+    g, w = got.astype(np.float64), want.astype(np.float64)
+    np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
+    ok = ~np.isnan(w)
+    np.testing.assert_array_equal(np.signbit(g[ok]), np.signbit(w[ok]))
+    np.testing.assert_array_equal(g[ok], w[ok])
+
+
+def _f8_edges(dst: str, dtype: np.dtype) -> np.ndarray:
+    """Every code's value and the midpoints between neighbours (ties), +-, with 0, inf, NaN, overflow."""
+    import ml_dtypes
+
+    vals = np.arange(256, dtype=np.uint8).view(to_numpy_dtype(dst)).astype(np.float64)
+    vals = np.unique(vals[np.isfinite(vals)])
+    mids = (vals[1:] + vals[:-1]) / 2
+    big = float(ml_dtypes.finfo(to_numpy_dtype(dst)).max)
+    more = [0.0, -0.0, np.inf, -np.inf, np.nan, big * 1.01, -big * 1.01, big * 1.0625, big * 3, 1e30, -1e30,
+            1e-30, -1e-30]
+    x = np.concatenate([vals, mids, mids * (1 + 2**-20), mids * (1 - 2**-20), more])
+    with np.errstate(over="ignore"):
+        return np.concatenate([x, -x]).astype(dtype)
+
+
+@pytest.mark.parametrize("saturate", [None, 0, 1])
+@pytest.mark.parametrize("src", ["f32", "f64", "f16"])
+@pytest.mark.parametrize("dst", F8)
+def test_cast_to_float8_rounds_and_saturates_like_the_reference(dst, src, saturate):
+    x = _f8_edges(dst, to_numpy_dtype(src))
+    got, want = _run_cast(x, dst, "" if saturate is None else f"saturate = {saturate}")
+    _assert_same_floats(got, want)
+
+
+@pytest.mark.parametrize("dst", ["f32", "f16", "bf16", "f64", "i32", "bool"] + F8)
+@pytest.mark.parametrize("src", F8 + ["f8e8m0"])
+def test_cast_from_float8_decodes_every_code(src, dst):
+    x = np.arange(256, dtype=np.uint8).view(to_numpy_dtype(src))
+    if dst in ("i32",):  # int of NaN/inf is undefined: only finite codes
+        x = x[np.isfinite(x.astype(np.float32))]
+    if src == dst:
+        return
+    got, want = _run_cast(x, dst)
+    if dst in ("i32", "bool"):
+        np.testing.assert_array_equal(got, want)
+    else:
+        _assert_same_floats(got, want)
+
+
+@pytest.mark.parametrize("round_mode", [None, "up", "down", "nearest"])
+@pytest.mark.parametrize("saturate", [None, 0])
+@pytest.mark.parametrize("src", ["f32", "f64"])
+def test_cast_to_e8m0(src, saturate, round_mode):
+    rng = np.random.default_rng(5)
+    x = np.concatenate([2.0 ** np.arange(-130, 128), 1.5 * 2.0 ** np.arange(-10, 10),
+                        rng.uniform(-1e3, 1e3, 64), [0.0, np.inf, np.nan, 3e38, 1 + 2**-30, 2**-127],
+                        2.0 ** 127 * np.array([1.0, 1.75])]).astype(to_numpy_dtype(src))
+    attrs = ", ".join(([] if saturate is None else [f"saturate = {saturate}"])
+                      + ([] if round_mode is None else [f'round_mode = "{round_mode}"']))
+    got, want = _run_cast(x, "f8e8m0", attrs)
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
+def test_cast_to_float8_from_integers():
+    x = np.array([0, 1, -1, 3, 17, 300, -449, 464, 465, 100000, -(2**31)], np.int32)
+    for dst in F8:
+        got, want = _run_cast(x, dst)
+        _assert_same_floats(got, want)

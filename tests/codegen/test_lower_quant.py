@@ -130,3 +130,64 @@ def test_every_quant_op_is_lowered():
     ops = {n: d for n, d in all_ops().items() if d.reference.__module__.endswith(".quant")}
     assert ops
     assert not [n for n, d in ops.items() if d.lower_tvm is None]
+
+
+F8 = ["f8e4m3fn", "f8e4m3fnuz", "f8e5m2", "f8e5m2fnuz"]
+
+
+def _run(text: str, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(compiled, interpreted) output of a one-node graph."""
+    from kiln.codegen.kernel import run_kernel
+    from kiln.ir.interpret import interpret
+
+    g = parse(text)
+    k = lower_node(g.nodes[0], TARGET)
+    assert not k.notes, k.notes
+    (got,) = run_kernel(k, feeds, TARGET)
+    return got, interpret(g, feeds)["z"]
+
+
+def _same(got: np.ndarray, want: np.ndarray) -> None:
+    """Same dtype and values bit for bit (any NaN equals any NaN)."""
+    assert got.dtype == want.dtype
+    g, w = got.astype(np.float64), want.astype(np.float64)
+    np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
+    np.testing.assert_array_equal(np.nan_to_num(g), np.nan_to_num(w))
+
+
+@pytest.mark.parametrize("saturate", [None, 0])
+@pytest.mark.parametrize("with_zp", [False, True])
+@pytest.mark.parametrize("dtype", F8)
+def test_quantize_float8(dtype, with_zp, saturate):
+    """x / scale (+ zero point) rounded by Cast's float8 rules, per axis; overflow, inf and NaN included."""
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-40, 40, (3, 16)).astype(np.float32)
+    x[0, :6] = [np.inf, -np.inf, np.nan, 1e6, -1e6, 0.0]
+    scale = np.array([0.01, 0.5, 3.0], np.float32)
+    zp = np.array([0.0, 1.5, -2.0], np.float32).astype(to_numpy_dtype(dtype)) if with_zp else None
+    args = [("x", x), ("s", scale)] + ([("zp", zp)] if zp is not None else [])
+    attrs = f'{{axis = 0, dtype = "{dtype}"' + ("" if saturate is None else f", saturate = {saturate}") + "}"
+    text = (f"graph @g({', '.join(f'%{n}: {_t(a)}' for n, a in args)}) -> (%z) {{\n"
+            f"  %z = quantize({', '.join(f'%{n}' for n, _ in args)}) {attrs} : {dtype}[3, 16]\n}}")
+    _same(*_run(text, dict(args)))
+
+
+@pytest.mark.parametrize("with_zp", [False, True])
+@pytest.mark.parametrize("dtype", F8)
+def test_dequantize_float8_every_code(dtype, with_zp):
+    x = np.arange(256, dtype=np.uint8).reshape(2, 128).view(to_numpy_dtype(dtype))
+    scale = np.array([0.25, 3.0], np.float32)
+    zp = np.array([1.0, -0.5], np.float32).astype(to_numpy_dtype(dtype)) if with_zp else None
+    args = [("x", x), ("s", scale)] + ([("zp", zp)] if zp is not None else [])
+    text = (f"graph @g({', '.join(f'%{n}: {_t(a)}' for n, a in args)}) -> (%z) {{\n"
+            f"  %z = dequantize({', '.join(f'%{n}' for n, _ in args)}) {{axis = 0}} : f32[2, 128]\n}}")
+    _same(*_run(text, dict(args)))
+
+
+@pytest.mark.parametrize("dtype", ["i4", "u4", "f4e2m1"])
+def test_subbyte_quantize_is_refused(dtype):
+    g = parse(f"""graph @g(%x: f32[4], %s: f32[]) -> (%z) {{
+      %z = quantize(%x, %s) {{axis = 0, dtype = "{dtype}"}} : {dtype}[4]
+    }}""")
+    with pytest.raises(CodegenError, match="sub-byte"):
+        lower_node(g.nodes[0], TARGET)

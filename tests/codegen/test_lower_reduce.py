@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import kiln.codegen.lowering  # noqa: F401  (registers the lowerings)
-from kiln.codegen.kernel import lower_node
+from kiln.codegen.kernel import lower_node, run_kernel
 from kiln.ir.registry import all_ops
 from kiln.ir.text import parse
 from kiln.ir.types import to_numpy_dtype
@@ -114,3 +114,18 @@ def test_max_min_of_an_empty_set(op, dtype, keepdims):
 def test_max_min_bool(op, axes):
     x = np.random.default_rng(71).integers(0, 2, (3, 16, 5)).astype(bool)
     check_graph_kernels(graph(op, "bool", (3, 16, 5), axes, 0), {"x": x})
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f16"])
+@pytest.mark.parametrize("op", ["reduce_max", "reduce_min"])
+def test_max_min_half_floats_exact_with_nan(op, dtype):
+    """f16/bf16 go through float32 keys (TVM has no bf16 isnan): the result is bit-exact, NaN kept."""
+    x = _input(op, "f32", (3, 40), seed=4).astype(to_numpy_dtype(dtype))
+    x[0, 7] = np.nan
+    x[2, :] = -np.inf if op == "reduce_max" else np.inf
+    g = parse(graph(op, dtype, (3, 40), [-1], 0))
+    (got,) = run_kernel(lower_node(g.nodes[0], TARGET), {"x": x}, TARGET)
+    f = np.max if op == "reduce_max" else np.min
+    want = f(x.astype(np.float32), axis=-1).astype(x.dtype)
+    assert got.dtype == x.dtype and np.isnan(got[0]) and np.isinf(got[2])
+    np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float32))

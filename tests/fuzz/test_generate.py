@@ -23,7 +23,7 @@ from kiln.ir.verify import verify
 from kiln.passes.manager import run_pipeline_report
 
 N_SEEDS = 300
-MIN_OPS = 80  # measured: all 85 registered ops over 300 seeds
+MIN_OPS = 130  # measured: all 136 buildable registered ops over 300 seeds (139 registered, 3 made by passes)
 
 
 def _finite(outs: dict[str, np.ndarray]) -> bool:

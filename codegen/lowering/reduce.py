@@ -94,6 +94,12 @@ def _max_min(name: str, reducer, largest: bool) -> None:
         qnan = _QNAN_BITS[wide]
         nan_key = qnan if largest else ~qnan  # keys of +NaN / -NaN: above +inf / below -inf
         keys = te.compute(x.shape, lambda *i: _to_key(x(*i).astype(wide), nan_key), name=f"T_{name}_key")
+        if not keepdims and len(set(_axes(x, axes))) == len(x.shape):
+            # a rank-0 integer min buffer followed by a float min epilogue is miscompiled by TVM 0.27
+            # (fuzz/tvm-findings/rank0-min-epilogue): reduce into [1, ..., 1] and read its one element
+            k1 = _reduce(reducer, keys, axes, 1)
+            zero = (0,) * len(k1.shape)
+            return te.compute((), lambda: _from_key(k1(*zero), wide).astype(dt), name=f"T_{name}")
         k = _reduce(reducer, keys, axes, keepdims)
         return te.compute(k.shape, lambda *i: _from_key(k(*i), wide).astype(dt), name=f"T_{name}")
     lowers(name)(lower)

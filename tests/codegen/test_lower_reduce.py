@@ -129,3 +129,24 @@ def test_max_min_half_floats_exact_with_nan(op, dtype):
     want = f(x.astype(np.float32), axis=-1).astype(x.dtype)
     assert got.dtype == x.dtype and np.isnan(got[0]) and np.isinf(got[2])
     np.testing.assert_array_equal(got.astype(np.float32), want.astype(np.float32))
+
+
+@pytest.mark.parametrize("red,ep", [("reduce_min", "min"), ("reduce_max", "max"), ("reduce_min", "max")])
+def test_full_reduction_with_a_min_max_epilogue(red, ep):
+    """A rank-0 min reduction with a min epilogue in one kernel: TVM 0.27 miscompiled it
+    (fuzz/tvm-findings/rank0-min-epilogue); DynamicQuantizeLinear lifts to exactly this."""
+    from kiln.codegen.build import lower_kernel
+    from kiln.codegen.kernel import run_kernel
+    from kiln.codegen.target import host_target
+    from kiln.ir.interpret import interpret
+    from kiln.ir.text import parse
+
+    g = parse(f"""graph @g(%a: f32[3,16]) -> (%y) {{
+  %z = const f32[] [0.0]
+  %r = {red}(%a) {{axes=[], keepdims=0}} : f32[]
+  %y = {ep}(%r, %z) : f32[]
+}}""")
+    a = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    k = lower_kernel(list(g.nodes), host_target(), name="k")
+    got = run_kernel(k, {"a": a}, host_target())[0]
+    assert float(got) == float(interpret(g, {"a": a})["y"])

@@ -398,14 +398,8 @@ def _compiled_cases() -> dict[str, tuple[onnx.ModelProto, dict[str, np.ndarray]]
 
 
 COMPILED = _compiled_cases()
-# codegen bug (not lifting): a block reduce_min -> min(r, 0) (DynamicQuantizeLinear's range) compiles to a
-# wrong minimum (-31.09 for -2.33 on a [3, 16] input); the interpreter path above is right
-REDUCE_MIN_EPILOGUE_BUG = pytest.mark.xfail(strict=True, reason="compiled reduce_min fused with min is wrong")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [pytest.param(c, marks=REDUCE_MIN_EPILOGUE_BUG) if c == "dynamic_quantize_matmul"
-                                  else c for c in COMPILED])
+@pytest.mark.parametrize("case", list(COMPILED))
 def test_compiled_kernels_match_onnxruntime(case):
     """The compiled artifact against onnxruntime: same codes within the interpreter's tolerance."""
     import kiln

@@ -8,6 +8,11 @@ user sees it; ORT's is ``InferenceSession.run`` (ORT_ENABLE_ALL), torch's is
 eager ``module(*inputs)`` under ``inference_mode``, and TVM's is
 ``relax.frontend.onnx.from_onnx`` + ``tvm.compile`` (its default pipeline) on
 the Relax VM.  ``--kernels`` adds GFLOP/s of kiln's matmul kernels.
+
+``--contention`` runs the zoo and the corpus with 0, 1 and 2 busy-loop processes
+beside it (kiln, ORT and OpenVINO alternating in one process, as above) and then
+two processes of kiln, and of ORT, at once: what kiln's thread pool
+(:mod:`kiln.runtime.threads`) is for.
 """
 
 from __future__ import annotations
@@ -16,15 +21,19 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["BenchResult", "bench_model", "bench_matmul_kernels", "main", "median_latency"]
+__all__ = ["BenchResult", "ContentionRow", "PairRow", "bench_contention", "bench_model", "bench_matmul_kernels",
+           "bench_pairs", "busy_loops", "main", "median_latency"]
 
 
 def median_latency(fn: Callable[[], Any], repeat: int, warmup: int = 3, min_time: float = 0.0,
@@ -629,6 +638,286 @@ def print_variant_table(rows: Sequence[Mapping[str, Any]], title: str) -> None:
             console.print(f"[red]{r['model']} / {r['variant']}[/]: {r['error']}", soft_wrap=True)
 
 
+# ------------------------------------------------------------------ contention: a shared CPU
+
+BUSY_LOOP = "while True: pass"
+
+
+@contextmanager
+def busy_loops(n: int) -> Iterator[list[subprocess.Popen]]:
+    """``n`` processes spinning in a busy loop (the CPU's other tenants) for the duration."""
+    procs = [subprocess.Popen([sys.executable, "-S", "-c", BUSY_LOOP]) for _ in range(n)]
+    try:
+        if procs:
+            time.sleep(0.3)  # interpreter start-up done: they spin from here on
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+
+@dataclass
+class ContentionRow:
+    """One model beside ``busy`` busy loops: medians in ms (None: engine not run or failed)."""
+
+    model: str
+    busy: int
+    kiln_ms: float | None = None
+    ort_ms: float | None = None
+    openvino_ms: float | None = None
+    tvm_pool_ms: float | None = None  # kiln's kernels on TVM's own thread pool (--tvm-pool)
+    drift: float | None = None  # kiln/ORT here over kiln/ORT with no busy loop
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kiln_over_ort(self) -> float | None:
+        return self.kiln_ms / self.ort_ms if self.kiln_ms and self.ort_ms else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "kiln_over_ort": self.kiln_over_ort}
+
+
+@dataclass
+class PairRow:
+    """Two processes of one engine running at once: each process's median ms (the slower one reported)."""
+
+    model: str
+    kiln_ms: float | None = None
+    ort_ms: float | None = None
+    single_kiln_ms: float | None = None  # one kiln process, no busy loop (from the contention rows)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def kiln_over_ort(self) -> float | None:
+        return self.kiln_ms / self.ort_ms if self.kiln_ms and self.ort_ms else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "kiln_over_ort": self.kiln_over_ort}
+
+
+def contention_cases(names: Sequence[str], threads: int) -> Iterator[tuple[str, Any, dict[str, np.ndarray]]]:
+    """(label, ONNX model, feeds) per name: a zoo model, or ``corpus/NAME`` for a corpus entry."""
+    for name in names:
+        if name.startswith("corpus/"):
+            from kiln import corpus
+
+            cm = corpus.build(name[len("corpus/"):])
+            yield name, cm.model, cm.feeds
+        else:
+            proto, feeds, _ = _zoo_case(name, threads)
+            yield name, proto, feeds
+
+
+def _openvino_fn(proto: Any, feeds: dict[str, np.ndarray], threads: int) -> Callable[[], Any]:
+    """OpenVINO's CPU plugin on ``proto`` (ImportError when OpenVINO is not installed)."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(proto.SerializeToString()), "CPU",
+                                  {"INFERENCE_NUM_THREADS": threads})
+    request = compiled.create_infer_request()
+    return lambda: request.infer(feeds)
+
+
+def _kiln_fn(art: Any, feeds: dict[str, np.ndarray], threads: int, pool: str | None = None) -> Callable[[], Any]:
+    """``art`` loaded with ``threads`` threads on kiln's pool, or on TVM's with ``pool="tvm"``."""
+    saved = os.environ.get("KILN_THREAD_POOL")
+    if pool is not None:
+        os.environ["KILN_THREAD_POOL"] = pool
+    try:
+        sess = art.load(threads=threads)
+    finally:
+        if saved is None:
+            os.environ.pop("KILN_THREAD_POOL", None)
+        else:
+            os.environ["KILN_THREAD_POOL"] = saved
+    return lambda: sess.run(feeds)
+
+
+def _ort_fn(proto: Any, feeds: dict[str, np.ndarray], threads: int) -> Callable[[], Any]:
+    sess = _ort_session(proto, threads)
+    return lambda: sess.run(None, feeds)
+
+
+def _engines(proto: Any, feeds: dict[str, np.ndarray], art: Any, threads: int, tvm_pool: bool,
+             errors: dict[str, str]) -> dict[str, Callable[[], Any]]:
+    """The engines to alternate: kiln (its pool), ORT, OpenVINO, and kiln on TVM's pool if asked."""
+    makers: dict[str, Callable[[], Callable[[], Any]]] = {}
+    if art is not None:
+        makers["kiln"] = lambda: _kiln_fn(art, feeds, threads)
+    makers["ort"] = lambda: _ort_fn(proto, feeds, threads)
+    makers["openvino"] = lambda: _openvino_fn(proto, feeds, threads)
+    if art is not None and tvm_pool:
+        makers["tvm_pool"] = lambda: _kiln_fn(art, feeds, threads, pool="tvm")
+    engines: dict[str, Callable[[], Any]] = {}
+    for name, make in makers.items():
+        try:
+            fn = make()
+            fn()
+            engines[name] = fn
+        except ImportError as e:
+            errors[name] = f"not installed ({e})"
+        except Exception as e:  # noqa: BLE001 - a row records the failure and goes on
+            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return engines
+
+
+def bench_contention(name: str, proto: Any, feeds: dict[str, np.ndarray], *, threads: int, repeat: int,
+                     rounds: int = 5, busy: Sequence[int] = (0, 1, 2), tvm_pool: bool = False,
+                     passes: str | None = None) -> tuple[list[ContentionRow], Any]:
+    """Compile ``proto``, then per busy-loop count time the engines in alternating blocks; (rows, artifact)."""
+    import kiln
+
+    errors: dict[str, str] = {}
+    art = None
+    try:
+        art = kiln.compile(proto, feeds, passes=passes, progress=None)
+    except Exception as e:  # noqa: BLE001
+        errors["kiln"] = f"{type(e).__name__}: {e}"
+    engines = _engines(proto, feeds, art, threads, tvm_pool, errors)
+    rows: list[ContentionRow] = []
+    for n in busy:
+        with busy_loops(n):
+            medians = block_medians(engines, repeat, rounds=rounds, settle=0.1) if engines else {}
+        ms = {k: 1e3 * v for k, v in medians.items()}
+        rows.append(ContentionRow(name, n, ms.get("kiln"), ms.get("ort"), ms.get("openvino"), ms.get("tvm_pool"),
+                                  errors=dict(errors)))
+    quiet = rows[0].kiln_over_ort if rows and rows[0].busy == 0 else None
+    for r in rows:
+        r.drift = r.kiln_over_ort / quiet if quiet and r.kiln_over_ort else None
+    return rows, art
+
+
+def _pair_worker(engine: str, path: str, feeds_path: str, threads: int, seconds: float, barrier: Any,
+                 results: Any) -> None:
+    """One process of a pair: load, warm up, wait for the other, then run for ``seconds``; put the median."""
+    with np.load(feeds_path) as z:
+        feeds = {k: z[k] for k in z.files}
+    if engine == "kiln":
+        from kiln.runtime import load
+
+        sess = load(path, threads=threads)
+        fn: Callable[[], Any] = lambda: sess.run(feeds)
+    else:
+        import onnx
+
+        ort_sess = _ort_session(onnx.load(path), threads)
+        fn = lambda: ort_sess.run(None, feeds)
+    for _ in range(5):
+        fn()
+    barrier.wait()
+    times = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    results.put(statistics.median(times))
+
+
+def _run_pair(engine: str, path: str, feeds_path: str, threads: int, seconds: float) -> float:
+    """The slower of two processes' median seconds per run, both running ``engine`` at once."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_pair_worker, args=(engine, path, feeds_path, threads, seconds, barrier, results))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        medians = [results.get(timeout=seconds + 300) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return max(medians)
+
+
+def bench_pairs(name: str, proto: Any, feeds: dict[str, np.ndarray], art: Any, *, threads: int,
+                seconds: float = 3.0) -> PairRow:
+    """Two kiln processes at once, then two ORT processes at once, each with ``threads`` threads."""
+    import onnx
+
+    row = PairRow(name)
+    with tempfile.TemporaryDirectory(prefix="kiln-pairs-") as d:
+        feeds_path, onnx_path = os.path.join(d, "feeds.npz"), os.path.join(d, "model.onnx")
+        np.savez(feeds_path, **feeds)
+        onnx.save(proto, onnx_path)
+        paths = {"ort": onnx_path}
+        if art is not None:
+            paths["kiln"] = art.save(os.path.join(d, "model.kiln"))
+        for engine, path in paths.items():
+            try:
+                setattr(row, f"{engine}_ms", 1e3 * _run_pair(engine, path, feeds_path, threads, seconds))
+            except Exception as e:  # noqa: BLE001
+                row.errors[engine] = f"{type(e).__name__}: {e}"
+    return row
+
+
+def print_contention(rows: Sequence[ContentionRow], pairs: Sequence[PairRow], title: str) -> None:
+    from rich.table import Table
+
+    from kiln.cli import console
+
+    tvm_pool = any(r.tvm_pool_ms is not None for r in rows)
+    table = Table(title=title, title_justify="left")
+    cols = ["model", "busy loops", "kiln ms", "ORT ms", "OpenVINO ms"] + (["kiln on TVM pool ms"] if tvm_pool else [])
+    for col in cols + ["kiln/ORT", "vs no busy loop"]:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        cells = [r.model, str(r.busy), _ms(r.kiln_ms), _ms(r.ort_ms), _ms(r.openvino_ms)]
+        cells += [_ms(r.tvm_pool_ms)] if tvm_pool else []
+        table.add_row(*cells, _fmt(r.kiln_over_ort), _fmt(r.drift))
+    console.print(table)
+    if pairs:
+        t = Table(title="two processes at once, each with the same threads: the slower one's median ms",
+                  title_justify="left")
+        for col in ("model", "kiln x2 ms", "ORT x2 ms", "kiln/ORT", "kiln alone ms"):
+            t.add_column(col, justify="left" if col == "model" else "right")
+        for p in pairs:
+            t.add_row(p.model, _ms(p.kiln_ms), _ms(p.ort_ms), _fmt(p.kiln_over_ort), _ms(p.single_kiln_ms))
+        console.print(t)
+    drifts = [(r.drift, r.model, r.busy) for r in rows if r.drift is not None]
+    if drifts:
+        worst = max(drifts)
+        console.print(f"worst kiln/ORT drift under busy loops: {worst[0]:.2f}x ({worst[1]}, {worst[2]} busy)")
+    for r in rows:
+        if r.busy == 0:
+            for engine, msg in r.errors.items():
+                console.print(f"[red]{r.model} / {engine}[/]: {msg}", soft_wrap=True)
+    for p in pairs:
+        for engine, msg in p.errors.items():
+            console.print(f"[red]{p.model} pair / {engine}[/]: {msg}", soft_wrap=True)
+
+
+def run_contention(args: argparse.Namespace, out: dict[str, Any]) -> int:
+    """``kiln bench --contention``: the zoo and the corpus beside busy loops, then in pairs of processes."""
+    from kiln import corpus, zoo
+
+    names = args.models or [*zoo.names(), *(f"corpus/{n}" for n in corpus.names())]
+    busy = [int(b) for b in args.busy.split(",")]
+    rows: list[ContentionRow] = []
+    pairs: list[PairRow] = []
+    for name, proto, feeds in contention_cases(names, args.threads):
+        got, art = bench_contention(name, proto, feeds, threads=args.threads, repeat=args.repeat,
+                                    rounds=args.rounds, busy=busy, tvm_pool=args.tvm_pool, passes=args.passes)
+        rows += got
+        if not args.no_pairs:
+            pair = bench_pairs(name, proto, feeds, art, threads=args.threads, seconds=args.pair_seconds)
+            pair.single_kiln_ms = got[0].kiln_ms if got and got[0].busy == 0 else None
+            pairs.append(pair)
+        out["contention"] = [r.as_dict() for r in rows]
+        out["pairs"] = [p.as_dict() for p in pairs]
+        _write_json(args.json, out)
+    print_contention(rows, pairs, f"kiln bench --contention: median ms beside busy-loop processes, "
+                                  f"{args.threads} threads, {args.rounds} alternating rounds")
+    return 0
+
+
 def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -673,6 +962,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="threads for every engine")
     p.add_argument("--passes", default=None, help="kiln pass pipeline")
     p.add_argument("--json", metavar="FILE", help="write the numbers as JSON")
+    p.add_argument("--contention", action="store_true",
+                   help="only the shared-CPU table: zoo and corpus (corpus/NAME) models beside 0, 1 and 2 busy "
+                        "loops (kiln, ORT, OpenVINO), then two processes of each engine at once")
+    p.add_argument("--busy", default="0,1,2", help="--contention: busy-loop counts (the first is the reference)")
+    p.add_argument("--rounds", type=int, default=5, help="--contention: alternating rounds per busy-loop count")
+    p.add_argument("--tvm-pool", action="store_true", help="--contention: also kiln's kernels on TVM's thread pool")
+    p.add_argument("--no-pairs", action="store_true", help="--contention: skip the two-process runs")
+    p.add_argument("--pair-seconds", type=float, default=3.0, help="--contention: seconds each pair runs")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -681,6 +978,8 @@ def run(args: argparse.Namespace) -> int:
 
     configure_threads(args.threads)
     out: dict[str, Any] = {"threads": args.threads, "repeat": args.repeat, "target": target_summary(None)}
+    if getattr(args, "contention", False):
+        return run_contention(args, out)
     tables = {"fusion": (lambda: fusion_variants(args.models or zoo.names()), "block fusion off/on vs ONNX Runtime"),
               "norms": (norm_variants, "compiled latency by pass pipeline")}
     for key, (make, what) in tables.items():

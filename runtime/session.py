@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from . import threads
 from .artifact import ArtifactError, bits_dtype, numpy_dtype, read_artifact
 from .cpu import host_arch, missing_cpu_features, required_cpu_features, target_arch
 
@@ -141,7 +142,9 @@ def _load_library(path: str, library: bytes) -> Any:
         lib_path = os.path.join(tmpdir, f"{uuid.uuid4().hex}.so")
         with open(lib_path, "wb") as f:
             f.write(library)
-        return tvm.runtime.load_module(lib_path)
+        module = tvm.runtime.load_module(lib_path)
+        threads.adopt(lib_path)  # parallel loops on kiln's pool (runtime/threads.py); TVM's if it cannot
+        return module
     except Exception as e:
         raise ArtifactError(f"{path}: lib.so could not be loaded ({type(e).__name__}: {e})") from e
     finally:

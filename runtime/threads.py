@@ -2,25 +2,37 @@
 
 TVM's pool splits each ``parallel`` loop statically, one task per thread, and the
 caller spins until every task is done: on a shared CPU one descheduled worker
-stalls every kernel for a scheduler time slice (the HF ViT encoder went from
-0.07 ms to 60-150 ms beside two busy loops on 2 cores).  kiln's pool instead
-splits each loop into ``chunks`` tasks per thread that whichever thread is free
-claims (an atomic ticket), the caller included; a worker that is not running
-claims nothing, so the caller finishes the kernel alone.  Idle workers spin for
-``spin_us`` then sleep on a futex; the caller waits for chunks in flight the same
-way.  A launch from a second thread while the pool is busy, a launch from inside a
-chunk, and every launch with one thread run the whole loop on the calling thread.
-Which thread runs which iterations changes nothing else: outputs are bit-identical
-to TVM's pool.
+stalls every kernel for a scheduler time slice (the corpus ViT went from 0.07 ms
+to 28-150 ms beside one or two busy loops on 2 cores).  kiln's pool runs the same
+compiled loops differently:
 
-The pool is C (:data:`C_SOURCE`), built with the system C compiler on first use
-into ``$KILN_CACHE_DIR`` (default ``~/.cache/kiln``) and loaded once per process.
-:func:`adopt` points one loaded kernel library's ``__TVMBackendParallelLaunch``
-(the launch function the TVM runtime fills in when it loads a library) at it.
-A library that uses TVM's parallel barrier (kiln's schedules emit none) keeps
-TVM's pool: a barrier needs every task running at once.  ``KILN_THREAD_POOL=tvm``
-keeps TVM's pool everywhere; without a C compiler the runtime does the same and
-says why (:func:`unavailable_reason`).
+- each loop is split into more tasks than threads (``num_task`` in TVM's lambda
+  ABI: about ``chunk_us`` of work each, from the loop's last measured time, at most
+  ``chunks`` per thread), and whichever thread is free claims the next one (an
+  atomic ticket), the caller included.  A worker that is not running claims
+  nothing, so the caller finishes the loop alone; it waits only for chunks a worker
+  has started (spinning ``wait_spin_us``, then on a futex);
+- a loop measured below ``small_us`` runs on the calling thread only;
+- idle workers spin ``spin_us`` then sleep on a futex, and stop spinning at once
+  on the CPU the caller launched from (they would keep it off that CPU);
+- when a woken worker runs on the caller's own CPU (no CPU was free: the caller
+  now waits in the run queue) the caller leaves sleeping workers asleep for the
+  next 1, 2, 4 ... 256 launches, until a wake lands on another CPU again: two
+  processes sharing 2 cores then each run like one thread instead of trading CPUs;
+- a launch while the pool is busy (another thread's), a launch from inside a
+  chunk, and every launch with one thread run the whole loop on the calling thread.
+
+Which thread runs which iterations changes nothing else: outputs are bit-identical
+to TVM's pool.  The pool is C (:data:`C_SOURCE`), built with the system C compiler
+on first use into ``$KILN_CACHE_DIR`` (default ``~/.cache/kiln``) and loaded once
+per process; it survives ``fork`` (the child starts new workers).  :func:`adopt`
+points one loaded kernel library's ``__TVMBackendParallelLaunch`` (the launch
+function the TVM runtime fills in when it loads a library) at it.  A library that
+uses TVM's parallel barrier (kiln's schedules emit none) keeps TVM's pool: a
+barrier needs every task running at once.  ``KILN_THREAD_POOL=tvm`` keeps TVM's
+pool everywhere; without a C compiler the runtime does the same and says why
+(:func:`unavailable_reason`).  ``KILN_THREAD_POOL_TUNING="spin_us=0,chunks=8"``
+overrides :class:`Tuning` fields.
 """
 
 from __future__ import annotations
@@ -58,6 +70,9 @@ class Tuning:
     # long the caller spins for chunks in flight before sleeping.
     spin_us: int = 60
     wait_spin_us: int = 30
+    # After a wake that took the caller's own CPU, sleeping workers stay asleep for 1, 2, 4 ... up
+    # to this many launches (0: always wake).
+    backoff: int = 256
 
 
 C_SOURCE = r"""
@@ -84,7 +99,6 @@ typedef int (*FDecRef)(void* obj);
 #define MAX_WORKERS 255
 enum { ST_LAUNCHES, ST_POOLED, ST_INLINE, ST_SMALL, ST_CHUNKS_CALLER, ST_CHUNKS_WORKERS,
        ST_CALLER_SLEEPS, ST_WAKEUPS, ST_HANDOFFS, ST_WAKES_SKIPPED, ST_WORKERS, ST_N };
-#define MAX_BACKOFF 256
 
 /* one job at a time: ticket = generation << 32 | next chunk; fields stable while a chunk is owed */
 static _Atomic uint64_t ticket;
@@ -106,6 +120,7 @@ static _Atomic int test_mode;              /* tests: 1 workers claim nothing (as
 static _Atomic int n_threads = 1;
 static _Atomic int chunks_per_thread = 4;
 static _Atomic long spin_ns = 60000, wait_spin_ns = 30000, small_ns = 0, chunk_ns = 0;
+static _Atomic int max_backoff = 256;
 static FMoveErr move_err;
 static FSetErr set_err;
 static FDecRef dec_ref;
@@ -159,7 +174,6 @@ static void run_chunk(FLambda f, void* cdata, int32_t n, uint32_t i, int is_call
 /* Claim and run chunks of generation g until none is left; returns how many it ran. */
 static int drain(uint32_t g, int is_caller, int* failed) {
   int ran = 0;
-  /* a worker counts itself as a helper before its first chunk can complete the job */
   for (;;) {
     uint64_t t = atomic_load(&ticket);
     if ((uint32_t)(t >> 32) != g) return ran;
@@ -169,7 +183,7 @@ static int drain(uint32_t g, int is_caller, int* failed) {
     uint32_t i = (uint32_t)t;
     if (i >= (uint32_t)n) return ran;
     if (!atomic_compare_exchange_weak(&ticket, &t, t + 1)) continue;
-    if (!is_caller && ran == 0) {
+    if (!is_caller && ran == 0) {  /* counted before its first chunk can complete the job */
       atomic_fetch_add(&job_helpers, 1);
       if (sched_getcpu() == atomic_load(&caller_cpu)) atomic_store(&job_handoff, 1);
     }
@@ -320,7 +334,7 @@ int kiln_parallel_launch(FLambda f, void* cdata, int num_task) {
      next 1, 2, 4 ... launches, until a wake lands on another CPU again. */
   int woke = 0;
   if (atomic_load(&sleepers) > 0) {
-    if (wake_skip > 0) {
+    if (wake_skip > 0 && atomic_load(&test_mode) != 2) {  /* mode 2: only workers run chunks */
       --wake_skip;
       atomic_fetch_add(&st[ST_WAKES_SKIPPED], 1);
     } else {
@@ -350,8 +364,9 @@ int kiln_parallel_launch(FLambda f, void* cdata, int num_task) {
   if (e) record(e, (now_ns() - t0) * ((ran > 0) + atomic_load(&job_helpers)));
   if (woke && atomic_load(&job_handoff)) {
     atomic_fetch_add(&st[ST_HANDOFFS], 1);
-    wake_backoff = wake_backoff ? (wake_backoff * 2 > MAX_BACKOFF ? MAX_BACKOFF : wake_backoff * 2) : 1;
-    wake_skip = wake_backoff;
+    int most = atomic_load(&max_backoff);
+    wake_backoff = wake_backoff ? (wake_backoff * 2 > most ? most : wake_backoff * 2) : 1;
+    wake_skip = wake_backoff > most ? most : wake_backoff;
   } else if (woke && atomic_load(&job_helpers) > 0) {
     wake_backoff = 0;
   }
@@ -370,7 +385,8 @@ int kiln_parallel_launch(FLambda f, void* cdata, int num_task) {
 }
 
 void kiln_pool_configure(int threads, int chunks, long spin_us, long wait_spin_us, long small_us,
-                         long chunk_us) {
+                         long chunk_us, int backoff) {
+  atomic_store(&max_backoff, backoff < 0 ? 0 : backoff);
   atomic_store(&n_threads, threads < 1 ? 1 : threads);
   atomic_store(&chunks_per_thread, chunks < 1 ? 1 : chunks);
   atomic_store(&spin_ns, spin_us * 1000L);
@@ -494,10 +510,10 @@ def _pool_library() -> ctypes.CDLL | None:
     except (OSError, AttributeError) as e:
         _problem.append(f"kiln's thread pool is unavailable ({e}); kernels use TVM's pool")
         return None
-    lib.kiln_pool_configure.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_long] * 4
+    lib.kiln_pool_configure.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_long] * 4 + [ctypes.c_int]
     lib.kiln_pool_stats.argtypes = [ctypes.POINTER(ctypes.c_uint64)]
     t = _tuning[0] = replace(_tuning[0], **_env_tuning())
-    lib.kiln_pool_configure(t.threads, t.chunks, t.spin_us, t.wait_spin_us, t.small_us, t.chunk_us)
+    lib.kiln_pool_configure(t.threads, t.chunks, t.spin_us, t.wait_spin_us, t.small_us, t.chunk_us, t.backoff)
     return lib
 
 
@@ -515,13 +531,15 @@ def configure(threads: int | None = None, **tuning: int) -> bool:
     Settings not named keep their value.  Returns False when the pool is unavailable.
     """
     new = replace(_tuning[0], **({"threads": threads} if threads is not None else {}), **tuning)
-    if new.threads < 1 or new.chunks < 1 or min(new.spin_us, new.wait_spin_us, new.small_us, new.chunk_us) < 0:
+    if new.threads < 1 or new.chunks < 1 or min(new.spin_us, new.wait_spin_us, new.small_us, new.chunk_us,
+                                                new.backoff) < 0:
         raise ValueError(f"threads and chunks must be >= 1 and times >= 0, got {new}")
     lib = pool_library()
     if lib is None:
         return False
     _tuning[0] = new
-    lib.kiln_pool_configure(new.threads, new.chunks, new.spin_us, new.wait_spin_us, new.small_us, new.chunk_us)
+    lib.kiln_pool_configure(new.threads, new.chunks, new.spin_us, new.wait_spin_us, new.small_us, new.chunk_us,
+                            new.backoff)
     return True
 
 
@@ -546,9 +564,10 @@ def adopt(lib_path: str | os.PathLike) -> bool:
     """Make the kernel library just loaded from ``lib_path`` launch its parallel loops on kiln's pool.
 
     Call it after ``tvm.runtime.load_module(lib_path)`` and before the file is
-    removed; the pool takes its size from ``TVM_NUM_THREADS`` (set by
-    ``configure_threads``).  Returns False (the library keeps TVM's pool) when the
-    pool is disabled or unavailable, or when the library uses TVM's parallel barrier.
+    removed; the pool (one per process) takes its size from ``TVM_NUM_THREADS`` (set
+    by ``configure_threads``; the latest load's count holds).  Returns False (the library keeps TVM's pool) when the
+    pool is disabled or unavailable, when the library uses TVM's parallel barrier, or when
+    no library is loaded from ``lib_path``.
     """
     if not enabled():
         return False
@@ -557,7 +576,10 @@ def adopt(lib_path: str | os.PathLike) -> bool:
         return False
     if not configure(_threads_from_env()):
         return False
-    handle = ctypes.CDLL(os.fspath(lib_path), mode=os.RTLD_NOLOAD | os.RTLD_NOW)
+    try:
+        handle = ctypes.CDLL(os.fspath(lib_path), mode=os.RTLD_NOLOAD | os.RTLD_NOW)
+    except OSError:
+        return False  # not loaded under this path (TVM loads libraries by their path)
     try:
         return _patch(handle, ctypes.cast(lib.kiln_parallel_launch, ctypes.c_void_p).value)
     finally:

@@ -311,6 +311,10 @@ def test_library_with_barrier_keeps_tvm_pool(tmp_path, barrier):
     assert slot == (0x1234 if barrier else launch)
 
 
+def test_library_not_loaded(tmp_path):
+    assert threads.adopt(tmp_path / "never-loaded.so") is False
+
+
 def test_disabled_by_environment(libs, monkeypatch):
     monkeypatch.setenv("KILN_THREAD_POOL", "tvm")
     assert not threads.enabled() and threads.adopt(libs[1]) is False

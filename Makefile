@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JOBS ?= auto
 
-.PHONY: demo test test-fast lint venv clean conformance
+.PHONY: demo test test-fast test-heavy lint venv clean conformance
 
 venv: $(STAMP)
 
@@ -21,10 +21,14 @@ demo: $(STAMP)
 
 # One BLAS thread per xdist worker: OpenBLAS threads spin-waiting on shared cores slow matmuls 5-10x.
 test: $(STAMP)
-	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --dist loadgroup
+	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --dist loadgroup -m "not heavy"
+
+# Tests that take minutes of compile time each (the quantized transformer layer from ORT's quantizer).
+test-heavy: $(STAMP)
+	OPENBLAS_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) -m heavy
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(JOBS) -m "not slow"
+	$(PY) -m pytest -q -n $(JOBS) -m "not slow and not heavy"
 
 # ONNX's node conformance suite through the compiled path (1,700+ small models; not part of `make test`).
 conformance: $(STAMP)

@@ -1885,7 +1885,7 @@ def _gather_nd(ctx: _Ctx) -> list[Value | None]:
     if target is None:
         raise _Refuse(f"the data {x.type} cannot be flattened over its first {b + k} dims", dynamic=True)
     flat_x = ctx.op("reshape", [x], {"shape": target})
-    offsets = (np.arange(n_batch, dtype=np.int64) * block).reshape(*batch, *[1] * (idx.type.rank - 1 - b))
+    offsets = (np.arange(n_batch, dtype=np.int64) * block).reshape((*batch, *[1] * (idx.type.rank - 1 - b)))
     if idx.is_const:
         raw = np.asarray(idx.const, dtype=np.int64)
         wrapped = np.where(raw < 0, raw + dims, raw)

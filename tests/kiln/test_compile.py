@@ -258,7 +258,7 @@ def test_cli_inspect_artifact_lists_kernels_with_their_ops(tmp_path, capsys):
     assert f"kernels ({len(manifest['kernels'])})" in out
     for k in manifest["kernels"]:
         assert k["name"] in out and " ".join(k["ops"]) in out
-    assert "weight input" in out and "pipeline: fuse-qlinear,canonicalize,fold-conv-bn,dce" in out
+    assert "weight input" in out and "pipeline: fuse-qlinear,canonicalize,fold-conv-bn,hoist-views,sink-views,dce" in out
     assert "graph @" in out  # --ir prints the artifact's IR, with its fused blocks
     assert 'block("b0")' in out and 'block("b0")' in kiln.load(str(art)).ir_text
 

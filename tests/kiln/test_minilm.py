@@ -203,14 +203,6 @@ def test_gather_nd_on_a_bool_mask_as_hf_exports_it():
 def test_gather_nd_refusals_name_the_reason():
     from kiln.frontend import UnsupportedOpsError
 
-    node = helper.make_node("GatherND", ["x", "idx"], ["y"], batch_dims=1)
-    graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(np.zeros((2, 1), np.int64), "idx")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-    with pytest.raises(UnsupportedOpsError, match="batch_dims=1"):
-        lift(model)
     bad = _gather_nd_model((2, 3), [[0, 3]])
     with pytest.raises(UnsupportedOpsError, match="out of range"):
         lift(bad)

@@ -949,6 +949,8 @@ def print_table(results: Sequence[BenchResult], title: str) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="*", help="zoo model names (default: all)")
     p.add_argument("--light", action="store_true", help="also benchmark onnx's light CNN models (kiln vs ORT)")
+    p.add_argument("--corpus", action="store_true",
+                   help="also benchmark the public model corpus (kiln.corpus: HF, vision, ORT-quantized; kiln vs ORT)")
     p.add_argument("--kernels", action="store_true", help="GFLOP/s of kiln's matmul kernels vs ORT and numpy")
     p.add_argument("--fusion", action="store_true",
                    help="only the fusion table: kernels and latency with fuse-blocks off and on, and ORT")
@@ -1017,6 +1019,16 @@ def run(args: argparse.Namespace) -> int:
                                      threads=args.threads, run_tvm=False, passes=args.passes))
         print_table(light, "kiln bench: onnx light models (kiln vs ORT)")
         out["light"] = [r.as_dict() for r in light]
+    if args.corpus:
+        from kiln import corpus
+
+        rows = []
+        for name in corpus.names():
+            cm = corpus.build(name)
+            rows.append(bench_model(name, cm.model, cm.feeds, torch_fn=None, repeat=args.repeat,
+                                    threads=args.threads, run_tvm=False, passes=args.passes))
+        print_table(rows, "kiln bench: the public model corpus (kiln.corpus), kiln vs ORT")
+        out["corpus"] = [r.as_dict() for r in rows]
     if args.kernels:
         rows = bench_matmul_kernels([(512, 512, 512), (128, 256, 1024), (128, 1024, 256), (1, 512, 512)],
                                     args.threads)

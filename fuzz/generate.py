@@ -1314,7 +1314,6 @@ from . import (  # noqa: E402,F401
     build_transformer,
 )
 
-
 # Ops the generator never builds directly, and how fuzz cases reach them instead.
 REACHED_OTHERWISE: dict[str, str] = {
     "qmatmul": "made by fuse-qlinear from the qdq pattern (pattern_qdq)",

@@ -286,7 +286,12 @@ def _export(module: Any, args: tuple, input_names: list[str], exporter: str, ops
 
 
 def _quantize(model: onnx.ModelProto, feeds: dict[str, np.ndarray], fmt: str) -> onnx.ModelProto:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     rng = np.random.default_rng(SEED)
 

@@ -26,7 +26,7 @@ def main(in0: T.Buffer((3, 16), "float32"), z: T.Buffer((), "float32"), y: T.Buf
                                               T.reinterpret("int32", in0[v_k0, v_k1])
                                               ^ T.reinterpret("int32", in0[v_k0, v_k1]) >> 31 & 2147483647))
     with T.sblock("epilogue"):
-        vi = T.axis.spatial(1, 0)
+        vi = T.axis.spatial(1, 0)  # noqa: F841  (the sblock's spatial axis)
         T.reads(z[()], red[()])
         T.writes(y[()])
         y[()] = T.Select(T.isnan(z[()]), z[()], T.Select(

@@ -1468,9 +1468,8 @@ def _ints(v: Any, n: int, default: int) -> list[int]:
     return [int(x) for x in v] if v else [default] * n
 
 
-@_special("Conv", needs=("conv",))
-def _conv(ctx: _Ctx) -> list[Value | None]:
-    x, w, b = ctx.x(0), ctx.x(1), ctx.input(2)
+def conv_window(ctx: _Ctx, x: Value, w: Value) -> dict[str, Any]:
+    """A Conv-like node's strides, pads (auto_pad resolved), dilations and group, its kernel from the weight."""
     kernel = w.type.shape[2:]
     if not all(isinstance(k, int) for k in kernel):
         raise _Refuse(f"the weight needs a static shape, got {w.type}", dynamic=True)
@@ -1480,9 +1479,27 @@ def _conv(ctx: _Ctx) -> list[Value | None]:
     n = len(kernel)
     strides = _ints(ctx.attrs.get("strides"), n, 1)
     dilations = _ints(ctx.attrs.get("dilations"), n, 1)
-    pads = _spatial_pads(ctx, x, kernel, strides, dilations, "Conv")
-    attrs = {"strides": strides, "pads": pads, "dilations": dilations, "group": int(ctx.attr("group", 1))}
-    return [ctx.op("conv", [x, w, b], attrs, out=0)]
+    pads = _spatial_pads(ctx, x, kernel, strides, dilations, ctx.node.op_type)
+    return {"strides": strides, "pads": pads, "dilations": dilations, "group": int(ctx.attr("group", 1))}
+
+
+def pool_window(ctx: _Ctx, x: Value) -> dict[str, Any]:
+    """A pooling node's kernel_shape, strides, pads (auto_pad resolved), dilations and ceil_mode."""
+    kernel = [int(k) for k in ctx.attrs.get("kernel_shape", [])]
+    if not kernel:
+        raise _Refuse("kernel_shape is missing")
+    n = len(kernel)
+    strides = _ints(ctx.attrs.get("strides"), n, 1)
+    dilations = _ints(ctx.attrs.get("dilations"), n, 1)
+    pads = _spatial_pads(ctx, x, kernel, strides, dilations, ctx.node.op_type)
+    return {"kernel_shape": kernel, "strides": strides, "pads": pads, "dilations": dilations,
+            "ceil_mode": int(ctx.attr("ceil_mode", 0))}
+
+
+@_special("Conv", needs=("conv",))
+def _conv(ctx: _Ctx) -> list[Value | None]:
+    x, w, b = ctx.x(0), ctx.x(1), ctx.input(2)
+    return [ctx.op("conv", [x, w, b], conv_window(ctx, x, w), out=0)]
 
 
 @_special("ConvTranspose", needs=("conv_transpose",))
@@ -1530,15 +1547,7 @@ def _conv_transpose(ctx: _Ctx) -> list[Value | None]:
 @_special("MaxPool", needs=("max_pool", "max_pool_with_indices"))
 def _max_pool(ctx: _Ctx) -> list[Value | None]:
     x = ctx.x()
-    kernel = [int(k) for k in ctx.attrs.get("kernel_shape", [])]
-    if not kernel:
-        raise _Refuse("kernel_shape is missing")
-    n = len(kernel)
-    strides = _ints(ctx.attrs.get("strides"), n, 1)
-    dilations = _ints(ctx.attrs.get("dilations"), n, 1)
-    pads = _spatial_pads(ctx, x, kernel, strides, dilations, "MaxPool")
-    attrs = {"kernel_shape": kernel, "strides": strides, "pads": pads, "dilations": dilations,
-             "ceil_mode": int(ctx.attr("ceil_mode", 0))}
+    attrs = pool_window(ctx, x)
     if ctx.output_used(1):
         attrs["storage_order"] = int(ctx.attr("storage_order", 0))
         return list(ctx.op_multi("max_pool_with_indices", [x], attrs, outs=[0, 1]))

@@ -25,7 +25,7 @@ from kiln.ir.graph import Value
 from kiln.ir.ops.nn_extra import einsum_dims, parse_einsum
 from kiln.ir.registry import OpTypeError
 
-from .lift import _check_only, _Ctx, _ints, _Refuse, _spatial_pads, _special
+from .lift import _check_only, _Ctx, _Refuse, _special, pool_window
 
 
 def _result(ctx: _Ctx, v: Value) -> Value:
@@ -101,15 +101,7 @@ def _int_p(ctx: _Ctx) -> int:
 @_special("LpPool", needs=("lp_pool",), since=18)
 def _lp_pool(ctx: _Ctx) -> list[Value | None]:
     x = ctx.x()
-    kernel = [int(k) for k in ctx.attrs.get("kernel_shape", [])]
-    if not kernel:
-        raise _Refuse("kernel_shape is missing")
-    n = len(kernel)
-    strides = _ints(ctx.attrs.get("strides"), n, 1)
-    dilations = _ints(ctx.attrs.get("dilations"), n, 1)
-    pads = _spatial_pads(ctx, x, kernel, strides, dilations, "LpPool")
-    attrs = {"kernel_shape": kernel, "strides": strides, "pads": pads, "dilations": dilations,
-             "ceil_mode": int(ctx.attr("ceil_mode", 0)), "p": _int_p(ctx)}
+    attrs = {**pool_window(ctx, x), "p": _int_p(ctx)}
     return [ctx.op("lp_pool", [x], attrs, out=0)]
 
 

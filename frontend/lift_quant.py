@@ -25,7 +25,7 @@ import numpy as np
 
 from kiln.ir.graph import Value
 
-from .lift import _check_only, _Ctx, _ints, _Refuse, _spatial_pads, _special
+from .lift import _check_only, _Ctx, _Refuse, _special, conv_window
 
 EXACT_F32_PRODUCTS = (1 << 24) // (255 * 255)  # K up to which an 8-bit dot product is exact in f32
 
@@ -123,18 +123,9 @@ def _centered_i32(ctx: _Ctx, x: Value, zp: Value | None, *, row_axis: bool) -> V
 # ====================================================================== conv
 
 def _conv_attrs(ctx: _Ctx, x: Value, w: Value) -> dict:
-    kernel = w.type.shape[2:]
-    if not all(isinstance(k, int) for k in kernel):
-        raise _Refuse(f"the weight needs a static shape, got {w.type}", dynamic=True)
-    ks = ctx.attrs.get("kernel_shape")
-    if ks and list(ks) != list(kernel):
-        raise _Refuse(f"kernel_shape {list(ks)} disagrees with the weight's shape {w.type}")
-    n = len(kernel)
-    strides = _ints(ctx.attrs.get("strides"), n, 1)
-    dilations = _ints(ctx.attrs.get("dilations"), n, 1)
-    pads = _spatial_pads(ctx, x, kernel, strides, dilations, ctx.node.op_type)
+    attrs = conv_window(ctx, x, w)
     _check_only(ctx, ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"))
-    return {"strides": strides, "pads": pads, "dilations": dilations, "group": int(ctx.attr("group", 1))}
+    return attrs
 
 
 def _products(w: Value) -> int | None:

@@ -24,6 +24,7 @@ from tvm.target import Target
 from kiln.ir.graph import Node, Value
 from kiln.ir.registry import get_op
 
+from ..runtime.errors import Error
 from . import lowering  # noqa: F401  (registers every lowering)
 from .lowering import LowerCtx, tvm_dtype
 from .schedules import schedule_for
@@ -34,7 +35,7 @@ __all__ = ["CodegenError", "Kernel", "KernelArg", "anchor_index", "build_kernel"
 # Fusion kinds of a block's anchor: the node whose lowering names the kernel's schedule.
 
 
-class CodegenError(Exception):
+class CodegenError(Error):
     """A node kiln cannot turn into a kernel (no lowering, symbolic shape, lowering failure)."""
 
 

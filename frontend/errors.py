@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..runtime.errors import Error
 
-class FrontendError(ValueError):
+
+class FrontendError(Error, ValueError):
     """Base class: the model cannot be lifted (or lowered); the message says why."""
 
 

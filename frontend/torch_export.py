@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import onnx
 import torch
 
+from ..runtime.errors import Error
+
 if TYPE_CHECKING:
     import onnx_ir
 
@@ -43,7 +45,7 @@ MAX_IR_VERSION = 10
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-class ExportError(RuntimeError):
+class ExportError(Error, RuntimeError):
     """A module could not be exported to ONNX; the message names the module class and the exporter's error."""
 
 

@@ -6,16 +6,13 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ..runtime.errors import Error, InputError
 from .graph import Graph, Node
 from .registry import get_op
 from .types import bind_shape
 
 
-class InputError(ValueError):
-    """A graph input was missing, unexpected, or of the wrong dtype or shape."""
-
-
-class InterpretError(RuntimeError):
+class InterpretError(Error, RuntimeError):
     """An op's reference failed or produced a value that disagrees with its declared type."""
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.errors import Error
 from .types import DTYPES, TensorType
 
 Attrs = dict[str, Any]
@@ -32,7 +33,7 @@ class FusionKind(str, enum.Enum):
     OPAQUE = "opaque"
 
 
-class OpTypeError(TypeError):
+class OpTypeError(Error, TypeError):
     """An op's type rule refused its operands or attributes."""
 
 

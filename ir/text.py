@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.errors import Error
 from .graph import Graph, Value
 from .types import TensorType, to_numpy_dtype
 
@@ -29,7 +30,7 @@ LITERAL_MAX = 16
 _BARE = re.compile(r"[A-Za-z_$][A-Za-z0-9_.$]*|[0-9]+")
 
 
-class ParseError(ValueError):
+class ParseError(Error, ValueError):
     """Malformed IR text; the message names the line and column."""
 
 

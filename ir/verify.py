@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
+from ..runtime.errors import Error
 from .graph import Graph, Node, Value
 from .registry import FusionKind, OpTypeError, get_op, infer_types, is_anchor, is_view
 
@@ -16,7 +17,7 @@ from .registry import FusionKind, OpTypeError, get_op, infer_types, is_anchor, i
 EPILOGUE_KINDS = frozenset({FusionKind.ELEMENTWISE, FusionKind.BROADCAST})
 
 
-class VerifyError(ValueError):
+class VerifyError(Error, ValueError):
     """The graph breaks one or more IR invariants; ``problems`` lists every one found."""
 
     def __init__(self, graph: Graph, problems: list[str]):

@@ -7,15 +7,21 @@ Stages live in subpackages: ``kiln.frontend`` (torch/ONNX in and out),
 ``kiln.compile(model, ...) -> Artifact``, ``kiln.load(path) -> Session`` and
 ``kiln.quantize(model, calibration, ...) -> QuantizeResult`` (post-training
 quantization with an error report, :mod:`kiln.passes.quantize`) are imported on
-first use, so that ``import kiln`` (and the runtime) stays light.
+first use, so that ``import kiln`` (and the runtime) stays light. Every error kiln raises
+for bad input is a ``kiln.Error`` (:mod:`kiln.runtime.errors`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from kiln.runtime.errors import ArtifactError, Error, InputError, LimitError, TrustError
+
 __version__ = "0.1.0"
-__all__ = ["Artifact", "QuantizeOptions", "compile", "load", "quantize"]
+__all__ = [
+    "Artifact", "ArtifactError", "Error", "InputError", "LimitError", "QuantizeOptions", "TrustError",
+    "compile", "load", "quantize",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -16,13 +16,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from kiln.runtime.errors import Error
+
 console = Console(highlight=False)
 if not console.is_terminal:  # piped or logged: tables keep their columns
     console = Console(highlight=False, width=max(console.width, 140))
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
-class CliError(Exception):
+class CliError(Error):
     """An error to show the user as one line."""
 
 

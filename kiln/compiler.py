@@ -25,6 +25,7 @@ from kiln.ir.graph import Graph
 from kiln.ir.text import print_graph
 from kiln.ir.types import bind_shape, is_static_dim
 from kiln.runtime.artifact import ArtifactContents, write_artifact
+from kiln.runtime.errors import Error
 
 QUANTIZED_PIPELINE = "dce,fuse-qlinear,dce,fuse-blocks"
 """Default passes after :func:`kiln.quantize` (which already canonicalized and folded BatchNorm): integer
@@ -34,7 +35,7 @@ kernels for the QDQ layers, and no ``canonicalize``, whose constant folding woul
 __all__ = ["QUANTIZED_PIPELINE", "Artifact", "CompileError", "Resolved", "compile", "initial_params", "model_inputs", "resolve_model"]
 
 
-class CompileError(Exception):
+class CompileError(Error):
     """A model kiln cannot compile; the message names the stage and the cause."""
 
 

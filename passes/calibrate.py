@@ -52,6 +52,8 @@ from kiln.ir.graph import Graph
 from kiln.ir.interpret import interpret
 from kiln.ir.types import bind_shape, to_numpy_dtype
 
+from ..runtime.errors import Error
+
 METHODS = ("minmax", "percentile", "entropy", "mse")
 CACHE_BYTES = 256 << 20  # first-pass activations kept for the histogram pass when they fit
 DEFAULT_BINS = {"percentile": 2048, "entropy": 128, "mse": 2048}
@@ -65,7 +67,7 @@ __all__ = ["CACHE_BYTES", "METHODS", "CalibrationError", "CalibrationSet", "Entr
            "quantize_symmetric", "symmetric_weight_qparams", "synthetic_calibration"]
 
 
-class CalibrationError(ValueError):
+class CalibrationError(Error, ValueError):
     """Calibration data that does not fit the model (missing input, wrong shape, empty set, unreadable file)."""
 
 

@@ -30,6 +30,8 @@ import numpy as np
 from kiln.ir.graph import Graph, Node
 from kiln.ir.verify import VerifyError, verify
 
+from ..runtime.errors import Error
+
 __all__ = ["DEFAULT_PIPELINE", "Instruments", "Pass", "PassError", "PassLog", "PassRecord", "PipelineError",
            "PipelineResult", "Refusal", "RewritePass", "check_order", "format_pipeline", "parse_pipeline", "random_inputs",
            "register_pass", "registered_passes", "run_pipeline", "run_pipeline_report"]
@@ -37,11 +39,11 @@ __all__ = ["DEFAULT_PIPELINE", "Instruments", "Pass", "PassError", "PassLog", "P
 DEFAULT_PIPELINE = "fuse-qlinear,canonicalize,fold-conv-bn,hoist-views,sink-views,dce,fuse-blocks"
 
 
-class PipelineError(ValueError):
+class PipelineError(Error, ValueError):
     """A pipeline string that does not parse, or names an unknown pass or option."""
 
 
-class PassError(RuntimeError):
+class PassError(Error, RuntimeError):
     """A pass that failed or left an invalid graph."""
 
 

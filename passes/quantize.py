@@ -56,6 +56,8 @@ from kiln.passes.calibrate import (
 from kiln.passes.manager import PassLog
 from kiln.passes.weight_only import METHODS as WEIGHT_METHODS
 
+from ..runtime.errors import Error
+
 __all__ = ["KeptFloat", "LayerError", "OutputError", "QuantReport", "QuantizeError", "QuantizeOptions",
            "QuantizeResult", "check_calibration", "expand_exclude", "lift_torch", "quantize", "quantize_graph",
            "quantized_layers", "sqnr_db"]
@@ -70,7 +72,7 @@ WORST = 5
 Progress = Callable[[str, int, int], None]
 
 
-class QuantizeError(ValueError):
+class QuantizeError(Error, ValueError):
     """Options that do not make sense together, or a model kiln cannot quantize; the message says which."""
 
 

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ArtifactError
+
 __all__ = [
     "FORMAT_VERSION",
     "MEMBERS",
@@ -56,10 +58,6 @@ REQUIRED_KEYS = (
     "members",
 )
 _ZIP_MAGIC = b"PK\x03\x04"
-
-
-class ArtifactError(Exception):
-    """An artifact file that cannot be used; the message names the file and what is wrong."""
 
 
 @dataclass

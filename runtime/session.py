@@ -29,14 +29,11 @@ import numpy as np
 from . import threads
 from .artifact import ArtifactError, bits_dtype, numpy_dtype, read_artifact
 from .cpu import host_arch, missing_cpu_features, required_cpu_features, target_arch
+from .errors import InputError
 
 __all__ = ["InputError", "Session", "TensorSpec", "configure_threads", "load"]
 
 _TVM_LOCK = threading.Lock()
-
-
-class InputError(ValueError):
-    """Inputs that do not match the artifact's signature; the message names the input, expected and got."""
 
 
 @dataclass(frozen=True)

@@ -8,44 +8,72 @@ picks another entry.  With ``feedback=False`` the same loop runs but coverage
 never counts as new: mutants never join the corpus (the ablation baseline).
 Findings are deduplicated by (symptom, stage, pass, normalized message),
 reduced, and written one folder each with a one-command reproducer.
+
+With an output folder the campaign saves as it goes (:meth:`Campaign.save`,
+every ``save_every_s`` seconds, and on SIGINT/SIGTERM): new corpus entries
+(``corpus/<level>-NNNNN.json``), new findings (unreduced until the end),
+``report.json`` and ``state.json`` (options, counters, coverage, the random
+generator's state, the findings), each file written atomically, so an
+interrupted campaign loses at most the cases in flight.  :func:`resume_campaign`
+continues one from its folder: the saved corpus, coverage, counters and random
+state, with what is left of the original budget, or a new budget counted from
+the resume.  Nothing in the folder is executed: cases are re-checked (TIR in a
+worker process) and plugin modules are imported only when named again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
-import shutil
+import re
+import signal
+import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kiln.fuzz.coverage import Coverage
+from kiln.fuzz.findings import FuzzError, clean_case
 from kiln.fuzz.oracle import STAGES, GraphCase, Outcome
-from kiln.fuzz.worker import Task, Worker, execute, wait_any
+from kiln.fuzz.worker import Task, Worker, check_in_child, execute, wait_any
 
-__all__ = ["Campaign", "Finding", "FuzzOptions", "parse_duration", "run_campaign"]
+__all__ = ["Campaign", "Finding", "FuzzOptions", "Interrupted", "parse_duration", "prepare_out", "resume_campaign",
+           "run_campaign"]
 
 LEVELS = ("graph", "tir", "both")
 # Bigger cases always reach more arcs, so unchecked feedback grows them (and slows every test):
 # mutants above these sizes are tested but never kept (AFL trims for the same reason).
 MAX_GRAPH_NODES = 24
 MAX_TIR_LINES = 200
+STATE_FORMAT = 1
+MAX_STATE = 256 << 20  # bytes of state.json kiln reads back
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,120}")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM during a campaign (SIGINT is Python's KeyboardInterrupt): the campaign saves and stops."""
 
 
 def parse_duration(text: str) -> float:
-    """``"90"``, ``"90s"``, ``"10m"``, ``"1h"`` -> seconds."""
+    """``"90"``, ``"90s"``, ``"10m"``, ``"1h"`` -> seconds (a finite number above 0)."""
     t = text.strip().lower()
     scale = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], None)
     try:
-        return float(t[:-1]) * scale if scale else float(t)
+        seconds = float(t[:-1]) * scale if scale else float(t)
     except ValueError:
         raise ValueError(f"duration {text!r}: expected a number with an optional s, m or h suffix") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"duration {text!r}: expected more than 0 seconds (e.g. 90, 90s, 10m, 1h)")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -72,14 +100,29 @@ class FuzzOptions:
     models: tuple[str, ...] = ()  # extra graph seeds: zoo names, "light:<name>" (onnx's light CNNs) or .onnx paths
     known_crashes: bool = False  # also draw TVM passes with a known crash (fuzz/FINDINGS.md) into TIR sequences
     reduce_s: float = 90.0  # wall-clock cap on reducing one finding
+    save_every_s: float = 5.0  # with ``out``: how often the folder is brought up to date
 
     def __post_init__(self) -> None:
+        def positive(flag: str, v: float | None, whole: bool = False) -> None:
+            ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                               and (not whole or float(v).is_integer()))
+            if not ok:
+                raise ValueError(f"{flag} {v!r}: expected {'a whole number of at least 1' if whole else 'more than 0'}")
+
         if self.level not in LEVELS:
             raise ValueError(f"--level {self.level!r}: expected one of {', '.join(LEVELS)}")
         if self.time_s is None and self.iterations is None:
             raise ValueError("a campaign needs --time or --iterations")
-        if self.jobs < 0:
-            raise ValueError(f"--jobs {self.jobs}: expected 0 (in-process) or more")
+        positive("--time", self.time_s)
+        positive("--iterations", self.iterations, whole=True)
+        positive("--timeout", self.timeout_s)
+        positive("save_every_s", self.save_every_s)
+        if not isinstance(self.jobs, int) or self.jobs < 0:
+            raise ValueError(f"--jobs {self.jobs!r}: expected 1 or more worker processes (0: in-process)")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 63:
+            raise ValueError(f"--seed {self.seed!r}: expected a whole number in [0, 2**63)")
+        if not set(self.stages) <= set(STAGES):
+            raise ValueError(f"stages {list(self.stages)}: expected some of {', '.join(STAGES)}")
 
 
 @dataclass
@@ -141,10 +184,18 @@ def _source(feature: str) -> str:
 
 
 def _size(level: str, case: dict[str, Any]) -> int:
-    """Reproducer size: graph nodes plus passes, or TIR statements plus passes."""
+    """Reproducer size: graph nodes plus passes, or TVMScript lines plus passes."""
     if level == "graph":
         return len(GraphCase.from_json(case).graph().nodes) + len(case["passes"])
-    return sum(1 for line in case["script"].splitlines() if line.strip()) + len(case["passes"])
+    return _script_lines(case["func"]) + len(case["passes"])
+
+
+@lru_cache(maxsize=512)
+def _script_lines(func: str) -> int:
+    """Non-blank TVMScript lines of a saved function (printing costs milliseconds; mutants repeat)."""
+    from kiln.fuzz.tir import load_func
+
+    return sum(1 for line in load_func(func).script().splitlines() if line.strip())
 
 
 @dataclass
@@ -167,11 +218,22 @@ class Campaign:
         self.rng = np.random.default_rng(self.opts.seed)
         self.t0 = time.monotonic()
         self.n = 0
+        self.spent_s = 0.0  # campaign seconds before this process (a resumed campaign)
+        self.resumed = 0
+        self.refused: dict[str, int] = {}  # saved entries a resume would not take, by level
+        self.state = "running"
+        self._seeded = False
+        self._written = {"graph": 0, "tir": 0}  # corpus entries already in the output folder
+        self._new_findings: list[tuple[str, ...]] = []
+        self._last_save = time.monotonic()
+        self._stop = 0  # the signal that asked the campaign to stop
 
     # ------------------------------------------------------------------ seeds
     def seed_corpus(self) -> None:
         """Seeds: generated graphs and the pattern graphs with random pipelines; kiln's kernels as TIR."""
         from kiln.fuzz.generate import seed_graphs
+
+        self._seeded = True
         from kiln.fuzz.mutate import random_pipeline
 
         if self.opts.level in ("graph", "both"):
@@ -188,6 +250,7 @@ class Campaign:
 
             for tc in seed_cases(int(self.rng.integers(1 << 30))):
                 self.corpus["tir"].append(Entry("tir", asdict(tc), 0, tc.origin))
+        self.save()
 
     # ------------------------------------------------------------------ mutation
     def _pick(self, level: str) -> Entry:
@@ -218,27 +281,20 @@ class Campaign:
         return GraphCase(case.ir, passes, seed, f"{case.origin}|{how}").to_json(), how
 
     def _mutate_tir(self, slot: Slot) -> tuple[dict[str, Any], str]:
-        from kiln.fuzz.tir import (
-            TirCase,
-            crossover_passes,
-            mutate_func,
-            mutate_passes,
-            parse_func,
-            pass_pool,
-        )
+        from kiln.fuzz.tir import TirCase, crossover_passes, mutate_func, mutate_passes, pass_pool
 
         assert slot.entry is not None
         tc = TirCase(**slot.entry.case)
         if slot.phase == "graph":
-            new, how = mutate_func(parse_func(tc.script), self.rng)
-            out = TirCase(new.script(), list(tc.passes), int(self.rng.integers(1 << 30)), f"{tc.origin}|{how}")
+            new, how = mutate_func(tc.prim_func(), self.rng)
+            out = TirCase.of(new, tc.passes, int(self.rng.integers(1 << 30)), f"{tc.origin}|{how}")
         else:
             if self.rng.random() < 0.25 and len(self.corpus["tir"]) > 1:
                 other = TirCase(**self._pick("tir").case)
                 passes, how = crossover_passes(tc.passes, other.passes, self.rng), "passes-crossover"
             else:
                 passes, how = mutate_passes(tc.passes, self.rng, pass_pool(self.opts.known_crashes)), "passes-mutate"
-            out = TirCase(tc.script, passes, tc.seed, f"{tc.origin}|{how}")
+            out = TirCase(tc.func, passes, tc.seed, f"{tc.origin}|{how}")
         return asdict(out), how
 
     def next_task(self, slots: dict[str, Slot]) -> tuple[Slot, Task]:
@@ -251,7 +307,7 @@ class Campaign:
                 slot.entry, slot.phase, slot.stale = self._pick(level), "graph", 0
             try:
                 case, how = self._mutate_graph(slot) if level == "graph" else self._mutate_tir(slot)
-            except Exception:  # noqa: BLE001 - MutationFailed, or a mutant TVM cannot print/parse
+            except Exception:  # noqa: BLE001 - MutationFailed, or a mutant TVM cannot print/serialize
                 slot.stale += 1
                 self._advance(slot)
                 continue
@@ -302,10 +358,22 @@ class Campaign:
         else:
             slot.stale += 1
             self._advance(slot)
-        self.timeline.append({"t": round(self.elapsed(), 3), "tests": self.n, "coverage": self.coverage.total,
-                              "corpus": sum(len(v) for v in self.corpus.values()), "findings": len(self.findings)})
+        self._point()
         if self.progress:
             self.progress(self.status())
+        self.maybe_save()
+        self._check_stop()
+
+    def _point(self) -> None:
+        """A timeline point when coverage, corpus or findings changed, else at most one a second."""
+        p = {"t": round(self.elapsed(), 3), "tests": self.n, "coverage": self.coverage.total,
+             "corpus": sum(len(v) for v in self.corpus.values()), "findings": len(self.findings)}
+        last = self.timeline[-1] if self.timeline else None
+        same = last is not None and all(last[k] == p[k] for k in ("coverage", "corpus", "findings"))
+        if same and p["t"] - last["t"] < 1.0:
+            last["tests"] = p["tests"]
+            return
+        self.timeline.append(p)
 
     def _finding(self, level: str, case: dict[str, Any], out: Outcome) -> None:
         key = (level, *out.key)
@@ -314,10 +382,12 @@ class Campaign:
             return
         self.findings[key] = Finding(f"{out.symptom}-{out.stage}-{out.key_id}", level, out.to_json(), case,
                                      first_s=self.elapsed(), size_before=_size(level, case))
+        self._new_findings.append(key)
 
     # ------------------------------------------------------------------ loop
     def elapsed(self) -> float:
-        return time.monotonic() - self.t0
+        """Campaign seconds, across resumes."""
+        return self.spent_s + time.monotonic() - self.t0
 
     def done(self) -> bool:
         o = self.opts
@@ -331,19 +401,62 @@ class Campaign:
                 "elapsed_s": el}
 
     def run(self) -> None:
-        """The loop: keep every worker busy until the budget is spent; then reduce and write findings."""
-        self.seed_corpus()
-        if self.opts.jobs == 0:
-            self._run_inline()
-        else:
-            self._run_workers()
-        self.seconds = self.elapsed()
-        if self.opts.reduce:
-            self.reduce_findings()
+        """The loop: keep every worker busy until the budget is spent; then reduce and write findings.
+
+        With ``opts.out`` the folder is checked first (:func:`prepare_out`) and
+        kept up to date; on SIGINT/SIGTERM (KeyboardInterrupt) it is saved with
+        ``state`` "interrupted" before the interruption goes on to the caller.
+        """
+        if self.opts.out:
+            prepare_out(self.opts.out, resume=self.resumed > 0 or self._seeded)
+        self._base_spent = self.spent_s
+        old = self._catch_signals()
+        try:
+            if not self._seeded:
+                self.t0 = time.monotonic()
+                self.seed_corpus()
+                self._check_stop()
+            if self.opts.jobs == 0:
+                self._run_inline()
+            else:
+                self._run_workers()
+            self.seconds = self.elapsed()
+            if self.opts.reduce:
+                self.reduce_findings()
+        except KeyboardInterrupt:
+            self.seconds = self.elapsed()
+            self.state = "interrupted"
+            if self.opts.out:
+                _shielded(lambda: self.save(final=True))
+            raise
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        self.state = "done"
+
+    def _catch_signals(self) -> dict[int, Any]:
+        """SIGINT and SIGTERM stop the campaign (main thread only) once the cases in flight are done:
+        the first one leaves a flag that the loop checks between cases (an exception raised at a
+        random point could land inside a TVM callback, which turns it into an error of the case, or
+        in a finalizer); a second one interrupts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def stop(signum: int, _frame: Any) -> None:
+            if self._stop:
+                raise Interrupted() if signum == signal.SIGTERM else KeyboardInterrupt()
+            self._stop = signum
+
+        return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _check_stop(self) -> None:
+        if self._stop:
+            raise Interrupted() if self._stop == signal.SIGTERM else KeyboardInterrupt()
 
     def _run_inline(self) -> None:
         slots: dict[str, Slot] = {}
         while not self.done():
+            self._check_stop()
             slot, task = self.next_task(slots)
             t = time.monotonic()
             self.record(slot, execute(task), time.monotonic() - t)
@@ -355,8 +468,10 @@ class Campaign:
         try:
             for w in workers:
                 w.start()
-            self.t0 = time.monotonic()  # the budget counts tests, not worker start-up
+                self._check_stop()
+            self.spent_s, self.t0 = self._base_spent, time.monotonic()  # the budget counts tests, not start-up
             while True:
+                self._check_stop()
                 for w in workers:
                     if not w.busy and not self.done():
                         slot, task = self.next_task(slots[id(w)])
@@ -382,12 +497,16 @@ class Campaign:
             if worker:
                 worker.start()
             for f in self.findings.values():
+                if f.reduced is not None:  # reduced before a resume
+                    continue
                 f.size_before = _size(f.level, f.case)
                 if f.outcome["symptom"] == "hang":  # each test would cost the timeout
                     f.reduced, f.size_after = f.case, f.size_before
                     continue
-                f.reduced = reduce_finding(f.level, f.case, f.outcome, self.opts, worker)
+                f.reduced = reduce_finding(f.level, f.case, f.outcome, self.opts, worker, lambda: bool(self._stop))
                 f.size_after = _size(f.level, f.reduced)
+                self._new_findings.append(next(k for k, v in self.findings.items() if v is f))
+                self.maybe_save()
         finally:
             if worker:
                 worker.close()
@@ -397,6 +516,9 @@ class Campaign:
                           "tests_per_s": self.tests[lv] / self.busy_s[lv] if self.busy_s[lv] else 0.0}
                      for lv in ("graph", "tir") if self.tests[lv]}
         return {
+            "state": self.state,
+            "resumed": self.resumed,
+            "refused_on_resume": dict(self.refused),
             "options": {k: v for k, v in asdict(self.opts).items()},
             "seconds": round(getattr(self, "seconds", self.elapsed()), 2),
             "tests": self.n,
@@ -413,25 +535,278 @@ class Campaign:
             "timeline": self.timeline,
         }
 
-    def write(self, out: str | os.PathLike) -> Path:
-        """The output folder: corpus/, findings/<id>/, report.json, coverage.png (each file written atomically)."""
+    # ------------------------------------------------------------------ the output folder
+    def maybe_save(self) -> None:
+        """Bring the output folder up to date when ``save_every_s`` has passed since the last save."""
+        if self.opts.out and time.monotonic() - self._last_save >= self.opts.save_every_s:
+            self.save()
+
+    def save(self, final: bool = False) -> None:
+        """Write what changed since the last save to ``opts.out``: new corpus entries and findings,
+        report.json and state.json; ``final`` also rewrites every finding and draws coverage.png."""
+        if self.opts.out:
+            self.write(self.opts.out, final=final)
+        self._last_save = time.monotonic()
+
+    def write(self, out: str | os.PathLike, final: bool = True) -> Path:
+        """The output folder: corpus/, findings/<id>/, report.json, state.json and (final) coverage.png;
+        each file is written atomically, a finding's folder as a whole."""
         from kiln.fuzz.findings import write_finding
         from kiln.fuzz.report import plot_coverage
 
         root = Path(out)
         (root / "corpus").mkdir(parents=True, exist_ok=True)
+        ours = self.opts.out is not None and root == Path(self.opts.out)
         for lv, entries in self.corpus.items():
-            for i, e in enumerate(entries):
+            for i in range(self._written.get(lv, 0) if ours else 0, len(entries)):  # entries never change
+                e = entries[i]
                 _write_json(root / "corpus" / f"{lv}-{i:05d}.json", {"level": lv, "added": e.added, "case": e.case})
-        fdir = root / "findings"
-        if fdir.exists():
-            shutil.rmtree(fdir)
-        for f in self.findings.values():
-            f.folder = str(write_finding(fdir / f.id, f))
+            if ours:
+                self._written[lv] = len(entries)
+        keys = list(self.findings) if final else list(dict.fromkeys(self._new_findings))
+        self._new_findings = []
+        for key in keys:
+            f = self.findings[key]
+            f.folder = str(write_finding(root / "findings" / f.id, f))
         _write_json(root / "report.json", self.report())
-        plot_coverage(self.timeline, root / "coverage.png",
-                      title=f"kiln fuzz --level {self.opts.level}{'' if self.opts.feedback else ' --no-feedback'}")
+        _write_json(root / "state.json", self.to_state())
+        if final:
+            try:
+                plot_coverage(self.timeline, root / "coverage.png", title=f"kiln fuzz --level {self.opts.level}"
+                              f"{'' if self.opts.feedback else ' --no-feedback'}")
+            except Exception:  # noqa: BLE001 - the plot is a picture of report.json; never lose a save to it
+                pass
         return root
+
+    # ------------------------------------------------------------------ resume
+    def to_state(self) -> dict[str, Any]:
+        """Everything :func:`resume_campaign` needs besides the corpus files (JSON only)."""
+        return {
+            "kind": "kiln-fuzz-campaign", "format": STATE_FORMAT, "state": self.state,
+            "options": asdict(self.opts), "spent_s": self.elapsed(), "tests": self.n, "resumed": self.resumed,
+            "tests_by_level": dict(self.tests), "busy_s": dict(self.busy_s), "statuses": dict(self.statuses),
+            "mutators": dict(self.mutators), "productive": dict(self.productive),
+            "rng": self.rng.bit_generator.state, "coverage": self.coverage.to_json(), "timeline": self.timeline,
+            "corpus": {lv: len(v) for lv, v in self.corpus.items()},
+            "findings": [{"key": list(k), "id": f.id, "level": f.level, "outcome": f.outcome, "case": f.case,
+                          "reduced": f.reduced, "count": f.count, "first_s": f.first_s,
+                          "size_before": f.size_before, "size_after": f.size_after}
+                         for k, f in self.findings.items()],
+        }
+
+
+def _shielded(fn: Callable[[], None]) -> None:
+    """Run ``fn`` with SIGINT and SIGTERM held off (a second Ctrl-C must not cut the final save short)."""
+    if threading.current_thread() is not threading.main_thread():
+        fn()
+        return
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        fn()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def prepare_out(out: str | os.PathLike, *, resume: bool = False) -> Path:
+    """Check (and create) a campaign's output folder before any fuzzing: FuzzError when it is a file,
+    cannot be created or written, or already holds another campaign (unless resuming it)."""
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise FuzzError(f"--out {root}: exists and is not a folder; name a new or empty folder")
+    if not resume and root.is_dir():
+        held = [n for n in ("state.json", "report.json", "corpus", "findings") if (root / n).exists()]
+        if held:
+            raise FuzzError(f"--out {root}: already holds a campaign ({', '.join(held)}); continue it with "
+                            f"--resume {root}, or name a new or empty folder")
+    try:
+        for sub in ("corpus", "findings"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".kiln-probe-", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise FuzzError(f"--out {root}: cannot write there ({e.strerror or e})") from None
+    return root
+
+
+def resume_campaign(folder: str | os.PathLike, *, time_s: float | None = None, iterations: int | None = None,
+                    jobs: int | None = None, reduce: bool | None = None, plugins: tuple[str, ...] = (),
+                    progress: Callable[[dict[str, Any]], None] | None = None) -> Campaign:
+    """A campaign from its folder, ready to :meth:`Campaign.run` on.
+
+    The options, corpus, coverage, counters, findings and random state are the
+    saved ones. The budget is what is left of the saved one, or, with
+    ``time_s`` / ``iterations``, that much more from now. ``jobs`` and
+    ``reduce`` may change; ``plugins`` must name again every module the campaign
+    imported (kiln never imports a module because a data file names it).
+    Raises FuzzError for a folder that is not a campaign or was damaged.
+    """
+    root = Path(folder)
+    st = _read_state(root)
+    saved = st["options"]
+    if not isinstance(saved, dict):
+        raise FuzzError(f"{root / 'state.json'}: options must be an object")
+    missing = [m for m in saved.get("plugins", []) if m not in plugins]
+    if missing:
+        raise FuzzError(f"--resume {root}: the campaign used --plugin {' --plugin '.join(map(str, missing))}; "
+                        f"name them again (kiln does not import modules named in a data file)")
+    try:
+        opts = FuzzOptions(**_saved_options(saved), plugins=tuple(plugins), out=str(root))
+        spent, done = float(st["spent_s"]), int(st["tests"])
+        opts = _rebudget(opts, spent, done, time_s, iterations, jobs, reduce)
+    except (TypeError, ValueError, KeyError) as e:
+        raise FuzzError(f"{root / 'state.json'}: cannot continue from it ({e})") from None
+    camp = Campaign(opts, progress)
+    _restore(camp, st, root)
+    return camp
+
+
+def _read_state(root: Path) -> dict[str, Any]:
+    path = root / "state.json"
+    if not root.is_dir():
+        raise FuzzError(f"--resume {root}: not a folder")
+    try:
+        if path.stat().st_size > MAX_STATE:
+            raise FuzzError(f"{path}: larger than {MAX_STATE} bytes")
+        st = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FuzzError(f"--resume {root}: no state.json there (not a campaign folder, or one written "
+                        f"before campaigns could be resumed)") from None
+    except (OSError, ValueError) as e:
+        raise FuzzError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(st, dict) or st.get("kind") != "kiln-fuzz-campaign" or st.get("format") != STATE_FORMAT:
+        raise FuzzError(f"{path}: not a kiln fuzz campaign state of format {STATE_FORMAT}")
+    return st
+
+
+_RESUMABLE = ("level", "time_s", "iterations", "seed", "jobs", "feedback", "timeout_s", "pass_pool", "stages",
+              "reduce", "reduce_tests", "stale_limit", "max_nodes", "harvest_every", "trace", "models",
+              "known_crashes", "reduce_s", "save_every_s")
+
+
+def _saved_options(saved: dict[str, Any]) -> dict[str, Any]:
+    """The saved FuzzOptions fields a resume takes (lists back to tuples); never plugins or out."""
+    out: dict[str, Any] = {}
+    for k in _RESUMABLE:
+        if k in saved:
+            v = saved[k]
+            out[k] = tuple(str(x) for x in v) if isinstance(v, list) else v
+    return out
+
+
+def _rebudget(opts: FuzzOptions, spent: float, done: int, time_s: float | None, iterations: int | None,
+              jobs: int | None, reduce: bool | None) -> FuzzOptions:
+    """The resumed options: a new budget counts from the resume; without one, the saved budget's rest."""
+    from dataclasses import replace
+
+    changes: dict[str, Any] = {}
+    if time_s is not None or iterations is not None:
+        changes["time_s"] = spent + time_s if time_s is not None else None
+        changes["iterations"] = done + iterations if iterations is not None else None
+    if jobs is not None:
+        changes["jobs"] = jobs
+    if reduce is not None:
+        changes["reduce"] = reduce
+    return replace(opts, **changes)
+
+
+def _restore(camp: Campaign, st: dict[str, Any], root: Path) -> None:
+    """Counters, coverage, random state, corpus and findings from a saved campaign (cases re-checked)."""
+    where = root / "state.json"
+    try:
+        camp.spent_s = float(st["spent_s"])
+        camp.n = int(st["tests"])
+        camp.resumed = int(st.get("resumed", 0)) + 1
+        for name in ("tests_by_level", "busy_s", "statuses", "mutators", "productive"):
+            counts = st.get(name, {})
+            target = getattr(camp, "tests" if name == "tests_by_level" else name)
+            for k, v in counts.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise TypeError(f"{name}[{k!r}] is not a number")
+                target[str(k)] = v
+        camp.coverage = Coverage.from_json(st["coverage"])
+        rng = st["rng"]
+        if not isinstance(rng, dict) or rng.get("bit_generator") != type(camp.rng.bit_generator).__name__:
+            raise TypeError("rng is not a saved numpy PCG64 state")
+        camp.rng.bit_generator.state = rng
+        camp.timeline = [dict(t) for t in st.get("timeline", [])
+                         if isinstance(t, dict) and all(isinstance(t.get(k), (int, float)) for k in
+                                                        ("t", "tests", "coverage", "corpus", "findings"))]
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise FuzzError(f"{where}: cannot continue from it ({type(e).__name__}: {e})") from None
+    _restore_corpus(camp, root)
+    _restore_findings(camp, st.get("findings", []), where)
+    camp._seeded = True
+    camp._written = {lv: len(v) for lv, v in camp.corpus.items()}
+
+
+def _corpus_files(root: Path) -> list[tuple[str, int, Path]]:
+    out = []
+    for path in (root / "corpus").glob("*.json"):
+        m = re.fullmatch(r"(graph|tir)-(\d{5,})\.json", path.name)
+        if m:
+            out.append((m.group(1), int(m.group(2)), path))
+    return sorted(out)
+
+
+def _restore_corpus(camp: Campaign, root: Path) -> None:
+    """The saved corpus, in order; an entry that does not check out is left out and counted."""
+    from kiln.fuzz.findings import MAX_TEXT
+
+    tir: list[tuple[int, Entry]] = []
+    for level, _i, path in _corpus_files(root):
+        try:
+            if path.stat().st_size > MAX_TEXT:
+                raise FuzzError(f"larger than {MAX_TEXT} bytes")
+            doc = json.loads(path.read_text())
+            case = clean_case(level, doc["case"], str(path))
+            added = int(doc.get("added", 0))
+            if level == "graph":
+                GraphCase.from_json(case).graph()
+        except Exception:  # noqa: BLE001 - unreadable, tampered or unparsable: not a corpus entry
+            camp.refused[level] = camp.refused.get(level, 0) + 1
+            continue
+        entry = Entry(level, case, max(added, 0), case["origin"])
+        if level == "tir":
+            tir.append((len(camp.corpus["tir"]), entry))
+        camp.corpus[level].append(entry)
+    bad = {i for (i, _), why in zip(tir, check_in_child([e.case["func"] for _, e in tir], camp.opts.timeout_s))
+           if why is not None}
+    if bad:
+        camp.corpus["tir"] = [e for i, e in enumerate(camp.corpus["tir"]) if i not in bad]
+        camp.refused["tir"] = camp.refused.get("tir", 0) + len(bad)
+    for level in ("graph", "tir"):
+        if camp.opts.level in (level, "both") and not camp.corpus[level]:
+            raise FuzzError(f"--resume {root}: no usable {level} corpus entries in {root / 'corpus'}")
+
+
+def _restore_findings(camp: Campaign, saved: Any, where: Path) -> None:
+    """The saved findings (their cases checked like the corpus); FuzzError for a malformed one."""
+    if not isinstance(saved, list):
+        raise FuzzError(f"{where}: findings must be a list")
+    tir_funcs: list[str] = []
+    for i, d in enumerate(saved):
+        try:
+            level, fid = d["level"], d["id"]
+            if level not in ("graph", "tir") or not isinstance(fid, str) or not _ID.fullmatch(fid):
+                raise ValueError(f"level {str(level)[:20]!r} / id {str(fid)[:40]!r}")
+            case = clean_case(level, d["case"], f"{where}: finding {i}")
+            reduced = clean_case(level, d["reduced"], f"{where}: finding {i}") if d.get("reduced") else None
+            outcome = Outcome.from_json(d["outcome"]).to_json()
+            f = Finding(fid, level, outcome, case, reduced, int(d.get("count", 1)), float(d.get("first_s", 0)),
+                        "", int(d.get("size_before", 0)), int(d.get("size_after", 0)))
+            key = tuple(str(k) for k in d["key"])
+        except FuzzError:
+            raise
+        except (TypeError, ValueError, KeyError) as e:
+            raise FuzzError(f"{where}: finding {i} is malformed ({type(e).__name__}: {e})") from None
+        if level == "tir":
+            tir_funcs += [case["func"]] + ([reduced["func"]] if reduced else [])
+        camp.findings[key] = f
+    for why in check_in_child(tir_funcs, camp.opts.timeout_s):
+        if why is not None:
+            raise FuzzError(f"{where}: a saved TIR finding does not load: {why}")
 
 
 def model_graph(name: str) -> Any:
@@ -462,9 +837,27 @@ def model_graph(name: str) -> Any:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_json_default))
-    os.replace(tmp, path)
+    """``data`` as JSON at ``path``: a temporary file in the same folder, then renamed over it."""
+    text = json.dumps(data, indent=1, default=_json_default)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the file gets what open() would give it
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
 
 
 def _json_default(o: Any) -> Any:
@@ -476,11 +869,12 @@ def _json_default(o: Any) -> Any:
 
 
 def run_campaign(opts: FuzzOptions, progress: Callable[[dict[str, Any]], None] | None = None) -> Campaign:
-    """Run a campaign to its budget, reduce its findings and (with ``opts.out``) write its folder."""
+    """Run a campaign to its budget and reduce its findings; with ``opts.out``, the folder is checked
+    before anything runs and kept up to date as the campaign goes (see :meth:`Campaign.run`)."""
     camp = Campaign(opts, progress)
     camp.run()
     if opts.out:
-        camp.write(opts.out)
+        camp.save(final=True)
     return camp
 
 

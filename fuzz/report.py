@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 __all__ = ["findings_table", "plot_coverage", "replay_table", "status_line"]
@@ -30,25 +31,25 @@ def findings_table(report: Mapping[str, Any]) -> Table:
     for (level, symptom, stage), fs in sorted(groups.items()):
         ex = fs[0]
         where = f"{ex['pass']}: " if ex["pass"] else ""
-        table.add_row(level, symptom, stage, str(len(fs)), str(sum(f["count"] for f in fs)),
+        table.add_row(escape(level), escape(symptom), escape(stage), str(len(fs)), str(sum(f["count"] for f in fs)),
                       ", ".join(f"{f['size_before']}→{f['size_after']}" for f in fs[:4]),
-                      f"{where}{ex['message'][:90]}\n{ex['folder']}")
+                      escape(f"{where}{ex['message'][:90]}\n{ex['folder']}"))
     if not groups:
         table.add_row("-", "none", "-", "0", "0", "-", "-")
     return table
 
 
 def replay_table(rows: Sequence[Any]) -> Table:
-    """One row per replayed finding: what it was, what it does now."""
+    """One row per replayed finding: what it was, what it does now (saved text is escaped, not markup)."""
     table = Table(title="replay")
     for col in ("finding", "expected", "now"):
         table.add_column(col, overflow="fold")
     for r in rows:
         exp, got = r.expected, r.got
         now = "[red]reproduces[/]" if r.reproduces else \
-            f"[green]gone[/] ({got.get('status')} {got.get('symptom', '')} {got.get('stage', '')})".strip()
-        table.add_row(os.path.basename(r.folder), f"{exp['symptom']} at {exp['stage']} {exp.get('pass_name', '')}",
-                      now)
+            "[green]gone[/] " + escape(f"({got.get('status')} {got.get('symptom', '')} {got.get('stage', '')})")
+        table.add_row(escape(os.path.basename(r.folder)),
+                      escape(f"{exp.get('symptom', '?')} at {exp.get('stage', '?')} {exp.get('pass_name', '')}"), now)
     return table
 
 
@@ -74,7 +75,12 @@ def plot_coverage(timeline: Sequence[Mapping[str, Any]], path: str | os.PathLike
     fig.legend(loc="upper left", bbox_to_anchor=(0.1, 0.88))
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     return path

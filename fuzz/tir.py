@@ -1,16 +1,27 @@
 """The TIR level of kiln's Tzer-style fuzzer: PrimFunc mutators, TVM pass sequences and the TIR oracle.
 
-A case is a PrimFunc (as TVMScript text) plus a sequence of TVM TIR passes run
-before the mandatory lowering tail.  Seeds are the PrimFuncs kiln's codegen
-emits; :func:`mutate_func` applies one Tzer mutation (insert, delete, flip,
-wrap in loops / conditions / allocations / attributes / asserts, wrap an
-expression in a select, load from a buffer in scope) at a site picked with
-weight by subtree size; :func:`mutate_passes` and :func:`crossover_passes`
-evolve the pass sequence.  :func:`run_case` is the oracle: reference build
-(TVM's default CPU pipeline) against the mutated pipeline on seeded random
-inputs, in sentinel-guarded oversized buffers (out-of-bounds writes), with a
-determinism check (reads of uninitialized memory are invalid tests, not
-bugs).  :func:`reduce_case` shrinks a failing case by delta debugging.
+A case is a PrimFunc plus a sequence of TVM TIR passes run before the
+mandatory lowering tail.  The PrimFunc travels and is saved as TVM's
+structured serialization (``tvm.ir.save_json``), never as TVMScript: parsing
+TVMScript (``tvm.script.from_source``) evaluates Python, so a corpus entry or a
+finding read from disk could run code.  :func:`load_func` reads the JSON after
+:func:`check_func_json` has refused anything but a PrimFunc made of TIR nodes
+whose calls are pure math intrinsics (no ``call_extern``, packed calls, LLVM
+intrinsics or raw pointers); the TVMScript beside a finding is a copy for
+people and is never read back.  TVM's JSON loader can crash on a damaged file,
+so data read from disk is first loaded in a worker process (:func:`kiln.fuzz.
+worker.check_in_child`).
+
+Seeds are the PrimFuncs kiln's codegen emits; :func:`mutate_func` applies one
+Tzer mutation (insert, delete, flip, wrap in loops / conditions / allocations
+/ attributes / asserts, wrap an expression in a select, load from a buffer in
+scope) at a site picked with weight by subtree size; :func:`mutate_passes` and
+:func:`crossover_passes` evolve the pass sequence.  :func:`run_case` is the
+oracle: reference build (TVM's default CPU pipeline) against the mutated
+pipeline on seeded random inputs, in sentinel-guarded oversized buffers
+(out-of-bounds writes), with a determinism check (reads of uninitialized
+memory are invalid tests, not bugs).  :func:`reduce_case` shrinks a failing
+case by delta debugging.
 
 TVM 0.27 exposes no Python IR functor, so the walker here is a small table of
 node types: their child fields and how to rebuild them.
@@ -18,12 +29,13 @@ node types: their child fields and how to rebuild them.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
@@ -34,30 +46,49 @@ from tvm.ir import PrimType
 from tvm.ir.expr import Call, StringImm, TensorLoad
 
 from kiln.fuzz.worker import set_stage
+from kiln.runtime.errors import Error
 
 __all__ = [
     "case_inputs",
     "pass_pool",
-    "CRASHING_PASSES", "MUTATORS", "PASS_POOL", "SAFE_PASS_POOL", "MutationFailed", "TirCase", "TirOutcome", "case_from_kernel", "crossover_passes",
-    "make_pass", "mutate_case", "mutate_func", "mutate_passes", "parse_func", "reduce_case", "run_case",
+    "CRASHING_PASSES", "MUTATORS", "PASS_POOL", "SAFE_OPS", "SAFE_PASS_POOL", "MutationFailed", "TirCase",
+    "TirOutcome", "UnsafeTir", "case_from_kernel", "check_func_json", "crossover_passes", "dump_func",
+    "load_func", "make_pass", "mutate_case", "mutate_func", "mutate_passes", "reduce_case", "run_case",
     "seed_cases", "tir_features", "uninitialized_reads",
 ]
 
 MAX_PASSES = 20
 GUARD = 64  # guard elements on each side of every buffer
 _ALIGN = 128  # byte alignment of the real window (TVM assumes aligned buffers)
+MAX_FUNC_JSON = 8 << 20  # bytes: kiln's largest seed kernel is ~60 KB of JSON
 
 # --------------------------------------------------------------------------- cases
 
 
+class UnsafeTir(Error, ValueError):
+    """A saved TIR function that kiln refuses to load: not TVM JSON of a PrimFunc, or it calls out."""
+
+
 @dataclass
 class TirCase:
-    """Everything needed to reproduce a TIR test, as text: the PrimFunc's TVMScript and the pass names."""
+    """Everything needed to reproduce a TIR test: the PrimFunc as TVM JSON, the pass names, the input seed."""
 
-    script: str
+    func: str
     passes: list[str] = field(default_factory=list)
     seed: int = 0
     origin: str = ""
+
+    @classmethod
+    def of(cls, func: tirx.PrimFunc, passes: Sequence[str] = (), seed: int = 0, origin: str = "") -> TirCase:
+        return cls(dump_func(func), list(passes), int(seed), origin)
+
+    def prim_func(self) -> tirx.PrimFunc:
+        return load_func(self.func)
+
+    @cached_property
+    def script(self) -> str:
+        """TVMScript for people (findings, reports); never parsed back."""
+        return self.prim_func().script()
 
 
 @dataclass
@@ -76,22 +107,97 @@ class MutationFailed(Exception):
     """No site fits the chosen mutator (or every attempt produced an unprintable function)."""
 
 
-def parse_func(script: str) -> tirx.PrimFunc:
-    """TVMScript text -> the PrimFunc (the first function when the text holds a module).
+# Calls a saved function may make: TVM's pure math and bit intrinsics and loop control. Everything
+# else (call_extern, call_pure_extern, packed calls, LLVM/SPIR-V intrinsics, address_of, raw
+# pointer arithmetic, profiling hooks, GPU builtins) could reach outside the function when built.
+SAFE_OPS: frozenset[str] = frozenset((
+    "prim.ceil", "prim.clz", "prim.if_then_else", "prim.likely", "prim.log2", "tirx.acos", "tirx.acosh",
+    "tirx.asin", "tirx.asinh", "tirx.assume", "tirx.atan", "tirx.atan2", "tirx.atanh", "tirx.break_loop",
+    "tirx.continue_loop", "tirx.copysign", "tirx.cos", "tirx.cosh", "tirx.erf", "tirx.exp", "tirx.exp10",
+    "tirx.exp2", "tirx.fabs", "tirx.floor", "tirx.fma", "tirx.fmod", "tirx.hypot", "tirx.ignore_loop_partition",
+    "tirx.isfinite", "tirx.isinf", "tirx.isnan", "tirx.ldexp", "tirx.log", "tirx.log10", "tirx.log1p",
+    "tirx.nearbyint", "tirx.nextafter", "tirx.popcount", "tirx.pow", "tirx.q_multiply_shift",
+    "tirx.q_multiply_shift_per_axis", "tirx.reinterpret", "tirx.round", "tirx.rsqrt", "tirx.sigmoid",
+    "tirx.sin", "tirx.sinh", "tirx.sqrt", "tirx.tan", "tirx.tanh", "tirx.trunc",
+))
+_PLAIN_TYPES = frozenset(("None", "bool", "int", "float", "ffi.Array", "ffi.Map", "ffi.String", "ffi.Shape"))
+_NODE_NAMESPACES = ("ir.", "prim.", "tirx.", "s_tir.")
+_DENIED_TYPES = frozenset(("ir.GlobalVar", "ir.IRModule", "ir.Op"))  # ir.Op is checked by name below
 
-    Cached by text (TVM IR is immutable): parsing costs more than building, and
-    pass-sequence mutants and reductions reuse the same script.
+
+def _type_allowed(t: str) -> bool:
+    if t in _PLAIN_TYPES:
+        return True
+    if t.startswith("relax."):  # only the type annotations TVM 0.27 attaches to TIR buffers and params
+        return t.endswith("Type") or t == "relax.expr.ShapeExpr"
+    return t.startswith(_NODE_NAMESPACES) and t not in _DENIED_TYPES
+
+
+def check_func_json(text: str, what: str = "TIR function") -> None:
+    """Refuse (:class:`UnsafeTir`) TVM JSON that is not one PrimFunc of TIR nodes calling only SAFE_OPS.
+
+    Reads the JSON with Python's json module and builds no TVM object, so a
+    hostile file cannot get past it to TVM's loader or, later, to LLVM.
     """
-    return _parse(script)
+    if len(text) > MAX_FUNC_JSON:
+        raise UnsafeTir(f"{what}: {len(text)} bytes of JSON; the limit is {MAX_FUNC_JSON}")
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise UnsafeTir(f"{what}: not JSON ({e})") from None
+    nodes = doc.get("nodes") if isinstance(doc, dict) else None
+    root = doc.get("root_index") if isinstance(doc, dict) else None
+    if not isinstance(nodes, list) or not isinstance(root, int) or not 0 <= root < len(nodes):
+        raise UnsafeTir(f"{what}: expected TVM JSON (root_index, nodes), got {type(doc).__name__} "
+                        f"without them")
+    types: list[str] = []
+    for i, node in enumerate(nodes):
+        t = node.get("type") if isinstance(node, dict) else None
+        if not isinstance(t, str):
+            raise UnsafeTir(f"{what}: node {i} has no type")
+        if t == "ir.Op":
+            if node.get("data") not in SAFE_OPS:
+                raise UnsafeTir(f"{what}: node {i} calls {str(node.get('data'))[:80]!r}, which a fuzz case "
+                                f"may not call (allowed: TVM's pure math intrinsics)")
+        elif not _type_allowed(t):
+            raise UnsafeTir(f"{what}: node {i} is a {t[:80]!r}, which is not a TIR node")
+        types.append(t)
+    if types[root] != "tirx.PrimFunc":
+        raise UnsafeTir(f"{what}: expected a tirx.PrimFunc at the root, got {types[root][:80]!r}")
+    for i, (t, node) in enumerate(zip(types, nodes)):
+        if t == "ir.Call":
+            op = node.get("data", {}).get("op") if isinstance(node.get("data"), dict) else None
+            if not isinstance(op, int) or not 0 <= op < len(nodes) or types[op] != "ir.Op":
+                raise UnsafeTir(f"{what}: call node {i} does not call a TVM intrinsic")
+
+
+def dump_func(func: tirx.PrimFunc) -> str:
+    """A PrimFunc as TVM's JSON (the form cases travel and are saved in)."""
+    return tvm.ir.save_json(func)
+
+
+def load_func(text: str) -> tirx.PrimFunc:
+    """TVM JSON -> the PrimFunc, after :func:`check_func_json` (never evaluates Python).
+
+    Cached by text (TVM IR is immutable): pass-sequence mutants and reductions reuse the same function.
+    """
+    return _load(text)
 
 
 @lru_cache(maxsize=128)
-def _parse(script: str) -> tirx.PrimFunc:
+def _load(text: str) -> tirx.PrimFunc:
+    check_func_json(text)
+    obj = tvm.ir.load_json(text)
+    if not isinstance(obj, tirx.PrimFunc):
+        raise UnsafeTir(f"TIR function: TVM loaded a {type(obj).__name__}, not a PrimFunc")
+    return obj
+
+
+def _from_trusted_source(script: str) -> tirx.PrimFunc:
+    """TVMScript -> PrimFunc, for the literals in this module only: parsing TVMScript runs Python."""
     obj = tvm.script.from_source(script)
     if isinstance(obj, tvm.IRModule):
         obj = obj[obj.get_global_vars()[0]]
-    if not isinstance(obj, tirx.PrimFunc):
-        raise TypeError(f"script holds a {type(obj).__name__}, not a PrimFunc")
     return obj
 
 
@@ -735,10 +841,11 @@ def _apply(name: str, func: tirx.PrimFunc, rng: np.random.Generator) -> tirx.Pri
 
 
 def mutate_func(func: tirx.PrimFunc, rng: np.random.Generator, tries: int = 12) -> tuple[tirx.PrimFunc, str]:
-    """One Tzer IR mutation of ``func``: a new function that differs and round-trips through TVMScript.
+    """One Tzer IR mutation of ``func``: a new function that differs, prints and round-trips through JSON.
 
     Mutators that find no site, build an ill-typed node (TVM's constructors
-    check) or produce text TVM cannot parse back are retried with others.
+    check), or make a function :func:`check_func_json` refuses or TVM cannot
+    print are retried with others, so every corpus entry can be saved and read back.
     """
     last = ""
     for _ in range(tries):
@@ -747,9 +854,8 @@ def mutate_func(func: tirx.PrimFunc, rng: np.random.Generator, tries: int = 12) 
             new = _apply(name, func, rng)
             if tvm_ffi.structural_equal(new, func):
                 raise MutationFailed("no change")
-            back = parse_func(new.script())
-            if tvm_ffi.structural_equal(back, func):  # the change did not survive printing (e.g. a no-op stmt)
-                raise MutationFailed("no change after the TVMScript round trip")
+            back = load_func(dump_func(new))
+            back.script()  # a finding keeps a TVMScript copy for people
         except Exception as e:  # noqa: BLE001 - a mutator that does not fit this function: try another
             last = f"{name}: {type(e).__name__}: {_one_line(str(e))}"
             continue
@@ -761,9 +867,9 @@ def mutate_case(case: TirCase, rng: np.random.Generator, pool: Sequence[str] = P
     """One joint mutation: the function (70%) or the pass sequence (30%); origin records the mutator."""
     if rng.random() < 0.3:
         passes, how = mutate_passes(list(case.passes), rng, pool), "passes-mutate"
-        return TirCase(case.script, passes, case.seed, f"{case.origin}|{how}"), how
-    func, how = mutate_func(parse_func(case.script), rng)
-    return TirCase(func.script(), list(case.passes), int(rng.integers(1 << 30)), f"{case.origin}|{how}"), how
+        return TirCase(case.func, passes, case.seed, f"{case.origin}|{how}"), how
+    func, how = mutate_func(case.prim_func(), rng)
+    return TirCase.of(func, case.passes, int(rng.integers(1 << 30)), f"{case.origin}|{how}"), how
 
 
 # --------------------------------------------------------------------------- seeds
@@ -806,8 +912,8 @@ def trivial(A: T.Buffer((4,), "float32"), B: T.Buffer((4,), "float32")):
 
 
 def case_from_kernel(kernel: Any, seed: int = 0) -> TirCase:
-    """Any kiln Kernel -> a case with its PrimFunc's TVMScript and an empty pass sequence."""
-    return TirCase(kernel.func.script(), [], int(seed), f"kernel:{kernel.name}")
+    """Any kiln Kernel -> a case with its PrimFunc and an empty pass sequence."""
+    return TirCase.of(kernel.func, [], int(seed), f"kernel:{kernel.name}")
 
 
 @lru_cache(maxsize=1)
@@ -823,15 +929,15 @@ def _seed_scripts() -> tuple[tuple[str, str], ...]:
                 k = lower_block(g.nodes, _target(), name=f"k_{name}", schedule=scheduled)
             except Exception:  # noqa: BLE001 - a seed kiln cannot lower is skipped, not fatal
                 continue
-            out.append((f"kernel:{name}" + ("" if scheduled else ":unscheduled"), k.func.script()))
-    out.append(("kernel:trivial", _TRIVIAL))
+            out.append((f"kernel:{name}" + ("" if scheduled else ":unscheduled"), dump_func(k.func)))
+    out.append(("kernel:trivial", dump_func(_from_trusted_source(_TRIVIAL))))
     return tuple(out)
 
 
 def seed_cases(rng: np.random.Generator | int = 0) -> list[TirCase]:
     """PrimFuncs from kiln's codegen of small graphs (scheduled and not) plus a trivial func; no passes."""
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    return [TirCase(script, [], int(gen.integers(1 << 30)), origin) for origin, script in _seed_scripts()]
+    return [TirCase(func, [], int(gen.integers(1 << 30)), origin) for origin, func in _seed_scripts()]
 
 
 # --------------------------------------------------------------------------- errors
@@ -951,9 +1057,9 @@ def _params(func: tirx.PrimFunc) -> list[_Param]:
     return out
 
 
-def case_inputs(script: str, seed: int) -> dict[str, np.ndarray]:
+def case_inputs(func: str, seed: int) -> dict[str, np.ndarray]:
     """The arrays a case's buffer parameters start from (saved beside a finding's reproducer)."""
-    params = _params(parse_func(script))
+    params = _params(load_func(func))
     return {p.name: a for p, a in zip(params, _inputs(params, seed))}
 
 
@@ -1048,7 +1154,7 @@ def scrub(A: T.Buffer((64,), "float32"), B: T.Buffer((2,), "float32")):
     B[0] = S[T.Cast("int32", B[1])]
     B[1] = W[T.Cast("int32", B[0]) % 64]
 '''
-    func = parse_func(src)
+    func = _from_trusted_source(src)
     return tvm.compile(tvm.IRModule({"scrub": func}), target=_target())
 
 
@@ -1119,10 +1225,11 @@ def run_case(case: TirCase, target: Any = None, timeout_hint_s: float = 10.0) ->
 
 def _run_case(case: TirCase, target: Any) -> TirOutcome:
     try:
-        func = parse_func(case.script)
+        set_stage("tir-load")
+        func = load_func(case.func)
     except Exception as e:  # noqa: BLE001
-        msg, site = _error(e, "parse")
-        return TirOutcome("invalid", msg, site, detail={"stage": "parse"})
+        msg, site = _error(e, "load")
+        return TirOutcome("invalid", msg, site, detail={"stage": "load"})
     out = TirOutcome("ok", features=tir_features(func))
     name = _func_name(func)
     passes = list(case.passes)
@@ -1266,18 +1373,18 @@ def reduce_case(case: TirCase, still_fails: Callable[[TirCase], bool], max_tests
     passes = _ddmin(list(case.passes), lambda ps: check(replace(case, passes=ps)))
     best = replace(case, passes=passes)
     try:
-        func = parse_func(best.script)
-    except Exception:  # noqa: BLE001 - unparsable text: only the passes can shrink
+        func = best.prim_func()
+    except Exception:  # noqa: BLE001 - an unloadable function: only the passes can shrink
         return best
     progress = True
     while progress and budget[0] > 0:
         progress = False
         for body in _simplifications(func.body):
             try:
-                cand_func = parse_func(func.with_body(body).script())
-            except Exception:  # noqa: BLE001 - a simplification TVM cannot print or parse
+                cand_func = func.with_body(body)
+                cand = replace(best, func=dump_func(cand_func))
+            except Exception:  # noqa: BLE001 - a simplification TVM cannot serialize
                 continue
-            cand = replace(best, script=cand_func.script())
             if check(cand):
                 func, best, progress = cand_func, cand, True
                 break

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-__all__ = ["Task", "Worker", "execute", "set_stage", "wait_any"]
+__all__ = ["Task", "Worker", "check_in_child", "execute", "set_stage", "wait_any"]
 
 _STAGE: Any = None  # the child's shared "stage|pass" buffer; the parent reads it when the child dies
 
@@ -59,8 +59,7 @@ def _harvest(case: Any, limit: int = 2) -> list[dict[str, Any]]:
         except Exception:  # noqa: BLE001 - an op without a lowering has no kernel to harvest
             continue
         tc = case_from_kernel(kernel, seed=case.seed)
-        tc.origin = f"kernel:{node.op}"
-        out.append({"script": tc.script, "passes": list(tc.passes), "seed": tc.seed, "origin": tc.origin})
+        out.append({"func": tc.func, "passes": list(tc.passes), "seed": tc.seed, "origin": f"kernel:{node.op}"})
     return out
 
 
@@ -92,6 +91,8 @@ def execute(task: Task) -> dict[str, Any]:
                     out.extra["tir_cases"] = _harvest(case)
                 except Exception:  # noqa: BLE001 - harvesting is a bonus, never a finding
                     pass
+        elif task.level == "tir-check":
+            return _check(task.case)
         else:
             from kiln.fuzz.tir import TirCase, run_case
 
@@ -101,6 +102,49 @@ def execute(task: Task) -> dict[str, Any]:
         out = Outcome("finding", "crash", "fuzzer", "", f"{type(e).__name__}: {e}"[:300])
     out.seconds = time.perf_counter() - t0
     return out.to_json()
+
+
+def _check(case: dict[str, Any]) -> dict[str, Any]:
+    """Load a saved TIR case's function (``tir-check`` task): {"status": "ok"} or "refused" with why."""
+    from kiln.fuzz.tir import load_func
+
+    set_stage("tir-load")
+    try:
+        load_func(case["func"]).script()
+    except Exception as e:  # noqa: BLE001 - any failure to load is a refusal, reported as text
+        return {"status": "refused", "message": f"{type(e).__name__}: {e}"[:300]}
+    return {"status": "ok"}
+
+
+def check_in_child(funcs: Sequence[str], timeout_s: float = 60.0) -> list[str | None]:
+    """Load each saved TIR function in a worker process first (TVM's JSON loader can crash on a
+    damaged file): None for one that loads, else why not. The parent never loads a refused one."""
+    from kiln.fuzz.tir import check_func_json
+
+    out: list[str | None] = []
+    worker: Worker | None = None
+    try:
+        for func in funcs:
+            try:
+                check_func_json(func)
+            except Exception as e:  # noqa: BLE001 - UnsafeTir: refused without loading anything
+                out.append(str(e))
+                continue
+            if worker is None:
+                worker = Worker(timeout_s)
+                worker.start()
+            res = worker.run(Task("tir-check", {"func": func}, trace=False))
+            if res.get("status") == "ok":
+                out.append(None)
+            elif res.get("status") == "refused":
+                out.append(str(res.get("message", "")))
+            else:
+                out.append(f"TVM's JSON loader failed on it in a worker ({res.get('message', '')}); "
+                           f"the file is damaged or was tampered with")
+    finally:
+        if worker is not None:
+            worker.close()
+    return out
 
 
 def _child(conn: Connection, plugins: Sequence[str], stage: Any) -> None:

@@ -109,6 +109,9 @@ def cast_infer(ts: list[TensorType | None], attrs: Attrs) -> list[TensorType]:
     sat, mode = attrs.get("saturate"), attrs.get("round_mode")
     if sat not in (None, 0, 1):
         raise OpTypeError(f"cast: saturate must be 0 or 1, got {sat}")
+    if sat is not None and attrs["to"] not in FLOAT8_DTYPES and attrs["to"] != "f8e8m0":
+        raise OpTypeError(f"cast: saturate applies to float8 targets only (ONNX Cast), got it for "
+                          f"a cast to {attrs['to']}")
     if mode is not None and mode not in ROUND_MODES:
         raise OpTypeError(f"cast: round_mode must be one of {list(ROUND_MODES)}, got {mode!r}")
     return [ts[0].with_dtype(attrs["to"])]

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tvm
 import tvm_ffi
 
 from kiln.fuzz import tir
+
+
+def _json(script: str) -> str:
+    """A handwritten TVMScript literal of this file (trusted test source) as the TVM JSON cases hold."""
+    return tir.dump_func(tvm.script.from_source(script))
 
 OOB = '''# from tvm.script import tirx as T
 
@@ -57,8 +63,9 @@ def test_seed_cases_round_trip_and_run_ok(seeds: list[tir.TirCase]) -> None:
     origins = {c.origin for c in seeds}
     assert {"kernel:matmul", "kernel:matmul:unscheduled", "kernel:conv", "kernel:softmax", "kernel:trivial"} <= origins
     for case in seeds:
-        func = tir.parse_func(case.script)
-        assert tvm_ffi.structural_equal(tir.parse_func(func.script()), func), case.origin
+        func = case.prim_func()
+        assert tvm_ffi.structural_equal(tir.load_func(tir.dump_func(func)), func), case.origin
+        assert "T.prim_func" in case.script
         assert case.passes == []
     for origin in ("kernel:matmul", "kernel:matmul_bias_relu:unscheduled", "kernel:trivial"):
         out = tir.run_case(_by_origin(seeds, origin))
@@ -86,23 +93,23 @@ def test_mutate_func_changes_and_round_trips(seeds: list[tir.TirCase]) -> None:
     names = set()
     small = _small(seeds)
     for i in range(30):
-        func = tir.parse_func(small[i % len(small)].script)
+        func = small[i % len(small)].prim_func()
         new, name = tir.mutate_func(func, rng)
         names.add(name)
         assert name in tir.MUTATORS
         assert not tvm_ffi.structural_equal(new, func), name
-        assert tvm_ffi.structural_equal(tir.parse_func(new.script()), new), name
+        assert tvm_ffi.structural_equal(tir.load_func(tir.dump_func(new)), new), name
     assert len(names) >= 8, names
 
 
 def test_every_mutator_fits_some_seed(seeds: list[tir.TirCase]) -> None:
-    funcs = [tir.parse_func(c.script) for c in _small(seeds)]
+    funcs = [c.prim_func() for c in _small(seeds)]
     for name in tir.MUTATORS:
         ok = 0
         for k in range(3 * len(funcs)):
             try:
                 new = tir._apply(name, funcs[k % len(funcs)], np.random.default_rng(k))
-                tir.parse_func(new.script())
+                tir.load_func(tir.dump_func(new))
             except Exception:  # noqa: BLE001 - a mutator may not fit every seed
                 continue
             ok += 1
@@ -131,52 +138,52 @@ def test_pass_sequences() -> None:
 
 
 def test_out_of_bounds_write_is_reported() -> None:
-    out = tir.run_case(tir.TirCase(OOB, [], 0, "handwritten"))
+    out = tir.run_case(tir.TirCase(_json(OOB), [], 0, "handwritten"))
     assert out.status == "oob", out
     assert out.detail["oob"][0]["buffer"] == "B" and out.detail["oob"][0]["side"] == "after"
     # the same write in a mutated function is the function's fault, not the compiler's
-    assert tir.run_case(tir.TirCase(OOB, [], 0, "kernel:x|ir-flip-const")).status == "invalid"
+    assert tir.run_case(tir.TirCase(_json(OOB), [], 0, "kernel:x|ir-flip-const")).status == "invalid"
 
 
 def test_uninitialized_read_is_invalid_not_mismatch() -> None:
     for passes in ([], ["s_tir.LoopPartition", "tirx.StmtSimplify"]):
-        out = tir.run_case(tir.TirCase(UNINIT, passes, 0, "kernel:handwritten|ir-wrap-alloc"))
+        out = tir.run_case(tir.TirCase(_json(UNINIT), passes, 0, "kernel:handwritten|ir-wrap-alloc"))
         assert out.status == "invalid", out
-    assert tir.uninitialized_reads(tir.parse_func(UNINIT)) == ["S"]
+    assert tir.uninitialized_reads(tir.load_func(_json(UNINIT))) == ["S"]
 
 
 def test_inputs_written_and_passes_compared() -> None:
-    out = tir.run_case(tir.TirCase(COPY, ["tirx.StmtSimplify", "s_tir.LoopPartition", "tirx.UnrollLoop"], 1))
+    out = tir.run_case(tir.TirCase(_json(COPY), ["tirx.StmtSimplify", "s_tir.LoopPartition", "tirx.UnrollLoop"], 1))
     assert out.status == "ok", out
     assert any(p.startswith("pre:") for p in out.changed_passes) or out.changed_passes
 
 
 def test_pass_error_and_bad_script_never_raise(seeds: list[tir.TirCase]) -> None:
     mm = _by_origin(seeds, "kernel:matmul:unscheduled")  # a reduction block with an init
-    out = tir.run_case(tir.TirCase(mm.script, ["s_tir.ConvertBlocksToOpaque"], 0, mm.origin))
+    out = tir.run_case(tir.TirCase(mm.func, ["s_tir.ConvertBlocksToOpaque"], 0, mm.origin))
     assert out.status == "pass-error", out
     assert out.error_site.startswith("mutated-build:") and "0x" not in out.message
     assert tir.run_case(tir.TirCase("def nope(:", [], 0)).status == "invalid"
-    assert tir.run_case(tir.TirCase(mm.script, ["tirx.NoSuchPass"], 0)).status == "invalid"
+    assert tir.run_case(tir.TirCase(mm.func, ["tirx.NoSuchPass"], 0)).status == "invalid"
 
 
 def test_reduce_case_shrinks_to_the_minimum(seeds: list[tir.TirCase]) -> None:
     base = _by_origin(seeds, "kernel:ewise_chain:unscheduled")
     passes = ["tirx.StmtSimplify", "tirx.RemoveNoOp", "s_tir.LoopPartition", "tirx.UnrollLoop",
               "s_tir.CanonicalizeLoop", "tirx.ConvertSSA"]
-    case = tir.TirCase(base.script, passes, 0, base.origin)
+    case = tir.TirCase(base.func, passes, 0, base.origin)
 
     def fails(c: tir.TirCase) -> bool:
-        func = tir.parse_func(c.script)
+        func = c.prim_func()
         has_for = any(isinstance(s.node, tir.tirx.For) for s in tir._sites(func.body))
         return "s_tir.LoopPartition" in c.passes and has_for
 
     small = tir.reduce_case(case, fails)
     assert small.passes == ["s_tir.LoopPartition"]
-    func = tir.parse_func(small.script)
+    func = small.prim_func()
     fors = [s for s in tir._sites(func.body) if isinstance(s.node, tir.tirx.For)]
     assert len(fors) == 1
-    assert len(tir._sites(func.body)) < len(tir._sites(tir.parse_func(base.script).body))
+    assert len(tir._sites(func.body)) < len(tir._sites(base.prim_func().body))
 
 
 @pytest.mark.slow

@@ -177,6 +177,18 @@ def test_cast_type_rule_checks_saturate_and_round_mode():
         infer("cast", ["f32[2]"], to="f8e8m0", round_mode="zero")
 
 
+def test_cast_saturate_only_for_float8_targets_as_onnxruntime_requires():
+    """ORT refuses Cast(saturate=...) to a non-float8 type; the fuzzer once set it on an f64 -> f32 cast."""
+    with pytest.raises(OpTypeError, match="float8 targets only"):
+        infer("cast", ["f64[2]"], to="f32", saturate=0)
+    g = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT, saturate=0)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    with pytest.raises(Exception, match="saturate"):
+        ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)],
+                                               ir_version=10).SerializeToString())
+
+
 # ------------------------------------------------------------------ bitcast
 
 def test_bitcast_reads_the_bits():

@@ -28,6 +28,7 @@ from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.registry import get_op, is_view
 from kiln.ir.types import BITS, eval_shape, from_numpy_dtype, is_static_dim
 from kiln.ir.verify import EPILOGUE_KINDS
+from kiln.runtime.limits import DEFAULT_LIMITS, Limits, check_limit
 
 from .attention import lower_attention, match_attention
 from .kernel import CodegenError, Kernel, lower_block, static_shape
@@ -238,8 +239,12 @@ def refuse_subbyte_buffers(graph: Graph, kernels: list[Kernel]) -> None:
 
 
 def build_graph(graph: Graph, target: Target, *, tune: TuneOptions | None = None,
-                progress: Callable[[str, int, int], None] | None = None) -> CompiledGraph:
-    """Lower, schedule (optionally tune) and compile ``graph`` (static shapes) for ``target``."""
+                progress: Callable[[str, int, int], None] | None = None,
+                limits: Limits = DEFAULT_LIMITS) -> CompiledGraph:
+    """Lower, schedule (optionally tune) and compile ``graph`` (static shapes) for ``target``.
+
+    Every constant becomes a contiguous weight array; one past ``limits.constant_bytes`` (a broadcast
+    view from ConstantOfShape costs nothing until here) is refused before it is allocated."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     blocks = kernel_blocks(graph)
@@ -266,6 +271,8 @@ def build_graph(graph: Graph, target: Target, *, tune: TuneOptions | None = None
     weight_vars: list[relax.Var] = []
 
     def weight(name: str, array: np.ndarray) -> relax.Var:
+        check_limit(limits, "constant_bytes", int(array.size) * array.itemsize,
+                    f"@{graph.name}: weight {name!r} ({array.dtype}{list(array.shape)})")
         array = np.require(array, requirements="C")
         var = relax.Var(f"w{len(weights)}", relax.TensorType(array.shape, tvm_dtype_of(array)))
         weights[name] = array

@@ -17,9 +17,12 @@ from typing import Any
 import tvm
 from tvm.target import Target
 
+from kiln.runtime.errors import Error
 from kiln.runtime.session import configure_threads
 
 __all__ = [
+    "TargetError",
+    "check_runnable",
     "configure_threads",
     "cpu_features",
     "host_target",
@@ -49,6 +52,11 @@ _FLAG_OPTIONS = {"system-lib"}
 # Options whose value is a comma-separated list in the dict form.
 _LIST_OPTIONS = {"mattr", "keys", "libs", "cl-opt"}
 _INT_OPTIONS = {"num-cores", "opt-level", "vector-width"}
+_POSITIVE_OPTIONS = {"num-cores", "vector-width"}
+
+
+class TargetError(Error, ValueError):
+    """A target kiln cannot parse or whose code its runtime cannot load; the message names the target."""
 
 
 def num_cores() -> int:
@@ -86,29 +94,29 @@ def _cli_to_dict(spec: str) -> dict[str, Any]:
     try:
         tokens = shlex.split(spec)
     except ValueError as err:
-        raise ValueError(f"cannot parse target {spec!r}: {err}") from None
+        raise TargetError(f"cannot parse target {spec!r}: {err}") from None
     if not tokens or tokens[0].startswith("-"):
-        raise ValueError(f"target {spec!r} must start with a kind such as 'llvm'")
+        raise TargetError(f"target {spec!r} must start with a kind such as 'llvm'")
     out: dict[str, Any] = {"kind": tokens[0]}
     for tok in tokens[1:]:
         if not tok.startswith("-") or tok in ("-", "--"):
-            raise ValueError(f"bad option {tok!r} in target {spec!r}: expected -key=value")
+            raise TargetError(f"bad option {tok!r} in target {spec!r}: expected -key=value")
         body = tok.lstrip("-")
         if "=" not in body:
             if body in _FLAG_OPTIONS:
                 out[body] = True
                 continue
-            raise ValueError(f"option {tok!r} in target {spec!r} needs a value (-key=value)")
+            raise TargetError(f"option {tok!r} in target {spec!r} needs a value (-key=value)")
         key, value = body.split("=", 1)
         if not key or not value:
-            raise ValueError(f"bad option {tok!r} in target {spec!r}")
+            raise TargetError(f"bad option {tok!r} in target {spec!r}")
         if key in _LIST_OPTIONS:
             out[key] = [v for v in value.split(",") if v]
         elif key in _INT_OPTIONS:
             try:
                 out[key] = int(value)
             except ValueError:
-                raise ValueError(f"option -{key} in target {spec!r} needs an integer") from None
+                raise TargetError(f"option -{key} in target {spec!r} needs an integer") from None
         else:
             out[key] = value
     return out
@@ -120,7 +128,7 @@ def parse_target(spec: str | dict | Target | None) -> Target:
     Accepts ``None``/``""``/``"host"``/``"native"`` (the host target), a kind
     name (``"llvm"``), the old CLI form (``"llvm -mcpu=znver2 -num-cores=2"``,
     translated to the dict form TVM 0.27 needs), a JSON object string, a dict,
-    or a ``Target``.  Raises ``ValueError`` with a readable message otherwise.
+    or a ``Target``.  Raises :class:`TargetError` (a ``ValueError``) with a readable message otherwise.
     """
     if isinstance(spec, Target):
         return spec
@@ -136,15 +144,16 @@ def parse_target(spec: str | dict | Target | None) -> Target:
             try:
                 d = json.loads(s)
             except json.JSONDecodeError as err:
-                raise ValueError(f"target {spec!r} is not valid JSON: {err}") from None
+                raise TargetError(f"target {spec!r} is not valid JSON: {err}") from None
             if not isinstance(d, dict):
-                raise ValueError(f"target JSON must be an object, got {type(d).__name__}")
+                raise TargetError(f"target JSON must be an object, got {type(d).__name__}")
         else:
             d = _cli_to_dict(s)
     else:
-        raise ValueError(f"cannot make a target from {type(spec).__name__} {spec!r}")
+        raise TargetError(f"cannot make a target from {type(spec).__name__} {spec!r}")
     if "kind" not in d:
-        raise ValueError(f"target {spec!r} has no 'kind'")
+        raise TargetError(f"target {spec!r} has no 'kind'")
+    _check_positive(d, spec)
     if d.get("mcpu") in ("native", "host"):
         mcpu, _ = _host_cpu()
         if mcpu:
@@ -155,7 +164,7 @@ def parse_target(spec: str | dict | Target | None) -> Target:
         target = Target(d)
     except Exception as err:  # TVM raises ValueError / TVMError subclasses
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"invalid target {spec!r}: {msg}") from None
+        raise TargetError(f"invalid target {spec!r}: {msg}") from None
     if d.get("kind") == "llvm" and "mcpu" in d:
         _check_mcpu(target, str(d["mcpu"]), spec)
     return target
@@ -172,7 +181,34 @@ def _check_mcpu(target: Target, mcpu: str, spec: Any) -> None:
     except Exception:  # LLVM query unavailable: trust the user
         return
     if not ok:
-        raise ValueError(f"invalid target {spec!r}: LLVM does not know CPU {mcpu!r}")
+        raise TargetError(f"invalid target {spec!r}: LLVM does not know CPU {mcpu!r}")
+
+
+def _check_positive(d: dict[str, Any], spec: Any) -> None:
+    """TVM accepts ``-num-cores=0`` (and negative counts) and then builds a useless artifact: refuse them."""
+    for key in _POSITIVE_OPTIONS & set(d):
+        value = d[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise TargetError(f"target {spec!r}: -{key}={value!r} must be a positive integer (1 or more)")
+
+
+def check_runnable(target: Target) -> None:
+    """Refuse a target whose code kiln's runtime cannot load: it runs LLVM CPU code for this machine's
+    architecture only (``kind=llvm``, no foreign ``mtriple``), and the library is linked by the host's
+    toolchain, so any other target would fail late (raw compiler/linker output) or make a dead artifact."""
+    from kiln.runtime.cpu import host_arch, target_arch
+
+    kind = str(target.kind.name)
+    host = host_arch()
+    supported = f"kind 'llvm' for this machine's architecture ({host}), e.g. --target 'llvm -mcpu=...'"
+    if kind != "llvm":
+        raise TargetError(f"target kind {kind!r}: kiln's runtime loads only CPU code compiled by LLVM; "
+                          f"supported: {supported}")
+    arch = target_arch({"mtriple": str(_attr(target, "mtriple", "") or "")})
+    if arch is not None and arch != host:
+        raise TargetError(f"target mtriple {_attr(target, 'mtriple')!s} is for {arch}: kiln cannot cross-compile "
+                          f"(the library is linked by this machine's toolchain) and its runtime loads only "
+                          f"{host} code; supported: {supported}")
 
 
 def _attr(target: Target, key: str, default: Any = None) -> Any:

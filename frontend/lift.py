@@ -62,8 +62,10 @@ instead (see :func:`lift`).
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -82,6 +84,8 @@ from kiln.ir.graph import Graph, Node, Value
 from kiln.ir.interpret import run_node
 from kiln.ir.registry import OpDef, OpTypeError, all_ops, get_op, infer_types
 from kiln.ir.types import FLOAT8_DTYPES, Dim, TensorType, dim_div, dim_mul
+from kiln.runtime.errors import Error
+from kiln.runtime.limits import DEFAULT_LIMITS, Limits, check_limit
 
 from .canonicalize import NEVER_FOLD
 from .dtypes import kiln_dtype
@@ -138,7 +142,10 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
             raise FrontendError(f"{label}: no such file")
         if path.is_dir():
             raise InvalidModelError(f"{label} is a directory, not an ONNX model file")
-        data, base_dir = path.read_bytes(), str(path.parent)
+        try:
+            data, base_dir = path.read_bytes(), str(path.parent)
+        except OSError as e:
+            raise FrontendError(f"{label}: cannot read the file: {e.strerror or e}") from None
     else:
         raise TypeError(f"lift() takes an onnx.ModelProto, a path or bytes, not {type(source).__name__}")
     model = onnx.ModelProto()
@@ -181,7 +188,7 @@ def _label(source: ModelSource, model: onnx.ModelProto) -> str:
 
 def lift(model: ModelSource, *, canonicalize: bool = True,
          input_shapes: dict[str, Sequence[int | str]] | None = None, params_as_inputs: bool = False,
-         input_values: Mapping[str, Any] | None = None) -> Graph:
+         input_values: Mapping[str, Any] | None = None, limits: Limits | None = None) -> Graph:
     """ONNX -> kiln IR (see the module docstring); the result is verified.
 
     ``input_shapes`` overrides the declared shape of graph inputs by name
@@ -197,15 +204,45 @@ def lift(model: ModelSource, *, canonicalize: bool = True,
     computed from it folds; ``graph.meta["specialized"]`` records
     ``{name: value as a (nested) list}``. :func:`lift_specialized` picks the
     inputs to bind from a refusal.
+    ``limits`` (default :data:`kiln.runtime.limits.DEFAULT_LIMITS`) bounds every constant lift
+    materializes (``constant_bytes``: ConstantOfShape, folded Range, sparse constants...).
+
+    Everything raised for a bad model is a ``kiln.Error`` (a ``FrontendError`` naming the file, or a
+    ``LimitError``): onnx's and protobuf's errors, RecursionError and MemoryError included.
     """
     proto = load_model(model)
     label = _label(model, proto)
-    graph = _Lifter(proto, label, input_shapes or {}, params_as_inputs, input_values or {}).run()
-    graph.dce()
-    if canonicalize:
-        from .canonicalize import canonicalize as canon
-        canon(graph)
-    return ir.verify(graph)
+    with kiln_errors(label):
+        graph = _Lifter(proto, label, input_shapes or {}, params_as_inputs, input_values or {},
+                        limits or DEFAULT_LIMITS).run()
+        graph.dce()
+        if canonicalize:
+            from .canonicalize import canonicalize as canon
+            canon(graph)
+        return ir.verify(graph)
+
+
+@contextlib.contextmanager
+def kiln_errors(label: str, stage: str = "lift") -> Any:
+    """Turn anything but a kiln error raised in the block into a FrontendError naming ``label``.
+
+    Malformed models reach onnx's checker and inliner, protobuf, numpy and deep recursion; an API
+    caller who catches ``kiln.Error`` must see all of them. KeyboardInterrupt passes through.
+    """
+    try:
+        yield
+    except Error:
+        raise
+    except RecursionError:
+        raise FrontendError(f"{label}: cannot {stage} the model: it is nested too deeply (graphs in "
+                            f"attributes or chains deeper than Python's recursion limit)") from None
+    except MemoryError as e:
+        raise FrontendError(f"{label}: cannot {stage} the model: out of memory ({e or 'MemoryError'}); "
+                            f"a constant or shape in it is too large") from None
+    except Exception as e:  # noqa: BLE001 - the API boundary: every failure on bad input is a kiln.Error
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")[:300]
+        raise FrontendError(f"{label}: cannot {stage} the model: {type(e).__name__}"
+                            + (f": {first}" if first else "")) from e
 
 
 def lift_specialized(model: ModelSource, examples: Mapping[str, Any], *, max_rounds: int = 8,
@@ -426,8 +463,10 @@ class _Refuse(Exception):
 
 class _Lifter:
     def __init__(self, model: onnx.ModelProto, label: str, input_shapes: dict[str, Sequence[int | str]],
-                 params_as_inputs: bool = False, input_values: Mapping[str, Any] | None = None):
+                 params_as_inputs: bool = False, input_values: Mapping[str, Any] | None = None,
+                 limits: Limits = DEFAULT_LIMITS):
         self.model = model
+        self.limits = limits
         self.input_values = dict(input_values or {})
         self._inferred: dict[str, tuple[int, ...] | None] | None = None
         self.params_as_inputs = params_as_inputs
@@ -712,6 +751,9 @@ class _Lifter:
             declared = []
             for d in tt.shape.dim:
                 which = d.WhichOneof("value")
+                if which == "dim_value" and d.dim_value < 0:
+                    raise FrontendError(f"{self.label}: graph input {vi.name!r} declares dim {len(declared)} as "
+                                        f"{d.dim_value}; a dim is a size >= 0 or a symbol (dim_param)")
                 if which == "dim_value":
                     declared.append(int(d.dim_value))
                 elif which == "dim_param" and d.dim_param:
@@ -743,6 +785,13 @@ class _Lifter:
             self.symbols += 1
             if s not in self.used_syms:
                 return s
+
+    def check_constant(self, shape: Sequence[int], dtype: np.dtype, what: str) -> None:
+        """LimitError when a constant of ``shape`` and ``dtype`` is past ``limits.constant_bytes``; call it
+        before the constant is allocated (a 100-byte ConstantOfShape can ask for terabytes)."""
+        nbytes = math.prod(int(d) for d in shape) * np.dtype(dtype).itemsize
+        check_limit(self.limits, "constant_bytes", nbytes,
+                    f"{self.label}: {what} ({np.dtype(dtype)}{[int(d) for d in shape]})")
 
     def _as_kiln_array(self, arr: np.ndarray, what: str) -> np.ndarray:
         try:
@@ -786,7 +835,7 @@ class _Lifter:
             self._record(node, domain, r.reason, r.dynamic, r.version, r.inputs)
             self.poisoned.update(o for o in outs if o)
             return
-        except FrontendError:
+        except Error:
             raise
         except Exception as e:  # a malformed node, or a kiln bug: name the node either way
             raise FrontendError(f"{self.label}: lifting node {_node_label(node)} ({node.op_type}) failed: "
@@ -1047,6 +1096,8 @@ class _Ctx:
     def const(self, arr: np.ndarray, *, out: int | None = None, like: Value | None = None) -> Value:
         """A constant (cast to ``like``'s dtype when given), named after output ``out`` if given."""
         arr = np.asarray(arr)
+        self.lifter.check_constant(arr.shape, arr.dtype if like is None else like.type.np_dtype,
+                                   f"the constant computed by {_node_label(self.node)}")
         if like is not None:
             arr = arr.astype(like.type.np_dtype)
         self.lifter._as_kiln_array(arr, "a constant")
@@ -1105,11 +1156,24 @@ class _Ctx:
         return list(results)
 
     # ------------------------------------------------------------ folding unknown ops
+    def _check_range(self) -> None:
+        """Range's length from its constant operands, checked against the limit before folding allocates it."""
+        ops = [None if v is None or v.const is None or v.const.size != 1 else v.const for v in self.inputs[:3]]
+        if len(ops) != 3 or any(a is None for a in ops):
+            raise _Refuse("start, limit and delta must be constant scalars")
+        start, limit, delta = (float(np.asarray(a).reshape(())) for a in ops)
+        if not all(math.isfinite(x) for x in (start, limit, delta)) or delta == 0:
+            raise _Refuse(f"start={start:g}, limit={limit:g}, delta={delta:g} give no finite sequence")
+        n = max(math.ceil((limit - start) / delta), 0)
+        self.lifter.check_constant((n,), ops[0].dtype, f"the result of {_node_label(self.node)}")
+
     def fold_with_reference(self) -> list[Value | None]:
         """Evaluate this all-constant node with onnx.reference (for ops kiln has no op for)."""
         from onnx.reference import ReferenceEvaluator
 
         node = self.node
+        if node.op_type == "Range":
+            self._check_range()
         feeds, vis = {}, []
         for name, v in zip(node.input, self.inputs):
             if name and v is not None:
@@ -1362,6 +1426,9 @@ def _constant(ctx: _Ctx) -> list[Value | None]:
     elif "value_ints" in a:
         arr = np.array(a["value_ints"], dtype=np.int64)
     elif "sparse_value" in a:
+        sp = next(t.sparse_tensor for t in ctx.node.attribute if t.name == "sparse_value")
+        ctx.lifter.check_constant(tuple(sp.dims), helper.tensor_dtype_to_np_dtype(sp.values.data_type),
+                                  f"the sparse constant of {_node_label(ctx.node)}")
         arr = _dense(ctx.node.attribute)
     else:
         kinds = sorted(a) or ["no value"]
@@ -1389,6 +1456,7 @@ def _constant_of_shape(ctx: _Ctx) -> list[Value | None]:
     shape = tuple(int(s) for s in np.asarray(shape).reshape(-1))
     if any(s < 0 for s in shape):
         raise _Refuse(f"negative shape {list(shape)}")
+    ctx.lifter.check_constant(shape, fill.dtype, f"the constant of {_node_label(ctx.node)}")
     arr = np.broadcast_to(fill, shape) if int(np.prod(shape, dtype=np.int64)) > LIFT_FOLD_LIMIT \
         else np.full(shape, fill, dtype=fill.dtype)
     return [ctx.const(arr, out=0)]

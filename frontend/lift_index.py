@@ -18,13 +18,23 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
 from kiln.ir.graph import Value
 from kiln.ir.ops.index import ARANGE_DTYPES
 
-from .lift import _check_only, _Ctx, _describe, _Refuse, _special, reshape_target, shape_expr
+from .lift import (
+    _check_only,
+    _Ctx,
+    _describe,
+    _node_label,
+    _Refuse,
+    _special,
+    reshape_target,
+    shape_expr,
+)
 
 INT_RANGE = ("i16", "i32", "i64")
 
@@ -62,8 +72,10 @@ def _scalar(a: np.ndarray, what: str) -> np.generic:
 
 # ====================================================================== Range
 
-def _range_values(start: np.generic, limit: np.generic, delta: np.generic, dtype: np.dtype) -> np.ndarray:
-    """ONNX Range: start + i * delta for i < max(ceil((limit - start) / delta), 0); f16/bf16 in f32."""
+def _range_values(start: np.generic, limit: np.generic, delta: np.generic, dtype: np.dtype,
+                  check: Callable[[int], None] | None = None) -> np.ndarray:
+    """ONNX Range: start + i * delta for i < max(ceil((limit - start) / delta), 0); f16/bf16 in f32.
+    ``check(length)`` runs before the values are allocated (the constant-size limit)."""
     wide = np.dtype(np.float32) if dtype.kind == "V" or dtype == np.float16 or dtype.name == "bfloat16" \
         else dtype
     s, lim, d = (np.asarray(v).astype(wide) for v in (start, limit, delta))
@@ -72,7 +84,12 @@ def _range_values(start: np.generic, limit: np.generic, delta: np.generic, dtype
     if wide.kind in "iu":
         n = max(-(-(int(lim) - int(s)) // int(d)), 0)
     else:
-        n = max(int(math.ceil(float(lim - s) / float(d))), 0)
+        span = float(lim - s) / float(d)
+        if not math.isfinite(span):
+            raise _Refuse(f"start={s}, limit={lim}, delta={d} give no finite sequence")
+        n = max(int(math.ceil(span)), 0)
+    if check is not None:
+        check(n)
     return (s + np.arange(n).astype(wide) * d).astype(dtype)
 
 
@@ -103,7 +120,10 @@ def _range(ctx: _Ctx) -> list[Value | None]:
     known = [_known(ctx, i) for i in range(3)]
     if all(k is not None for k in known):
         vals = [_scalar(k, n) for k, n in zip(known, ("start", "limit", "delta"))]
-        return [ctx.const(_range_values(*vals, start.type.np_dtype), out=0)]
+        np_dtype = start.type.np_dtype
+        what = f"the result of {_node_label(ctx.node)}"
+        return [ctx.const(_range_values(*vals, np_dtype, lambda n: ctx.lifter.check_constant((n,), np_dtype, what)),
+                          out=0)]
     run_time = [(i, n) for i, n in enumerate(("start", "limit", "delta")) if known[i] is None]
     offset = _offset_from(limit, start) if known[2] is not None and dtype in INT_RANGE else None
     if offset is None:

@@ -22,6 +22,8 @@ import io
 import logging
 import os
 import re
+import signal
+import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -69,15 +71,20 @@ def export(
     names_in = list(input_names) if input_names is not None else None
     names_out = list(output_names) if output_names is not None else None
     with _eval_mode(module), torch.no_grad():
+        sigint = _Sigint()
         try:
-            with _quiet():
+            with _quiet(), _watch_sigint(sigint):
                 model = _export_dynamo(module, args, names_in, names_out, opset, dynamic_shapes)
         except Exception as dynamo_error:
+            if sigint.hit or _caused_by_interrupt(dynamo_error):
+                raise KeyboardInterrupt("interrupted during the dynamo export") from dynamo_error
             reason = _summary(dynamo_error)
             try:
-                with _quiet():
+                with _quiet(), _watch_sigint(sigint):
                     model = _export_torchscript(module, args, names_in, names_out, opset, dynamic_shapes)
             except Exception as ts_error:
+                if sigint.hit or _caused_by_interrupt(ts_error):
+                    raise KeyboardInterrupt("interrupted during the TorchScript export") from ts_error
                 raise ExportError(
                     f"cannot export {_class_name(module)} to ONNX: the dynamo exporter failed with {reason}; "
                     f"the TorchScript fallback failed with {_summary(ts_error)} (KILN_DEBUG=1 shows the exporter log)"
@@ -258,6 +265,50 @@ def _quiet() -> Iterator[None]:
             yield
     finally:
         torch_logger.setLevel(old_level)
+
+
+class _Sigint:
+    """Whether a SIGINT arrived while :func:`_watch_sigint` was active."""
+
+    hit = False
+
+
+@contextlib.contextmanager
+def _watch_sigint(seen: _Sigint) -> Iterator[None]:
+    """Record a SIGINT during the block (then handle it as before: KeyboardInterrupt by default).
+
+    The dynamo exporter catches the KeyboardInterrupt deep inside and re-raises an unrelated error
+    (an AttributeError), which must not be mistaken for an export failure and trigger the fallback.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        seen.hit = True
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _caused_by_interrupt(error: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is in ``error``'s cause/context chain or named in its message."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt) or "KeyboardInterrupt" in str(e):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _debug() -> bool:

@@ -53,6 +53,7 @@ from kiln.ir.interpret import interpret
 from kiln.ir.types import bind_shape, to_numpy_dtype
 
 from ..runtime.errors import Error
+from ..runtime.limits import DEFAULT_LIMITS, Limits, check_limit
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
 CACHE_BYTES = 256 << 20  # first-pass activations kept for the histogram pass when they fit
@@ -64,7 +65,7 @@ Range = tuple[float, float]
 __all__ = ["CACHE_BYTES", "METHODS", "CalibrationError", "CalibrationSet", "EntropyObserver", "MinMaxObserver",
            "MseObserver", "Observer", "PercentileObserver", "activation_qparams", "activations", "as_calibration",
            "calibration_for", "check_calibration", "check_sample", "compute_ranges", "draw", "expected_sq_error", "load_calibration", "make_observer",
-           "quantize_symmetric", "symmetric_weight_qparams", "synthetic_calibration"]
+           "quantize_symmetric", "read_npz", "symmetric_weight_qparams", "synthetic_calibration"]
 
 
 class CalibrationError(Error, ValueError):
@@ -82,12 +83,72 @@ class CalibrationSet:
         return len(self.samples)
 
 
-def _npz(path: Path) -> dict[str, np.ndarray]:
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members, an empty zip
+
+
+def _npz_headers(path: Path, limits: Limits) -> None:
+    """Check every ``.npy`` member's header before numpy reads it: no object dtype, a size within
+    ``limits.tensor_bytes`` and data enough for it (numpy allocates what a header claims, first)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            name = info.filename[:-4]
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                read = {(1, 0): np.lib.format.read_array_header_1_0,
+                        (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read is None:
+                    raise ValueError(f"array {name!r} has .npy format version {version}; kiln reads 1.0 and 2.0")
+                shape, _, dtype = read(f, max_header_size=10000)
+                if dtype.hasobject:
+                    raise ValueError(f"array {name!r} holds Python objects (dtype {dtype}), which kiln never "
+                                     f"unpickles")
+                nbytes = math.prod(shape) * dtype.itemsize
+                check_limit(limits, "tensor_bytes", nbytes, f"array {name!r} of {path} ({dtype}{list(shape)})")
+                if nbytes > info.file_size:
+                    raise ValueError(f"array {name!r} claims {list(shape)} {dtype} ({nbytes:,} bytes) but holds "
+                                     f"{info.file_size:,} bytes (truncated or forged)")
+
+
+def read_npz(path: str | os.PathLike, what: str, limits: Limits | None = None) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file (never unpickled), checked before reading; ``what`` names the file's role
+    in errors (``"calibration file"``, ``"--inputs"``), which name the file and what is wrong with it."""
+    import zipfile
+    import zlib
+
+    p = Path(path)
+    label = f"{what} {os.fspath(path)!r}"
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with open(p, "rb") as f:
+            head = f.read(4)
+        if head[:4] not in _ZIP_MAGIC:
+            kind = "it is a single .npy array (save with np.savez)" if head.startswith(b"\x93NUM") else \
+                "it is empty" if not head else f"it starts with {head!r}"
+            raise CalibrationError(f"{label} is not an .npz file (a zip of .npy arrays, as np.savez writes): "
+                                   f"{kind}")
+        _npz_headers(p, limits or DEFAULT_LIMITS)
+        with np.load(p, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise CalibrationError(f"calibration file {str(path)!r} is not a readable .npz: {e}") from None
+    except CalibrationError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, NotImplementedError, RuntimeError, zipfile.BadZipFile,
+            zlib.error) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        raise CalibrationError(f"{label} is not a readable .npz file: {why}") from None
+
+
+def _npz(path: Path) -> dict[str, np.ndarray]:
+    arrays = read_npz(path, "calibration file")
+    for name, a in arrays.items():
+        if a.dtype.kind in "fc":
+            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            if bad:
+                raise CalibrationError(f"calibration file {str(path)!r}: array {name!r} has {bad:,} non-finite "
+                                       f"values (NaN or Inf) of {a.size:,}; calibration needs finite data")
+    return arrays
 
 
 def load_calibration(path: str | os.PathLike) -> CalibrationSet:
@@ -165,6 +226,11 @@ def check_sample(graph: Graph, sample: Mapping[str, np.ndarray], sample_id: str)
         if a.dtype.kind not in "biuf" or (a.dtype.kind == "f") != (v.type.np_dtype.kind == "f"):
             raise CalibrationError(f"calibration sample {sample_id!r}: input {v.name!r} expected dtype "
                                    f"{v.type.dtype}, got {a.dtype}")
+        if a.dtype.kind == "f" and a.dtype.itemsize > v.type.np_dtype.itemsize:
+            raise CalibrationError(f"calibration sample {sample_id!r}: input {v.name!r} expected dtype "
+                                   f"{v.type.np_dtype}, got {a.dtype}; kiln does not narrow calibration data "
+                                   f"silently (ONNX Runtime refuses it too): convert it with "
+                                   f"a.astype(np.{v.type.np_dtype})")
     return {v.name: np.asarray(sample[v.name]).astype(v.type.np_dtype, copy=False) for v in graph.inputs}
 
 

@@ -273,7 +273,9 @@ class QuantReport:
         }
 
     def tables(self) -> list[Any]:
-        """rich renderables: the per-layer table (five worst in red), the outputs, the fallback."""
+        """rich renderables: the per-layer table (five worst in red), the outputs, the fallback; names from the
+        model are escaped (a node named ``[bold]x`` is shown as is, not read as markup)."""
+        from rich.markup import escape
         from rich.table import Table
 
         o = self.options
@@ -286,7 +288,7 @@ class QuantReport:
         for i, e in enumerate(self.layers):
             style = "bold red" if e.key in worst else None
             shown = e.key if e.key == e.output else f"{e.key} (+bias: {e.output})"
-            layers.add_row(str(i), e.node, shown, e.op, e.scheme, _fmt_db(e.sqnr_db), f"{e.rel_mse:.2e}",
+            layers.add_row(str(i), escape(e.node), escape(shown), e.op, e.scheme, _fmt_db(e.sqnr_db), f"{e.rel_mse:.2e}",
                            _fmt_db(e.alone_sqnr_db), e.reparam or "-", style=style)
         budget = "" if o.error_budget is None else \
             f" (error budget {o.error_budget:g} dB: {'met' if self.budget_met else 'NOT met'})"
@@ -294,7 +296,7 @@ class QuantReport:
         for col in ("output", "SQNR dB", "rel MSE"):
             outs.add_column(col, justify="left" if col == "output" else "right")
         for out in self.outputs:
-            outs.add_row(out.name, _fmt_db(out.sqnr_db), f"{out.rel_mse:.2e}")
+            outs.add_row(escape(out.name), _fmt_db(out.sqnr_db), f"{out.rel_mse:.2e}")
         found: list[Any] = [layers, outs]
         if self.kept_float:
             kept = Table(title=f"kept in float to meet the error budget of {o.error_budget:g} dB",
@@ -302,8 +304,8 @@ class QuantReport:
             for col in ("layer", "output", "alone dB", "outputs dB before", "after", "why"):
                 kept.add_column(col)
             for k in self.kept_float:
-                kept.add_row(k.node, k.layer, _fmt_db(k.alone_sqnr_db), _fmt_db(k.output_sqnr_before),
-                             _fmt_db(k.output_sqnr_after), k.reason)
+                kept.add_row(escape(k.node), escape(k.layer), _fmt_db(k.alone_sqnr_db),
+                             _fmt_db(k.output_sqnr_before), _fmt_db(k.output_sqnr_after), escape(k.reason))
             found.append(kept)
         return found
 
@@ -751,7 +753,8 @@ def quantize_graph(graph: Graph, calibration: Any, options: QuantizeOptions | No
 
 
 def quantize(model: Any, calibration: Any, options: QuantizeOptions | None = None, *,
-             example_inputs: Any = None, progress: Progress | None = None, **overrides: Any) -> QuantizeResult:
+             example_inputs: Any = None, progress: Progress | None = None, limits: Any = None,
+             **overrides: Any) -> QuantizeResult:
     """Quantize ``model`` (Graph, ONNX path or proto, zoo name, torch module) after ``calibration``.
 
     ``calibration`` is anything :func:`kiln.passes.calibrate.as_calibration` takes (a
@@ -760,6 +763,7 @@ def quantize(model: Any, calibration: Any, options: QuantizeOptions | None = Non
     A torch module is exported with the calibration arrays' names as its input
     names (in sample order), on ``example_inputs`` or else the first sample.
     ``progress(stage, done, total)`` follows each pass over the calibration samples.
+    ``limits`` (a :class:`kiln.runtime.limits.Limits`) bounds the constants lifting materializes.
     """
     from kiln.compiler import _is_torch_module, resolve_model
 
@@ -774,7 +778,7 @@ def quantize(model: Any, calibration: Any, options: QuantizeOptions | None = Non
     elif _is_torch_module(model) and len(calib):
         graph = lift_torch(model, calib, example_inputs)
     else:
-        graph = resolve_model(model, example_inputs).graph
+        graph = resolve_model(model, example_inputs, limits=limits).graph
     return quantize_graph(graph, calib, o, progress=progress)
 
 

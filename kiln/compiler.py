@@ -9,6 +9,7 @@ weights, IR text and manifest into one artifact (``art.save(path)``).
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import tempfile
 import time
@@ -26,6 +27,7 @@ from kiln.ir.text import print_graph
 from kiln.ir.types import bind_shape, is_static_dim
 from kiln.runtime.artifact import ArtifactContents, write_artifact
 from kiln.runtime.errors import Error
+from kiln.runtime.limits import DEFAULT_LIMITS, Limits
 
 QUANTIZED_PIPELINE = "dce,fuse-qlinear,dce,fuse-blocks"
 """Default passes after :func:`kiln.quantize` (which already canonicalized and folded BatchNorm): integer
@@ -45,19 +47,24 @@ class Artifact(ArtifactContents):
 
     stats: dict[str, Any] = field(default_factory=dict)
     params: dict[str, np.ndarray] = field(default_factory=dict)
+    sign: Any = field(default=True, kw_only=True)  # True: the local key; a key (path, PEM, object); False: unsigned
 
     def save(self, path: str | os.PathLike) -> str:
-        """Write the artifact (atomically) and return its path."""
+        """Write the artifact (atomically), signed as ``self.sign`` says, and return its path."""
         path = os.fspath(path)
         write_artifact(path, library=self.library, weights=self.weights, ir_text=self.ir_text,
-                       manifest=self.manifest)
+                       manifest=self.manifest, sign=self.sign)
         self.stats["artifact_bytes"] = os.path.getsize(path)
         return path
 
     def load(self, **kwargs: Any):
-        """A runtime Session for this artifact (saved to a temporary file and loaded from it)."""
+        """A runtime Session for this artifact (saved to a temporary file and loaded from it; built here, so trusted)."""
         from kiln.runtime import load
 
+        if self.sign is False or self.sign is None:
+            kwargs.setdefault("allow_unsigned", True)
+        elif self.sign is not True:
+            kwargs.setdefault("trusted_keys", [self.sign])
         with tempfile.TemporaryDirectory(prefix="kiln-") as d:
             return load(self.save(os.path.join(d, "model.kiln")), **kwargs)
 
@@ -79,7 +86,8 @@ class Resolved:
     specialized: dict[str, np.ndarray] = field(default_factory=dict)  # inputs bound to a value by lift
 
 
-def resolve_model(model: Any, example_inputs: Any = None, *, params_as_inputs: bool = False) -> Resolved:
+def resolve_model(model: Any, example_inputs: Any = None, *, params_as_inputs: bool = False,
+                  limits: Limits | None = None) -> Resolved:
     """Lift any accepted model form into kiln IR (with ``params_as_inputs``, weights become inputs).
 
     With example inputs, a graph input that lift names as deciding a compile-time operand (a Reshape's
@@ -109,9 +117,9 @@ def resolve_model(model: Any, example_inputs: Any = None, *, params_as_inputs: b
         label = os.fspath(model) if isinstance(model, (str, os.PathLike)) else "model"
     examples = _onnx_examples(proto, example_inputs)
     if examples:
-        graph = lift_specialized(proto, examples, params_as_inputs=params_as_inputs)
+        graph = lift_specialized(proto, examples, params_as_inputs=params_as_inputs, limits=limits)
     else:
-        graph = frontend.lift(proto, params_as_inputs=params_as_inputs)
+        graph = frontend.lift(proto, params_as_inputs=params_as_inputs, limits=limits)
     params = initial_params(frontend.load_model(proto), graph) if params_as_inputs else {}
     return Resolved(graph, label, example_inputs, params, examples, _specialized(proto, graph))
 
@@ -180,7 +188,17 @@ def _as_arrays(graph: Graph, example_inputs: Any) -> dict[str, np.ndarray]:
 
 def bind_symbols(graph: Graph, example: Mapping[str, np.ndarray],
                  shapes: Mapping[str, int] | None = None) -> dict[str, int]:
-    """Values of the graph's symbolic dims: ``shapes`` first, then the example inputs, then 1 (with a warning)."""
+    """Values of the graph's symbolic dims: ``shapes`` first, then the example inputs, then 1 (with a warning).
+
+    A ``shapes`` key that is no symbol of the graph (a typo, or any key for a static model) or a negative
+    value is an error: silently ignoring it would compile something other than what was asked for."""
+    known = sorted({s for v in graph.values() for d in v.type.shape if not is_static_dim(d) for s in _symbols(d)})
+    for k, val in (shapes or {}).items():
+        if k not in known:
+            has = f"its symbolic dims are {known}" if known else "it has no symbolic dims (every shape is static)"
+            raise CompileError(f"shapes: {k!r} is not a symbolic dim of graph @{graph.name}; {has}")
+        if isinstance(val, bool) or int(val) != val or int(val) < 0:
+            raise CompileError(f"shapes: {k}={val!r}: a dim is an integer >= 0")
     env: dict[str, int] = {k: int(v) for k, v in (shapes or {}).items()}
     for v in graph.inputs:
         if v.name in example:
@@ -192,7 +210,7 @@ def bind_symbols(graph: Graph, example: Mapping[str, np.ndarray],
                    for d in _symbols(d)} - set(env))
     if free:
         warnings.warn(f"symbolic dims {free} have no value (no example inputs or --shape): compiling for 1",
-                      stacklevel=3)
+                      stacklevel=4)  # bind_symbols < compile < its error wrapper < the caller
         env.update({s: 1 for s in free})
     return env
 
@@ -232,11 +250,68 @@ def _signature(values: Sequence[Any]) -> list[dict[str, Any]]:
     return [{"name": v.name, "dtype": tvm_dtype(v.type.dtype), "shape": list(v.type.shape)} for v in values]
 
 
+INDEX_LIMIT = (1 << 31) - 1
+"""Most elements one tensor may have: TVM's kernels index with int32 (past it: TVM check failures)."""
+
+
+def _compile_errors(fn: Callable[..., Artifact]) -> Callable[..., Artifact]:
+    """Make everything ``compile`` raises on bad input a ``kiln.Error``: TVM's errors, RecursionError and
+    MemoryError become a CompileError naming the model; an interrupt that TVM wrapped in its own error
+    type (its message names KeyboardInterrupt) is a KeyboardInterrupt again."""
+
+    @functools.wraps(fn)
+    def wrapper(model: Any, *args: Any, **kwargs: Any) -> Artifact:
+        try:
+            return fn(model, *args, **kwargs)
+        except Error:
+            raise
+        except Exception as e:  # noqa: BLE001 - the API boundary
+            if "KeyboardInterrupt" in str(e) or isinstance(e.__context__, KeyboardInterrupt):
+                raise KeyboardInterrupt("interrupted while compiling") from e
+            label = _model_label(model)
+            if isinstance(e, RecursionError):
+                raise CompileError(f"{label}: the model is nested too deeply to compile (Python's recursion "
+                                   f"limit)") from None
+            if isinstance(e, MemoryError):
+                raise CompileError(f"{label}: out of memory while compiling; a constant or tensor of the model "
+                                   f"is too large") from None
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")[:300]
+            raise CompileError(f"{label}: compiling failed: {type(e).__name__}"
+                               + (f": {first}" if first else "")) from e
+
+    return wrapper
+
+
+def _model_label(model: Any) -> str:
+    if isinstance(model, (str, os.PathLike)):
+        return os.fspath(model)
+    return getattr(model, "name", None) or type(model).__name__
+
+
+def check_sizes(graph: Graph, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Refuse a (specialized) graph before codegen when a value has more elements than TVM can index or a
+    constant is past ``limits.constant_bytes`` (codegen materializes every constant as a weight)."""
+    from kiln.runtime.limits import check_limit
+
+    for v in graph.values():
+        if not v.type.is_static:
+            continue
+        n = int(np.prod([int(d) for d in v.type.shape], dtype=object))
+        if n > INDEX_LIMIT:
+            raise CompileError(f"@{graph.name}: value {v.name!r} has shape {v.type} = {n:,} elements; TVM "
+                               f"indexes tensors with 32-bit integers (at most {INDEX_LIMIT:,} elements)")
+        if v.const is not None:
+            check_limit(limits, "constant_bytes", n * v.const.dtype.itemsize,
+                        f"@{graph.name}: constant {v.name!r} ({v.type})")
+
+
+@_compile_errors
 def compile(model: Any, example_inputs: Any = None, *, passes: str | None = None, target: Any = None,
             shapes: Mapping[str, int] | None = None, tune: int = 0, tune_db: str | None = None,
             params_as_inputs: bool = False, instruments: Any = None,
             progress: Callable[[str, int, int], None] | None = None,
-            quantize: Any = None, calibration: Any = None) -> Artifact:
+            quantize: Any = None, calibration: Any = None, limits: Limits | None = None,
+            sign: Any = True) -> Artifact:
     """Compile ``model`` ahead of time for ``target`` (default: this machine's CPU).
 
     With ``quantize`` (a :class:`kiln.passes.quantize.QuantizeOptions`, or True for
@@ -249,11 +324,29 @@ def compile(model: Any, example_inputs: Any = None, *, passes: str | None = None
     in its manifest under ``params``); their initial values are ``artifact.params``.
     ``instruments`` (:class:`kiln.passes.manager.Instruments`) sets IR dumps and
     the per-pass interpreter check; the per-pass records are ``stats["passes"]``.
+    ``limits`` (default :data:`kiln.runtime.limits.DEFAULT_LIMITS`) bounds the constants lift and
+    codegen materialize (``constant_bytes``).
+
+    Everything raised for bad input is a ``kiln.Error``; a target whose code kiln's runtime cannot
+    load (not ``llvm``, another architecture) is refused before any work.
+
+    ``sign`` is how :meth:`Artifact.save` signs: True (default) with this user's local key
+    (``$KILN_HOME/signing.key``, created on first use), a PEM private key path, PEM bytes or an
+    Ed25519PrivateKey, or False for unsigned (loadable only with ``allow_unsigned``); a bad key
+    is refused here, before the compile.
     """
+    if sign is not True and sign is not False and sign is not None:
+        from kiln.runtime.signing import load_private_key
+
+        sign = load_private_key(sign)
     quantized = _quantize_options(quantize, calibration, params_as_inputs)
     from kiln.codegen.build import build_graph, specialize
     from kiln.codegen.kernel import CodegenError
-    from kiln.codegen.target import host_target, parse_target, target_summary
+    from kiln.codegen.target import check_runnable, host_target, parse_target, target_summary
+
+    limits = limits or DEFAULT_LIMITS
+    tgt = parse_target(target) if target is not None else host_target()
+    check_runnable(tgt)
     from kiln.passes.manager import (
         DEFAULT_PIPELINE,
         format_pipeline,
@@ -271,7 +364,7 @@ def compile(model: Any, example_inputs: Any = None, *, passes: str | None = None
         calibration = as_calibration(calibration)
         resolved = Resolved(lift_torch(model, calibration, example_inputs), type(model).__name__, example_inputs)
     else:
-        resolved = resolve_model(model, example_inputs, params_as_inputs=params_as_inputs)
+        resolved = resolve_model(model, example_inputs, params_as_inputs=params_as_inputs, limits=limits)
     graph, label, example_inputs = resolved.graph, resolved.label, resolved.example_inputs
     t_lift = time.perf_counter() - t0
     qresult = None
@@ -285,12 +378,13 @@ def compile(model: Any, example_inputs: Any = None, *, passes: str | None = None
     graph = passed.graph
     declared = graph.clone()
     symbols = bind_symbols(graph, resolved.examples or _as_arrays(graph, example_inputs), shapes)
-    tgt = parse_target(target) if target is not None else host_target()
     try:
         from kiln.codegen.tune import TuneOptions
 
         opts = TuneOptions(tune, Path(tune_db) if tune_db else None) if tune else None
-        compiled = build_graph(specialize(graph, symbols), tgt, tune=opts, progress=progress)
+        concrete = specialize(graph, symbols)
+        check_sizes(concrete, limits)
+        compiled = build_graph(concrete, tgt, tune=opts, progress=progress, limits=limits)
     except CodegenError as e:
         raise CompileError(f"{label}: code generation failed: {e}") from e
     with tempfile.TemporaryDirectory(prefix="kiln-") as d:
@@ -310,7 +404,7 @@ def compile(model: Any, example_inputs: Any = None, *, passes: str | None = None
              "library_bytes": len(library), "target": target_summary(tgt),
              "notes": [f"{k.name}: {n}" for k in compiled.kernels for n in k.notes],
              "passes": passed.records, "quantize": qresult.report if qresult is not None else None}
-    return Artifact(manifest, library, compiled.weights, _ir_text(declared), stats, resolved.params)
+    return Artifact(manifest, library, compiled.weights, _ir_text(declared), stats, resolved.params, sign=sign)
 
 
 def _ir_text(graph: Graph) -> str:
@@ -351,12 +445,9 @@ def _manifest(graph: Graph, compiled: Any, target: Any, pipeline: str, symbols: 
 
     summary = target_summary(target)
     target_dict = {k: summary[k] for k in ("kind", "mcpu", "mtriple", "num-cores") if summary.get(k)}
-    try:
-        from kiln.runtime.cpu import required_cpu_features
-
-        features = required_cpu_features(target_dict)
-    except ImportError:
-        features = []
+    if target.attrs.get("mattr"):
+        target_dict["mattr"] = [str(a) for a in target.attrs["mattr"]]
+    features = _cpu_features(target, target_dict)
     return {
         "kiln_version": __version__,
         "tvm_version": tvm.__version__,
@@ -376,3 +467,16 @@ def _manifest(graph: Graph, compiled: Any, target: Any, pipeline: str, symbols: 
         "calibration": None,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _cpu_features(target: Any, target_dict: Mapping[str, Any]) -> list[str]:
+    """The CPU flags the code may use: LLVM's own feature set of the target's mcpu + mattr (with everything
+    they imply), plus the runtime's table for them; the runtime refuses the artifact on a CPU lacking any."""
+    from kiln.runtime.cpu import flags_of_llvm_features, required_cpu_features, target_arch
+
+    features = set(required_cpu_features(target_dict))
+    if target_dict.get("kind") == "llvm" and target_arch(target_dict) in (None, "x86_64"):
+        from tvm.target.codegen import llvm_get_cpu_features
+
+        features |= set(flags_of_llvm_features(str(f) for f in llvm_get_cpu_features(target)))
+    return sorted(features)

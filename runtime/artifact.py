@@ -10,11 +10,20 @@ Members:
 - ``manifest.json``: what the runtime needs to check and call the library,
   including the sha256 of every other member (``members``) and, when the compiler
   bound inputs to values (``specialized``: name, dtype, shape, value each), those
-  inputs, which the runtime accepts only with exactly that value.
+  inputs, which the runtime accepts only with exactly that value;
+- ``signature.json`` (format 2): the sha256 of the exact manifest bytes and, for a
+  signed artifact, an Ed25519 signature over it (:mod:`kiln.runtime.signing`).
 
-Everything is validated on read, so a damaged, edited or too-new file fails
-with an :class:`ArtifactError` naming the file and the problem rather than
-crashing inside the native library.
+Reading checks, in order and before anything is inflated past the two small
+records: the zip directory against :class:`~kiln.runtime.limits.Limits` (member
+and total inflated sizes, compression ratio), the manifest digest and signature
+(:class:`TrustError` unless a trusted key signed it or ``allow_unsigned``), the
+manifest's structure, every member's sha256, and every weight's npy header
+(shape against the data present and ``tensor_bytes``) before allocating it.  So
+a damaged, edited, hostile or too-new file fails with a ``kiln.Error`` naming
+the file and the problem instead of running code or exhausting memory.
+Format 1 files (unsigned, manifest not covered by any digest) are read only
+with ``allow_unsigned``.
 """
 
 from __future__ import annotations
@@ -23,17 +32,30 @@ import datetime
 import hashlib
 import io
 import json
+import math
 import os
-import uuid
+import re
+import secrets
+import socket
 import zipfile
 import zlib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .errors import ArtifactError
+from .errors import ArtifactError, Error, TrustError
+from .limits import DEFAULT_LIMITS, Limits, check_limit
+from .signing import (
+    SIGNATURE,
+    TrustInfo,
+    load_private_key,
+    local_private_key,
+    signature_record,
+    trusted_public_keys,
+    verify_record,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -41,6 +63,7 @@ __all__ = [
     "REQUIRED_KEYS",
     "ArtifactContents",
     "ArtifactError",
+    "TrustError",
     "bits_dtype",
     "numpy_dtype",
     "read_artifact",
@@ -48,9 +71,10 @@ __all__ = [
     "write_artifact",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+LEGACY_VERSION = 1  # unsigned, no manifest digest: read only with allow_unsigned
 LIBRARY, WEIGHTS, IR, MANIFEST = "lib.so", "weights.npz", "model.ir", "manifest.json"
-MEMBERS = (MANIFEST, LIBRARY, WEIGHTS, IR)
+MEMBERS = (MANIFEST, SIGNATURE, LIBRARY, WEIGHTS, IR)
 HASHED_MEMBERS = (LIBRARY, WEIGHTS, IR)
 REQUIRED_KEYS = (
     "format_version", "kiln_version", "tvm_version", "target", "cpu_features", "pipeline",
@@ -58,6 +82,10 @@ REQUIRED_KEYS = (
     "members",
 )
 _ZIP_MAGIC = b"PK\x03\x04"
+_CHUNK = 1 << 20
+_RATIO_FLOOR = 1 << 20  # members inflating to less than this skip the ratio check (small and harmless)
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TEMP = re.compile(r"^\.(?P<base>.+)\.tmp-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-[0-9a-f]+$")
 
 
 @dataclass
@@ -68,6 +96,7 @@ class ArtifactContents:
     library: bytes
     weights: dict[str, np.ndarray]
     ir_text: str
+    trust: TrustInfo | None = field(default=None, kw_only=True)  # what the signature check found (None: not read)
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -223,23 +252,85 @@ def _complete_manifest(manifest: Mapping[str, Any], weights: Mapping[str, np.nda
     return out
 
 
+def _signing_key(sign: Any) -> Any:
+    """The private key ``sign`` asks for: True = this user's local key, False/None = unsigned, else a key spec."""
+    if sign is True:
+        return local_private_key()
+    if sign is False or sign is None:
+        return None
+    return load_private_key(sign)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a process we may not signal counts as alive)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> list[str]:
+    """Remove temp files that saves on this host left in ``directory`` when killed (their PID is gone); returns them.
+
+    Temp names are ``.NAME.tmp-PID-HOST-RANDOM``; only this host's, of dead
+    processes, are touched, so a save in progress (here or on another machine
+    sharing the folder) keeps its file.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if m is None or m["host"] != _HOST or _alive(int(m["pid"])):
+            continue
+        try:
+            os.unlink(entry.path)
+            removed.append(entry.path)
+        except OSError:
+            pass
+    return removed
+
+
+def temp_path(path: str) -> str:
+    """A fresh temp file name beside ``path`` that :func:`remove_stale_temps` recognizes."""
+    directory, base = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{base}.tmp-{os.getpid()}-{_HOST}-{secrets.token_hex(6)}")
+
+
 def write_artifact(path: str | os.PathLike, *, library: bytes, weights: Mapping[str, np.ndarray],
-                   ir_text: str, manifest: Mapping[str, Any]) -> None:
-    """Write an artifact atomically: a temp file in the same directory, then ``os.replace``."""
+                   ir_text: str, manifest: Mapping[str, Any], sign: Any = True) -> None:
+    """Write an artifact atomically (a temp file in the same directory, then ``os.replace``), signed.
+
+    ``sign``: True (default) signs with this user's local key (created on first
+    use, :func:`kiln.runtime.signing.local_private_key`); a PEM path, PEM bytes or
+    an Ed25519PrivateKey signs with that key; False/None writes it unsigned
+    (``signature.json`` then holds only the manifest digest).
+    """
     path = os.fspath(path)
     weights = dict(weights)
     full = _complete_manifest(manifest, weights)
+    full["format_version"] = FORMAT_VERSION
     problems = validate_manifest(full, need_members=False)
     if not problems and list(full["weights"]) != list(weights):
         problems.append(f"manifest weights {full['weights']} differ from the weights given {list(weights)}")
     if problems:
         raise ArtifactError(f"{path}: refusing to write an invalid artifact: {'; '.join(problems)}")
+    key = _signing_key(sign)
     blobs = {LIBRARY: bytes(library), WEIGHTS: _npz_bytes(weights), IR: ir_text.encode("utf-8")}
     full["members"] = {name: _sha256(data) for name, data in blobs.items()}
-    blobs = {MANIFEST: json.dumps(full, indent=2).encode("utf-8"), **blobs}
+    manifest_bytes = json.dumps(full, indent=2).encode("utf-8")
+    record = json.dumps(signature_record(manifest_bytes, key), indent=2).encode("utf-8")
+    blobs = {MANIFEST: manifest_bytes, SIGNATURE: record, **blobs}
 
-    directory, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{base}.{uuid.uuid4().hex[:12]}.tmp")
+    remove_stale_temps(os.path.dirname(os.path.abspath(path)))
+    tmp = temp_path(path)
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
@@ -265,11 +356,13 @@ def _open_zip(path: str) -> zipfile.ZipFile:
         raise ArtifactError(f"{path}: no such file")
     if not os.path.isfile(path):
         raise ArtifactError(f"{path}: not a file (expected a kiln artifact, a zip file)")
-    with open(path, "rb") as f:
-        head = f.read(4)
     try:
+        with open(path, "rb") as f:
+            head = f.read(4)
         return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        if isinstance(e, PermissionError):
+            raise ArtifactError(f"{path}: cannot read ({e.strerror})") from e
         if head == _ZIP_MAGIC:
             raise ArtifactError(f"{path}: truncated or corrupted zip ({e}); "
                                 "the file was probably cut short while copying: copy it again") from e
@@ -277,44 +370,115 @@ def _open_zip(path: str) -> zipfile.ZipFile:
                             f"(starting with {_ZIP_MAGIC!r}), found bytes {head!r}") from e
 
 
-def _read_members(path: str, zf: zipfile.ZipFile) -> dict[str, bytes]:
-    """Every required member's bytes (CRC-checked by zipfile), or an ArtifactError."""
-    names = set(zf.namelist())
-    missing = [m for m in MEMBERS if m not in names]
+def _directory(path: str, zf: zipfile.ZipFile, limits: Limits) -> dict[str, zipfile.ZipInfo]:
+    """The members kiln reads, checked from the zip directory alone (sizes, ratios, methods) before inflating any."""
+    infos: dict[str, zipfile.ZipInfo] = {}
+    names = []
+    for info in zf.infolist():
+        names.append(info.filename)
+        if info.filename in MEMBERS:
+            if info.filename in infos:
+                raise ArtifactError(f"{path}: member {info.filename} appears twice in the zip (a tampered file)")
+            infos[info.filename] = info
+    missing = [m for m in MEMBERS if m not in infos and m != SIGNATURE]
     if missing:
-        raise ArtifactError(f"{path}: missing members {missing}: expected {list(MEMBERS)}, "
-                            f"found {sorted(names)}")
-    out = {}
-    for name in MEMBERS:
-        try:
-            out[name] = zf.read(name)
-        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
-            raise ArtifactError(f"{path}: member {name} is corrupted ({e})") from e
+        raise ArtifactError(f"{path}: missing members {missing}: expected {list(MEMBERS)}, found {sorted(names)[:20]}")
+    size = os.path.getsize(path)
+    total = 0
+    for name, info in infos.items():
+        if info.flag_bits & 0x1:
+            raise ArtifactError(f"{path}: member {name} is encrypted; kiln artifacts are not")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise ArtifactError(f"{path}: member {name} uses zip compression method {info.compress_type}; "
+                                "kiln reads stored or deflated members only")
+        if info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size:
+            raise ArtifactError(f"{path}: member {name} is stored uncompressed but the zip directory gives "
+                                f"{info.compress_size} stored and {info.file_size} inflated bytes")
+        if info.header_offset + info.compress_size > size:
+            raise ArtifactError(f"{path}: member {name} extends past the end of the file: truncated or corrupted")
+        check_limit(limits, "member_bytes", info.file_size, f"{path}: member {name}'s inflated size")
+        if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > _RATIO_FLOOR:
+            check_limit(limits, "zip_ratio", info.file_size // max(info.compress_size, 1),
+                        f"{path}: member {name} inflates {info.compress_size:,} to {info.file_size:,} bytes; "
+                        "its compression ratio")
+        total += info.file_size
+    check_limit(limits, "artifact_bytes", total, f"{path}: the inflated size of its members together")
+    return infos
+
+
+def _inflate(path: str, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytearray:
+    """One member's bytes, inflated in chunks into a buffer of its checked directory size (never past it)."""
+    want = info.file_size
+    out = bytearray(want)
+    view = memoryview(out)
+    got = 0
+    try:
+        with zf.open(info) as f:
+            while chunk := f.read(min(_CHUNK, want - got + 1)):
+                if got + len(chunk) > want:
+                    raise ArtifactError(f"{path}: member {info.filename} inflates past the {want:,} bytes "
+                                        "its zip directory entry gives")
+                view[got:got + len(chunk)] = chunk
+                got += len(chunk)
+            decompressor = getattr(f, "_decompressor", None)  # CPython's ZipExtFile; absent: skip the check
+            if info.compress_type == zipfile.ZIP_DEFLATED and not getattr(decompressor, "eof", True):
+                raise ArtifactError(f"{path}: member {info.filename} is corrupted: its deflate stream does not "
+                                    "end where the member does")
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as e:
+        raise ArtifactError(f"{path}: member {info.filename} is corrupted ({e})") from e
+    finally:
+        view.release()
+    if got != want:
+        raise ArtifactError(f"{path}: member {info.filename} is corrupted: it holds {got:,} bytes, its zip "
+                            f"directory entry says {want:,}")
     return out
 
 
-def _parse_manifest(path: str, data: bytes) -> dict[str, Any]:
-    """The manifest as a dict, checked for version and structure."""
+def _json(path: str, name: str, data: bytes | bytearray) -> Any:
+    """``data`` parsed as JSON; ArtifactError for bad text or nesting too deep to parse."""
     try:
-        manifest = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path}: {MANIFEST} is not valid JSON ({e})") from e
+        return json.loads(bytes(data).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ArtifactError(f"{path}: {name} is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
+
+
+def _parse_manifest(path: str, data: bytes | bytearray, versions: Iterable[int] = (FORMAT_VERSION,)) -> dict[str, Any]:
+    """The manifest as a dict, checked for version (one of ``versions``) and structure."""
+    manifest = _json(path, MANIFEST, data)
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path}: {MANIFEST} should be a JSON object, found {type(manifest).__name__}")
     version = manifest.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ArtifactError(f"{path}: {MANIFEST}: format_version should be an int >= 1, found {version!r}")
+        raise ArtifactError(f"{path}: {MANIFEST}: format_version should be an int >= 1, found {version!r:.40}")
     if version > FORMAT_VERSION:
         raise ArtifactError(f"{path}: artifact format version {version} is newer than this runtime "
                             f"supports (version {FORMAT_VERSION}, kiln "
-                            f"{manifest.get('kiln_version', '?')} wrote it): upgrade kiln to load it")
+                            f"{str(manifest.get('kiln_version', '?'))[:40]} wrote it): upgrade kiln to load it")
+    if version not in versions:
+        raise ArtifactError(f"{path}: {MANIFEST} says format version {version}, but the file has the members of "
+                            f"version {max(versions)}: the file was modified or damaged")
     problems = validate_manifest(manifest)
     if problems:
-        raise ArtifactError(f"{path}: {MANIFEST}: {'; '.join(problems)}")
+        raise ArtifactError(f"{path}: {MANIFEST}: {'; '.join(problems)}"[:2000])
     return manifest
 
 
-def _check_hashes(path: str, manifest: Mapping[str, Any], blobs: Mapping[str, bytes]) -> None:
+def _legacy_manifest(path: str, data: bytearray, allow_unsigned: bool) -> dict[str, Any]:
+    """The manifest of a file without signature.json: format 1 (only with ``allow_unsigned``) or a stripped format 2."""
+    manifest = _json(path, MANIFEST, data)
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != LEGACY_VERSION:
+        raise ArtifactError(f"{path}: missing members ['{SIGNATURE}']: format version {FORMAT_VERSION} artifacts "
+                            f"always carry it (the file was modified or damaged)")
+    if not allow_unsigned:
+        raise TrustError(f"{path}: artifact format version {LEGACY_VERSION} (written by a kiln before artifacts "
+                         f"were signed; nothing authenticates it): this runtime reads version {FORMAT_VERSION}, and "
+                         f"version {LEGACY_VERSION} only with --allow-unsigned (allow_unsigned=True): recompile the "
+                         f"model with this kiln, or load it with --allow-unsigned if you trust where it came from")
+    return _parse_manifest(path, data, versions=(LEGACY_VERSION,))
+
+
+def _check_hashes(path: str, manifest: Mapping[str, Any], blobs: Mapping[str, bytes | bytearray]) -> None:
     """Each hashed member's sha256 must match the manifest's."""
     recorded = manifest["members"]
     for name in HASHED_MEMBERS:
@@ -323,22 +487,94 @@ def _check_hashes(path: str, manifest: Mapping[str, Any], blobs: Mapping[str, by
             raise ArtifactError(f"{path}: {MANIFEST} members lists no sha256 for {name}")
         have = _sha256(blobs[name])
         if have != want.lower():
-            raise ArtifactError(f"{path}: {name}: sha256 mismatch: manifest says {want}, file has {have} "
+            raise ArtifactError(f"{path}: {name}: sha256 mismatch: manifest says {want:.64}, file has {have} "
                                 "(the artifact was modified or damaged after it was written)")
 
 
-def _load_weights(path: str, manifest: Mapping[str, Any], data: bytes) -> dict[str, np.ndarray]:
+class _BufferFile(io.RawIOBase):
+    """A read-only, seekable file over a buffer, without copying it (``io.BytesIO`` copies a bytearray)."""
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        super().__init__()
+        self._view = memoryview(data)
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        chunk = self._view[self._pos:self._pos + len(buffer)]
+        n = len(chunk)
+        memoryview(buffer).cast("B")[:n] = chunk
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._view.release()
+        super().close()
+
+
+def _read_npy(path: str, member: str, f: Any, size: int, limits: Limits) -> np.ndarray:
+    """One .npy array from a stream: header checked against the bytes present and ``tensor_bytes`` before allocating."""
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = fmt.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = fmt.read_array_header_2_0(f)
+    else:
+        raise ValueError(f"{member}: npy format version {version} is not one kiln writes (1.0, 2.0)")
+    if dtype.hasobject:
+        raise ValueError(f"{member}: dtype {dtype} holds Python objects, which would need pickle")
+    nbytes = math.prod(shape) * dtype.itemsize
+    check_limit(limits, "tensor_bytes", nbytes, f"{path}: {WEIGHTS}: {member} ({dtype.str}{list(shape)})")
+    present = size - f.tell()
+    if nbytes != present:
+        raise ValueError(f"{member}: its header claims {dtype.str}{list(shape)} = {nbytes:,} bytes of data, the "
+                         f"member holds {present:,}")
+    flat = np.empty(math.prod(shape), dtype)
+    raw = flat.view(np.uint8) if nbytes else flat
+    got = 0
+    while got < nbytes:
+        chunk = f.read(min(_CHUNK, nbytes - got))
+        if not chunk:
+            raise ValueError(f"{member}: data ends after {got:,} of {nbytes:,} bytes")
+        raw[got:got + len(chunk)] = np.frombuffer(chunk, np.uint8)
+        got += len(chunk)
+    return flat.reshape(shape[::-1]).transpose() if fortran else flat.reshape(shape)
+
+
+def _load_weights(path: str, manifest: Mapping[str, Any], data: bytes | bytearray,
+                  limits: Limits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
     """The weights in manifest order, checked against the manifest's names, shapes and dtypes."""
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            found = {}
-            for member in zf.namelist():
+        with zipfile.ZipFile(_BufferFile(data)) as zf:
+            found: dict[str, np.ndarray] = {}
+            for info in zf.infolist():
+                member = info.filename
                 if not member.endswith(".npy"):
                     raise ValueError(f"member {member!r} is not a .npy array")
-                with zf.open(member) as f:
-                    found[member[:-4]] = np.lib.format.read_array(f, allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error) as e:
-        raise ArtifactError(f"{path}: {WEIGHTS} is not a readable npz without pickles ({e})") from e
+                if member[:-4] in found:
+                    raise ValueError(f"member {member!r} appears twice")
+                if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+                    raise ValueError(f"member {member!r} is compressed; kiln stores weights uncompressed")
+                with zf.open(info) as f:
+                    found[member[:-4]] = _read_npy(path, member, f, info.file_size, limits)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, zlib.error, SyntaxError, RecursionError,
+            NotImplementedError, TypeError, OverflowError) as e:
+        raise ArtifactError(f"{path}: {WEIGHTS} is not a readable npz without pickles "
+                            f"({type(e).__name__}: {str(e)[:300]})") from e
     names = list(manifest["weights"])
     missing = [n for n in names if n not in found]
     extra = [n for n in found if n not in names]
@@ -346,9 +582,9 @@ def _load_weights(path: str, manifest: Mapping[str, Any], data: bytes) -> dict[s
         raise ArtifactError(f"{path}: {WEIGHTS} does not match the manifest: expected weights {names}, "
                             f"found {list(found)} (missing {missing}, unexpected {extra})")
     for spec in manifest.get("weight_specs") or []:
-        name = spec.get("name")
+        name = spec.get("name") if isinstance(spec, dict) else None
         if name not in found:
-            raise ArtifactError(f"{path}: manifest weight_specs names {name!r}, which is not a weight")
+            raise ArtifactError(f"{path}: manifest weight_specs names {name!r:.80}, which is not a weight")
         got = found[name] = _restored(found[name], spec.get("dtype"))
         if got.dtype.name != spec.get("dtype") or list(got.shape) != list(spec.get("shape", [])):
             raise ArtifactError(f"{path}: weight {name!r}: manifest says {spec.get('dtype')} "
@@ -356,16 +592,46 @@ def _load_weights(path: str, manifest: Mapping[str, Any], data: bytes) -> dict[s
     return {n: found[n] for n in names}
 
 
-def read_artifact(path: str | os.PathLike) -> ArtifactContents:
-    """Read and fully validate an artifact (zip, members, manifest, hashes, weights)."""
-    path = os.fspath(path)
+def _read(path: str, trusted_keys: Any, allow_unsigned: bool, limits: Limits) -> ArtifactContents:
+    trusted = trusted_public_keys(trusted_keys)
     with _open_zip(path) as zf:
-        blobs = _read_members(path, zf)
-    manifest = _parse_manifest(path, blobs[MANIFEST])
+        infos = _directory(path, zf, limits)
+        manifest_bytes = _inflate(path, zf, infos[MANIFEST])
+        if SIGNATURE in infos:
+            trust = verify_record(path, manifest_bytes, _inflate(path, zf, infos[SIGNATURE]), trusted=trusted,
+                                  allow_unsigned=allow_unsigned)
+            manifest = _parse_manifest(path, manifest_bytes)
+        else:
+            manifest = _legacy_manifest(path, manifest_bytes, allow_unsigned)
+            trust = TrustInfo(signed=False)
+        # trusted (or explicitly allowed) from here on: the other members may be inflated
+        blobs = {name: _inflate(path, zf, infos[name]) for name in HASHED_MEMBERS}
     _check_hashes(path, manifest, blobs)
-    weights = _load_weights(path, manifest, blobs[WEIGHTS])
+    weights = _load_weights(path, manifest, blobs.pop(WEIGHTS), limits)
     try:
         ir_text = blobs[IR].decode("utf-8")
     except UnicodeDecodeError as e:
         raise ArtifactError(f"{path}: {IR} is not utf-8 text ({e})") from e
-    return ArtifactContents(manifest, blobs[LIBRARY], weights, ir_text)
+    return ArtifactContents(manifest, bytes(blobs[LIBRARY]), weights, ir_text, trust=trust)
+
+
+def read_artifact(path: str | os.PathLike, *, trusted_keys: Any = None, allow_unsigned: bool = False,
+                  limits: Limits | None = None) -> ArtifactContents:
+    """Read and fully validate an artifact: limits, digest and signature first, then manifest, hashes, weights.
+
+    ``trusted_keys``: public keys (paths, PEM bytes, key objects) trusted beside
+    ``KILN_TRUSTED_KEYS`` and the local key; ``allow_unsigned`` accepts an unsigned
+    or untrusted (never a wrongly signed) artifact; ``limits`` bounds sizes
+    (default :data:`~kiln.runtime.limits.DEFAULT_LIMITS`). Every failure is a
+    ``kiln.Error`` (ArtifactError, TrustError, LimitError) naming the file.
+    """
+    path = os.fspath(path)
+    try:
+        return _read(path, trusted_keys, allow_unsigned, limits or DEFAULT_LIMITS)
+    except Error:
+        raise
+    except MemoryError as e:
+        raise ArtifactError(f"{path}: out of memory while reading the artifact; lower the size limits "
+                            "(--max-member-mb, --max-tensor-mb) to refuse it early") from e
+    except Exception as e:  # noqa: BLE001 - the API boundary: a bad file is a kiln error, whatever tripped on it
+        raise ArtifactError(f"{path}: cannot read the artifact ({type(e).__name__}: {str(e)[:300]})") from e

@@ -1,8 +1,13 @@
 """CPU features: which x86 ISA extensions an artifact's code needs, and which this CPU has.
 
-Code compiled for ``mcpu=skylake-avx512`` dies with SIGILL on a CPU without
-AVX-512; the runtime compares the two sets at load time and refuses with a
-readable message instead.  Flags use the spelling of ``/proc/cpuinfo``.
+Code compiled for ``mcpu=skylake-avx512`` (or ``-mattr=+avx512f``) dies with
+SIGILL on a CPU without AVX-512; the runtime compares the two sets at load time
+and refuses with a readable message instead.  Flags use the spelling of
+``/proc/cpuinfo``.  The compiler records the full set in the manifest
+(``cpu_features``, from LLVM's own view of ``mcpu`` + ``mattr``:
+:func:`flags_of_llvm_features`); the runtime adds what the target's ``mcpu``
+and ``mattr`` imply by the tables below, so an artifact whose manifest lacks
+``cpu_features`` is still checked.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from collections.abc import Iterable, Mapping
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["host_cpu_flags", "required_cpu_features", "missing_cpu_features", "host_arch", "target_arch"]
+__all__ = ["flags_of_llvm_features", "host_arch", "host_cpu_flags", "missing_cpu_features", "required_cpu_features",
+           "target_arch"]
 
 _V2 = ("cx16", "lahf_lm", "popcnt", "pni", "ssse3", "sse4_1", "sse4_2")
 _AVX = _V2 + ("avx",)
@@ -74,7 +80,20 @@ _MATTR_TO_FLAG = {
     "avx512vbmi2": "avx512_vbmi2", "avx512bitalg": "avx512_bitalg",
     "avx512vpopcntdq": "avx512_vpopcntdq", "avxvnni": "avx_vnni", "gfni": "gfni", "vaes": "vaes",
     "vpclmulqdq": "vpclmulqdq", "amx-tile": "amx_tile", "amx-int8": "amx_int8",
-    "amx-bf16": "amx_bf16",
+    "amx-bf16": "amx_bf16", "amx-fp16": "amx_fp16", "fma4": "fma4", "xop": "xop", "tbm": "tbm",
+    "aes": "aes", "pclmul": "pclmulqdq", "sha": "sha_ni", "adx": "adx", "avx512er": "avx512er",
+    "avx512pf": "avx512pf", "avxifma": "avx_ifma", "avxvnniint8": "avx_vnni_int8",
+    "avxneconvert": "avx_ne_convert", "avx512vp2intersect": "avx512_vp2intersect",
+}
+
+# What each flag implies (LLVM's feature implications, X86.td), closed transitively by _closure.
+_IMPLIES: dict[str, tuple[str, ...]] = {
+    "avx512f": ("avx2", "fma", "f16c"),
+    "avx2": ("avx",), "fma": ("avx",), "f16c": ("avx",), "fma4": ("avx", "sse4a"), "xop": ("fma4",),
+    "avx": ("sse4_2",), "sse4_2": ("sse4_1",), "sse4_1": ("ssse3",), "ssse3": ("pni",),
+    "avx_vnni": ("avx2",), "avx_ifma": ("avx2",), "avx_vnni_int8": ("avx2",), "avx_ne_convert": ("avx2",),
+    "vaes": ("avx", "aes"), "vpclmulqdq": ("avx", "pclmulqdq"),
+    "amx_int8": ("amx_tile",), "amx_bf16": ("amx_tile",), "amx_fp16": ("amx_tile",),
 }
 
 _ARCH_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "i686": "x86", "i386": "x86"}
@@ -103,20 +122,45 @@ def _mattr_items(mattr: Any) -> list[str]:
     return [str(m).strip() for m in mattr]
 
 
+def _closure(flags: Iterable[str]) -> set[str]:
+    """``flags`` plus everything they imply (every avx512 extension implies avx512f, which implies avx2, ...)."""
+    out: set[str] = set()
+    todo = list(flags)
+    while todo:
+        flag = todo.pop()
+        if flag in out:
+            continue
+        out.add(flag)
+        todo.extend(_IMPLIES.get(flag, ()))
+        if flag.startswith("avx512") and flag != "avx512f":
+            todo.append("avx512f")
+    return out
+
+
 def required_cpu_features(target: Mapping[str, Any]) -> list[str]:
-    """x86 flags (cpuinfo spelling) the code compiled for ``target`` may use; [] when unknown."""
+    """x86 flags (cpuinfo spelling) the code compiled for ``target`` may use; [] when unknown.
+
+    ``mcpu``'s table entry, plus each ``+feature`` of ``mattr`` with what it implies,
+    minus each ``-feature``; unknown names (LLVM tuning flags) are ignored.
+    """
     if str(target.get("kind", "llvm")) != "llvm" or target_arch(target) not in (None, "x86_64"):
         return []
-    flags = list(_MCPU_FEATURES.get(str(target.get("mcpu", "")).lower(), ()))
+    flags = set(_MCPU_FEATURES.get(str(target.get("mcpu", "")).lower(), ()))
     for item in _mattr_items(target.get("mattr")):
         sign, name = (item[0], item[1:]) if item[:1] in "+-" else ("+", item)
         flag = _MATTR_TO_FLAG.get(name.lower())
         if flag is None:
             continue
-        if sign == "+" and flag not in flags:
-            flags.append(flag)
-        elif sign == "-" and flag in flags:
-            flags.remove(flag)
+        if sign == "+":
+            flags |= _closure([flag])
+        else:
+            flags.discard(flag)
+    return sorted(flags)
+
+
+def flags_of_llvm_features(features: Iterable[str]) -> list[str]:
+    """The cpuinfo flags of LLVM feature names (``tvm.target.codegen.llvm_get_cpu_features``), ISA ones only."""
+    flags = {_MATTR_TO_FLAG[f.lstrip("+").lower()] for f in features if f.lstrip("+").lower() in _MATTR_TO_FLAG}
     return sorted(flags)
 
 

@@ -1,11 +1,16 @@
 """Load an artifact and run it: ``load(path) -> Session``, ``Session.run(inputs) -> outputs``.
 
-Loading validates the file (manifest, hashes, weights), the target's
-architecture and the CPU features the code needs, all before the native
-library is touched.  TVM is imported lazily and without torch (tvm_ffi
-imports torch eagerly when it can, which costs seconds and memory a runtime
-does not need).  A Session is safe to use from several threads: each thread
-gets its own VirtualMachine over the shared library and read-only weights.
+Loading validates the file (size limits, digest and signature, manifest,
+hashes, weights), the target's architecture and the CPU features the code
+needs, all before the native library is touched.  TVM is imported lazily and
+without torch (tvm_ffi imports torch eagerly when it can, which costs seconds
+and memory a runtime does not need).  A Session is safe to use from several
+threads: each thread gets its own VirtualMachine over the shared library and
+read-only weights.  ``Session.close()`` (or ``with``, or garbage collection)
+unloads the library: TVM keeps every module it loads alive for the process by
+default (``tvm_ffi.load_module(keep_module_alive=True)``), so kiln loads with
+``keep_module_alive=False`` and the last reference's release ``dlclose``s it.
+Nothing but a ``kiln.Error`` leaves :func:`load` or :meth:`Session.run`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +35,9 @@ import numpy as np
 from . import threads
 from .artifact import ArtifactError, bits_dtype, numpy_dtype, read_artifact
 from .cpu import host_arch, missing_cpu_features, required_cpu_features, target_arch
-from .errors import InputError
+from .errors import Error, InputError
+from .limits import DEFAULT_LIMITS, Limits, check_limit
+from .signing import TrustInfo
 
 __all__ = ["InputError", "Session", "TensorSpec", "configure_threads", "load"]
 
@@ -125,21 +133,25 @@ def _check_target(path: str, manifest: Mapping[str, Any]) -> None:
     needed = list(dict.fromkeys([*manifest["cpu_features"], *required_cpu_features(target)]))
     missing = missing_cpu_features(needed)
     if missing:
-        mcpu = target.get("mcpu", "?")
-        raise ArtifactError(f"{path}: artifact was compiled for mcpu={mcpu} which needs {', '.join(missing)}; "
-                            f"this CPU lacks them: recompile with --target 'llvm -mcpu=...' for this "
-                            f"machine (or with no --target: the host CPU is the default)")
+        mattr = target.get("mattr")
+        built = f"mcpu={target.get('mcpu', '?')}" + (f" mattr={','.join(map(str, mattr))}" if mattr else "")
+        raise ArtifactError(f"{path}: artifact was compiled for {built} which needs CPU features "
+                            f"{', '.join(missing)}; this CPU lacks them (running it would die with SIGILL): "
+                            f"recompile with --target 'llvm -mcpu=...' for this machine (or with no --target: "
+                            f"the host CPU is the default)")
 
 
 def _load_library(path: str, library: bytes) -> Any:
-    """Load lib.so from a private temp file (removed right after ``dlopen``)."""
-    tvm = import_tvm()
+    """Load lib.so from a private temp file (removed right after ``dlopen``), unloadable when released."""
+    import_tvm()
+    import tvm_ffi
+
     tmpdir = tempfile.mkdtemp(prefix="kiln-lib-")
     try:
         lib_path = os.path.join(tmpdir, f"{uuid.uuid4().hex}.so")
         with open(lib_path, "wb") as f:
             f.write(library)
-        module = tvm.runtime.load_module(lib_path)
+        module = tvm_ffi.load_module(lib_path, keep_module_alive=False)
         threads.adopt(lib_path)  # parallel loops on kiln's pool (runtime/threads.py); TVM's if it cannot
         return module
     except Exception as e:
@@ -166,14 +178,36 @@ def _describe_dim(dim: int | str) -> str:
     return f"symbol {dim}" if coef == 1 and len(syms) == 1 else str(dim)
 
 
+class _Loaded:
+    """What a Session holds of TVM (library module, weights, per-thread VMs), released once by close or GC."""
+
+    __slots__ = ("module", "weights", "local")
+
+    def __init__(self, module: Any, weights: tuple[Any, ...]) -> None:
+        self.module = module
+        self.weights = weights
+        self.local: threading.local | None = threading.local()
+
+    def release(self) -> None:
+        """Drop every reference: the library is ``dlclose``d once no call in flight still holds it."""
+        self.local = None
+        self.weights = ()
+        self.module = None
+
+
 class Session:
-    """A loaded artifact, ready to run; thread-safe (one VirtualMachine per thread)."""
+    """A loaded artifact, ready to run; thread-safe (one VirtualMachine per thread).
+
+    ``close()`` (or leaving a ``with`` block, or garbage collection) unloads the
+    library; calls already running finish first (they hold their own references).
+    """
 
     def __init__(self, path: str, manifest: dict[str, Any], module: Any, weights: Sequence[Any],
-                 ir_text: str) -> None:
+                 ir_text: str, *, trust: TrustInfo | None = None) -> None:
         self.path = path
         self.manifest = manifest
         self.ir_text = ir_text
+        self.trust = trust
         self.inputs = [TensorSpec.from_manifest(s) for s in manifest["inputs"]]
         self.outputs = [TensorSpec.from_manifest(s) for s in manifest["outputs"]]
         self.symbols: dict[str, int] = dict(manifest["symbols"])
@@ -181,19 +215,37 @@ class Session:
             str(sp["name"]): np.asarray(sp["value"], dtype=numpy_dtype(sp["dtype"])).reshape(sp["shape"])
             for sp in manifest.get("specialized") or []}
         self._entry = manifest["entry"]
-        self._module = module
-        self._weights = tuple(weights)
-        self._weight_views = tuple(_numpy_view(w, numpy_dtype(str(w.dtype))) for w in self._weights)
+        self._res = _Loaded(module, tuple(weights))
+        self._finalizer = weakref.finalize(self, _Loaded.release, self._res)
+        self._finalizer.atexit = False  # process exit unmaps everything; unloading then only risks shutdown order
+        self._weight_views = tuple(_numpy_view(w, numpy_dtype(str(w.dtype))) for w in self._res.weights)
         self._aliases: list[bool | None] = [s.get("aliases") for s in manifest["outputs"]]
         self._static = {s.name: self._compiled_shape(s) for s in self.inputs}
         self._dtypes = {s.name: numpy_dtype(s.dtype) for s in self.inputs}
         self._out_dtypes = [numpy_dtype(s.dtype) for s in self.outputs]
+        self._out_shapes = [tuple(self._compiled_dim(d) for d in s.shape) for s in self.outputs]
+        self._out_static = [None if None in shape else shape for shape in self._out_shapes]
+        self._out_bits = [bits_dtype(d) is not None for d in self._out_dtypes]
         self._tvm = import_tvm()
         self._device = self._tvm.cpu()
         self._tensor_type = self._tvm.runtime.Tensor
-        self._local = threading.local()
         self._vm_lock = threading.Lock()
         self._check_entry()
+
+    def close(self) -> None:
+        """Release the library, weights and per-thread VMs now (idempotent); later runs raise ArtifactError."""
+        self._weight_views = ()
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return self._res.local is None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         sig = ", ".join(f"{s.name}: {s.dtype}{list(s.shape)}" for s in self.inputs)
@@ -201,25 +253,31 @@ class Session:
 
     def _function(self) -> Any:
         """This thread's VirtualMachine entry function (created on first use)."""
-        fn = getattr(self._local, "fn", None)
+        local = self._res.local
+        if local is None:
+            raise ArtifactError(f"{self.path}: this Session was closed; load the artifact again to run it")
+        fn = getattr(local, "fn", None)
         if fn is None:
             with self._vm_lock:
-                vm = self._tvm.runtime.vm.VirtualMachine(self._module, self._device)
-            self._local.vm = vm
-            fn = self._local.fn = vm[self._entry]
+                module = self._res.module
+                if module is None:
+                    raise ArtifactError(f"{self.path}: this Session was closed; load the artifact again to run it")
+                vm = self._tvm.runtime.vm.VirtualMachine(module, self._device)
+            local.vm = vm
+            fn = local.fn = vm[self._entry]
         return fn
 
     def _check_entry(self) -> None:
         """The library must define the entry with one parameter per input and weight."""
         try:
             self._function()
-            arity = int(self._local.vm._get_function_arity(self._entry))
+            arity = int(self._res.local.vm._get_function_arity(self._entry))
         except Exception as e:
             raise ArtifactError(f"{self.path}: lib.so has no usable function {self._entry!r} ({e})") from e
-        want = len(self.inputs) + len(self._weights)
+        want = len(self.inputs) + len(self._res.weights)
         if arity != want:
             raise ArtifactError(f"{self.path}: {self._entry} takes {arity} parameters, the manifest lists "
-                                f"{len(self.inputs)} inputs + {len(self._weights)} weights = {want}")
+                                f"{len(self.inputs)} inputs + {len(self._res.weights)} weights = {want}")
 
     def _compiled_dim(self, dim: int | str) -> int | None:
         """The value the artifact was compiled for of one dim (None if a symbol has no value)."""
@@ -292,9 +350,12 @@ class Session:
         for spec in self.inputs:
             a = np.asarray(inputs[spec.name])
             want = self._dtypes[spec.name]
+            if a.dtype != want and a.dtype.byteorder in "<>" and a.dtype.newbyteorder("=") == want:
+                a = a.astype(want)  # the same values in this machine's byte order: exact, not a cast
             if a.dtype != want:
-                raise InputError(f"input {spec.name!r}: expected dtype {want.name}, got {a.dtype.name} "
-                                 f"(convert it with .astype(np.{want.name}); kiln does not cast silently)")
+                raise InputError(f"input {spec.name!r}: expected dtype {_dtype_text(want)}, got "
+                                 f"{_dtype_text(a.dtype)} (convert it with .astype(np.{want.name}); kiln does "
+                                 f"not cast silently)")
             if a.ndim != len(spec.shape):
                 raise InputError(f"input {spec.name!r}: expected rank {len(spec.shape)} (shape "
                                  f"{list(spec.shape)}), got rank {a.ndim} (shape {list(a.shape)})")
@@ -345,7 +406,8 @@ class Session:
                              f"was compiled for {values} (recompile with that shape)")
 
     def _call(self, tensors: Sequence[Any], arrays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-        result = self._function()(*tensors, *self._weights)
+        weights = self._res.weights
+        result = self._function()(*tensors, *weights)
         flat = _flatten(result, self._tensor_type)
         if len(flat) != len(self.outputs):
             raise ArtifactError(f"{self.path}: {self._entry} returned {len(flat)} outputs, "
@@ -353,8 +415,22 @@ class Session:
         return {spec.name: self._to_numpy(i, t, arrays) for i, (spec, t) in enumerate(zip(self.outputs, flat))}
 
     def _to_numpy(self, i: int, tensor: Any, arrays: Sequence[np.ndarray]) -> np.ndarray:
-        """Output ``i`` without a copy, unless it may alias an input, a weight or another output."""
-        out = _numpy_view(tensor, self._out_dtypes[i])
+        """Output ``i`` without a copy, unless it may alias an input, a weight or another output.
+
+        Its dtype and shape must be the manifest's: a library that returns something
+        else is refused (ArtifactError naming the output) instead of handed on.
+        """
+        want = self._out_dtypes[i]
+        if self._out_bits[i] and str(tensor.dtype) != want.name:
+            self._bad_output(i, str(tensor.dtype), tuple(tensor.shape))
+        out = _numpy_view(tensor, want)
+        static = self._out_static[i]
+        if static is not None:
+            if out.shape != static or out.dtype != want:
+                self._bad_output(i, out.dtype.name, out.shape)
+        elif out.dtype != want or len(out.shape) != len(self._out_shapes[i]) or \
+                any(w is not None and w != g for w, g in zip(self._out_shapes[i], out.shape)):
+            self._bad_output(i, out.dtype.name, out.shape)
         alias = self._aliases[i]
         if alias is None:  # an artifact that does not say: look
             alias = any(np.may_share_memory(out, a) for a in (*arrays, *self._weight_views))
@@ -374,17 +450,36 @@ class Session:
                 continue
             bits = bits_dtype(a.dtype)
             src = a if bits is None else a.view(bits)
-            try:
-                t = from_dlpack(src)
-            except (RuntimeError, BufferError):  # not 64-byte aligned, or read-only
-                t = from_dlpack(_aligned(src))
+            t = from_dlpack(_aligned(src))  # checked first: a refused import costs a TVM exception
             out.append(t if bits is None else t._create_view(a.shape, str(a.dtype)))
         return out
 
+    def _bad_output(self, i: int, dtype: str, shape: Sequence[int]) -> None:
+        spec = self.outputs[i]
+        want = [d if d is not None else s for d, s in zip(self._out_shapes[i], spec.shape)]
+        raise ArtifactError(f"{self.path}: output {spec.name!r}: the manifest says {spec.dtype}{want}, the "
+                            f"library returned {dtype}{list(shape)} (the library and manifest disagree)")
+
     def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Run the model on numpy inputs (by name); returns the outputs by name, in manifest order."""
-        arrays = self.validate(inputs)
-        return self._call(self._to_device(arrays), arrays)
+        """Run the model on numpy inputs (by name); returns the outputs by name, in manifest order.
+
+        Bad inputs raise InputError; a library that fails or returns what the
+        manifest does not say raises ArtifactError; nothing else leaves.
+        """
+        try:
+            arrays = self.validate(inputs)
+        except Error:
+            raise
+        except Exception as e:  # noqa: BLE001 - the API boundary: e.g. np.asarray on an object it cannot read
+            raise InputError(f"inputs could not be read as arrays ({type(e).__name__}: {str(e)[:300]})") from e
+        try:
+            return self._call(self._to_device(arrays), arrays)
+        except Error:
+            raise
+        except MemoryError as e:
+            raise ArtifactError(f"{self.path}: out of memory while running {self._entry}") from e
+        except Exception as e:  # noqa: BLE001 - TVM's errors (tvm_ffi.Error, RuntimeError...) at the boundary
+            raise ArtifactError(f"{self.path}: {self._entry} failed ({type(e).__name__}: {str(e)[:500]})") from e
 
     __call__ = run
 
@@ -400,6 +495,13 @@ class Session:
             self._call(tensors, arrays)
             times.append(time.perf_counter() - t0)
         return times
+
+
+def _dtype_text(dtype: np.dtype) -> str:
+    """A dtype for messages, with its byte order when that is not this machine's: ``float64 (big-endian, >f8)``."""
+    if not dtype.isnative:
+        return f"{dtype.name} ({'big' if dtype.byteorder == '>' else 'little'}-endian, {dtype.str})"
+    return dtype.name
 
 
 def _aligned(a: np.ndarray, alignment: int = 64) -> np.ndarray:
@@ -452,19 +554,52 @@ def _flatten(result: Any, tensor_type: type) -> list[Any]:
     return [t for item in items for t in _flatten(item, tensor_type)]
 
 
-def load(path: str | os.PathLike, *, check_cpu: bool = True, threads: int | None = None) -> Session:
-    """Load an artifact: validate it and this CPU first, then the library, then the weights (once).
+def _check_sizes(path: str, manifest: Mapping[str, Any], limits: Limits) -> None:
+    """Every input and output a run allocates must fit ``limits.tensor_bytes`` (checked before the library loads)."""
+    symbols = manifest["symbols"]
+    for kind in ("inputs", "outputs"):
+        for spec in manifest[kind]:
+            coefs = [_dim_terms(d) for d in spec["shape"]]
+            if any(s not in symbols for _, syms in coefs for s in syms):
+                continue
+            count = math.prod(c * math.prod(symbols[s] for s in syms) for c, syms in coefs)
+            check_limit(limits, "tensor_bytes", count * numpy_dtype(spec["dtype"]).itemsize,
+                        f"{path}: {kind[:-1]} {spec['name']!r} ({spec['dtype']}{list(spec['shape'])})")
 
-    ``threads`` sizes the kernel thread pool (see :func:`configure_threads`).
-    """
-    path = os.fspath(path)
-    contents = read_artifact(path)
+
+def _open_session(path: str, contents: Any, limits: Limits, check_cpu: bool) -> Session:
+    """The Session of a validated artifact: target and sizes checked, then the library, then the weights (once)."""
     if check_cpu:
         _check_target(path, contents.manifest)
-    configure_threads(threads)
+    _check_sizes(path, contents.manifest, limits)
     module = _load_library(path, contents.library)
     tvm = import_tvm()
     dev = tvm.cpu()
     weights = [tvm.runtime.empty(a.shape, str(a.dtype), dev) if a.size == 0 else tvm.runtime.tensor(_aligned(a), dev)
                for a in contents.weights.values()]
-    return Session(path, contents.manifest, module, weights, contents.ir_text)
+    return Session(path, contents.manifest, module, weights, contents.ir_text, trust=contents.trust)
+
+
+def load(path: str | os.PathLike, *, trusted_keys: Any = None, allow_unsigned: bool = False,
+         limits: Limits | None = None, check_cpu: bool = True, threads: int | None = None) -> Session:
+    """Load an artifact: its signature, limits and contents first, then this CPU, then the library and weights.
+
+    ``trusted_keys`` (public key paths, PEM bytes or key objects) are trusted
+    beside ``KILN_TRUSTED_KEYS`` and the local key; an unsigned or untrusted
+    artifact raises TrustError unless ``allow_unsigned`` (see
+    :mod:`kiln.runtime.signing`).  ``limits`` bounds what the file may make kiln
+    allocate.  ``threads`` sizes the kernel thread pool (see :func:`configure_threads`).
+    Every refusal is a ``kiln.Error``.
+    """
+    path = os.fspath(path)
+    limits = limits or DEFAULT_LIMITS
+    configure_threads(threads)
+    contents = read_artifact(path, trusted_keys=trusted_keys, allow_unsigned=allow_unsigned, limits=limits)
+    try:
+        return _open_session(path, contents, limits, check_cpu)
+    except Error:
+        raise
+    except MemoryError as e:
+        raise ArtifactError(f"{path}: out of memory while loading the artifact") from e
+    except Exception as e:  # noqa: BLE001 - the API boundary: TVM's and numpy's errors on a bad file
+        raise ArtifactError(f"{path}: cannot load the artifact ({type(e).__name__}: {str(e)[:300]})") from e

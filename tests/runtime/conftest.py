@@ -1,4 +1,8 @@
-"""Small real artifacts (Relax modules built with BlockBuilder) shared by the runtime tests."""
+"""Small real artifacts (Relax modules built with BlockBuilder) shared by the runtime tests.
+
+Every test runs with ``KILN_HOME`` in a temp folder (tests/conftest.py), so the local signing
+key it creates (and trusts) is the test session's own, not the user's.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import numpy as np
 import pytest
 
 from kiln.runtime import write_artifact
+from kiln.runtime.signing import local_private_key, signature_record
 
 W = np.linspace(-1.0, 1.0, 8, dtype=np.float32)
 
@@ -126,23 +131,37 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
     }
 
 
-def rewrite_member(src: os.PathLike, dst: os.PathLike, name: str, transform: Any) -> None:
-    """Copy an artifact zip, replacing member ``name`` with ``transform(old bytes)`` (a valid zip)."""
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
-        for info in zin.infolist():
-            data = zin.read(info.filename)
-            if info.filename == name:
-                data = transform(data)
-                if data is None:
-                    continue
+def rewrite_member(src: os.PathLike, dst: os.PathLike, name: str, transform: Any, *, resign: Any = None) -> None:
+    """Copy an artifact zip, replacing member ``name`` with ``transform(old bytes)`` (a valid zip).
+
+    With ``resign`` (a private key, or True for the local key) signature.json is
+    rewritten for the new manifest, as a signer would: then only the checks
+    behind the signature can catch the change.
+    """
+    with zipfile.ZipFile(src) as zin:
+        members = [(info, zin.read(info.filename)) for info in zin.infolist()]
+    out = {}
+    for info, data in members:
+        if info.filename == name:
+            data = transform(data)
+            if data is None:
+                continue
+        out[info.filename] = (info, data)
+    if resign is not None and "manifest.json" in out and "signature.json" in out:
+        key = local_private_key() if resign is True else resign
+        record = json.dumps(signature_record(out["manifest.json"][1], key)).encode()
+        out["signature.json"] = (out["signature.json"][0], record)
+    with zipfile.ZipFile(dst, "w") as zout:
+        for info, data in out.values():
             zout.writestr(info, data)
 
 
-def edit_manifest(src: os.PathLike, dst: os.PathLike, edit: Any) -> None:
-    """Copy an artifact, applying ``edit(manifest dict)`` in place to its manifest.json."""
+def edit_manifest(src: os.PathLike, dst: os.PathLike, edit: Any, *, resign: Any = True) -> None:
+    """Copy an artifact, applying ``edit(manifest dict)`` in place to its manifest.json, re-signed (local key)
+    unless ``resign`` is None (then the digest no longer matches)."""
     def transform(data: bytes) -> bytes:
         manifest = json.loads(data)
         edit(manifest)
         return json.dumps(manifest).encode()
 
-    rewrite_member(src, dst, "manifest.json", transform)
+    rewrite_member(src, dst, "manifest.json", transform, resign=resign)

@@ -117,7 +117,7 @@ def test_missing_member(artifacts, tmp_path, member):
 
 def test_manifest_not_json_or_missing_keys(artifacts, tmp_path):
     path = tmp_path / "bad.kiln"
-    rewrite_member(artifacts["static"].path, path, "manifest.json", lambda b: b"{not json")
+    rewrite_member(artifacts["static"].path, path, "manifest.json", lambda b: b"{not json", resign=True)
     with pytest.raises(ArtifactError, match=r"bad\.kiln: manifest\.json is not valid JSON"):
         read_artifact(path)
     edit_manifest(artifacts["static"].path, path, lambda m: [m.pop("inputs"), m.pop("entry")])

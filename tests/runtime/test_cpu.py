@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kiln.runtime.cpu import (
+    flags_of_llvm_features,
     host_cpu_flags,
     missing_cpu_features,
     required_cpu_features,
@@ -25,9 +26,18 @@ def test_mcpu_tables():
 
 
 def test_mattr_adds_and_removes():
-    assert required_cpu_features({"kind": "llvm", "mattr": ["+avx512f", "+avx512bw"]}) == ["avx512bw", "avx512f"]
-    assert required_cpu_features({"kind": "llvm", "mattr": "+avx2,+fma,+unknownfeat"}) == ["avx2", "fma"]
+    """Each +feature brings what it implies (issue 15 item 3: -mattr=+avx512bw needs avx512f, avx2, fma...)."""
+    needed = required_cpu_features({"kind": "llvm", "mattr": ["+avx512bw"]})
+    assert {"avx512bw", "avx512f", "avx2", "avx", "fma", "f16c", "sse4_2", "ssse3"} <= set(needed)
+    assert required_cpu_features({"kind": "llvm", "mattr": "+avx2,+unknownfeat"}) == \
+        ["avx", "avx2", "pni", "sse4_1", "sse4_2", "ssse3"]
+    assert "amx_tile" in required_cpu_features({"kind": "llvm", "mattr": "+amx-int8"})
     assert "avx2" not in required_cpu_features({"mcpu": "haswell", "mattr": ["-avx2"]})
+
+
+def test_llvm_feature_names_map_to_cpuinfo_flags():
+    assert flags_of_llvm_features(["avx512vnni", "sahf", "lzcnt", "pclmul", "sse4.1", "fast-gather", "64bit"]) == \
+        ["abm", "avx512_vnni", "lahf_lm", "pclmulqdq", "sse4_1"]
 
 
 def test_non_x86_targets_need_no_x86_flags():
@@ -44,8 +54,13 @@ def test_missing_features():
 
 @pytest.mark.skipif(not host_cpu_flags(), reason="this CPU's flags are unknown")
 def test_host_target_needs_only_what_this_cpu_has():
+    from tvm.target.codegen import llvm_get_cpu_features
+
     from kiln.codegen.target import host_target
 
     target = host_target()
     spec = {"kind": "llvm", **{k: str(target.attrs[k]) for k in ("mcpu", "mtriple") if k in target.attrs}}
     assert missing_cpu_features(required_cpu_features(spec)) == []
+    llvm = flags_of_llvm_features(str(f) for f in llvm_get_cpu_features(target))
+    assert "avx" in llvm or "avx" not in host_cpu_flags()
+    assert missing_cpu_features(llvm) == []

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JOBS ?= auto
 
-.PHONY: demo test test-fast test-heavy lint venv clean conformance
+.PHONY: demo test test-fast test-heavy lint venv clean conformance fuzz-inputs
 
 venv: $(STAMP)
 
@@ -34,6 +34,11 @@ test-fast: $(STAMP)
 conformance: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 $(VENV)/bin/kiln conformance --path compiled --jobs 2 --table --show wrong,crashed
 	OPENBLAS_NUM_THREADS=1 $(VENV)/bin/kiln conformance --path interp --jobs 2 --show wrong,crashed
+
+# Malformed ONNX files, artifacts, calibration files and run inputs: 10,000 cases per kind (~15 min;
+# not part of `make test`, which runs 100 per kind). Exit 1 when anything but a result or a kiln.Error came out.
+fuzz-inputs: $(STAMP)
+	OPENBLAS_NUM_THREADS=1 $(VENV)/bin/kiln fuzz --level inputs --iterations 10000 --seed 0 --out out/fuzz-inputs
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -169,7 +169,7 @@ def load_model(source: ModelSource) -> onnx.ModelProto:
         try:
             from onnx.external_data_helper import load_external_data_for_model
             load_external_data_for_model(model, base_dir)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - OSError, onnx's ValidationError (a location outside the folder)
             raise InvalidModelError(f"{label}: cannot load its external data: {e}") from None
     return model
 

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kiln.runtime.errors import Error
+from kiln.runtime.errors import Error, InputError
 
 console = Console(highlight=False)
 if not console.is_terminal:  # piped or logged: tables keep their columns
@@ -300,7 +300,7 @@ def _read_npz(path: str, flag: str, limits=None) -> dict:
     (:func:`kiln.passes.calibrate.read_npz`: headers checked first, nothing unpickled)."""
     from kiln.passes.calibrate import read_npz
 
-    return read_npz(path, flag, limits)
+    return read_npz(path, flag, limits, error=InputError)
 
 
 def print_pass_table(records, title: str, explain: bool = False) -> None:

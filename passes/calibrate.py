@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import os
+import tokenize
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ from kiln.ir.graph import Graph
 from kiln.ir.interpret import interpret
 from kiln.ir.types import bind_shape, to_numpy_dtype
 
-from ..runtime.errors import Error
+from ..runtime.errors import Error, LimitError
 from ..runtime.limits import DEFAULT_LIMITS, Limits, check_limit
 
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -94,7 +95,7 @@ def _npz_headers(path: Path, limits: Limits) -> None:
     with zipfile.ZipFile(path) as zf:
         for info in zf.infolist():
             if not info.filename.endswith(".npy"):
-                continue
+                raise ValueError(f"member {info.filename!r} is not an .npy array (an .npz holds only .npy files)")
             name = info.filename[:-4]
             with zf.open(info) as f:
                 version = np.lib.format.read_magic(f)
@@ -106,6 +107,8 @@ def _npz_headers(path: Path, limits: Limits) -> None:
                 if dtype.hasobject:
                     raise ValueError(f"array {name!r} holds Python objects (dtype {dtype}), which kiln never "
                                      f"unpickles")
+                if not all(isinstance(d, int) and d >= 0 for d in shape):
+                    raise ValueError(f"array {name!r} has a malformed shape {shape!r} in its .npy header")
                 nbytes = math.prod(shape) * dtype.itemsize
                 check_limit(limits, "tensor_bytes", nbytes, f"array {name!r} of {path} ({dtype}{list(shape)})")
                 if nbytes > info.file_size:
@@ -113,14 +116,23 @@ def _npz_headers(path: Path, limits: Limits) -> None:
                                      f"{info.file_size:,} bytes (truncated or forged)")
 
 
-def read_npz(path: str | os.PathLike, what: str, limits: Limits | None = None) -> dict[str, np.ndarray]:
+def read_npz(path: str | os.PathLike, what: str, limits: Limits | None = None,
+             error: type[Error] = CalibrationError) -> dict[str, np.ndarray]:
     """The arrays of an ``.npz`` file (never unpickled), checked before reading; ``what`` names the file's role
-    in errors (``"calibration file"``, ``"--inputs"``), which name the file and what is wrong with it."""
+    in errors (``"calibration file"``, ``"--inputs"``), which name the file and what is wrong with it and are
+    ``error`` (CalibrationError; the CLI's ``--inputs`` reader passes InputError)."""
+    try:
+        return _read_npz(Path(path), f"{what} {os.fspath(path)!r}", limits)
+    except (CalibrationError, LimitError) as e:
+        if isinstance(e, error) or isinstance(e, LimitError):
+            raise
+        raise error(str(e)) from None
+
+
+def _read_npz(p: Path, label: str, limits: Limits | None) -> dict[str, np.ndarray]:
     import zipfile
     import zlib
 
-    p = Path(path)
-    label = f"{what} {os.fspath(path)!r}"
     try:
         with open(p, "rb") as f:
             head = f.read(4)
@@ -132,11 +144,15 @@ def read_npz(path: str | os.PathLike, what: str, limits: Limits | None = None) -
         _npz_headers(p, limits or DEFAULT_LIMITS)
         with np.load(p, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except CalibrationError:
+    except (CalibrationError, LimitError):
         raise
+    except MemoryError:
+        raise CalibrationError(f"{label}: out of memory reading it") from None
     except (OSError, ValueError, EOFError, KeyError, NotImplementedError, RuntimeError, zipfile.BadZipFile,
-            zlib.error) as e:
+            zlib.error, SyntaxError, TypeError, OverflowError, tokenize.TokenError) as e:
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+        if isinstance(e, (SyntaxError, TypeError, OverflowError, tokenize.TokenError)):
+            why = f"a malformed .npy header ({why})"
         raise CalibrationError(f"{label} is not a readable .npz file: {why}") from None
 
 

@@ -124,8 +124,27 @@ def test_manifest_not_json_or_missing_keys(artifacts, tmp_path):
     with pytest.raises(ArtifactError, match=r"lacks required keys \['inputs', 'entry'\]"):
         read_artifact(path)
     edit_manifest(artifacts["static"].path, path, lambda m: m["inputs"][0].update(dtype="float33"))
-    with pytest.raises(ArtifactError, match=r"inputs\[0\] \('x'\) has unknown dtype 'float33'"):
+    with pytest.raises(ArtifactError, match=r"inputs\[0\] \('x'\) has dtype 'float33', which kiln never emits"):
         read_artifact(path)
+    edit_manifest(artifacts["static"].path, path, lambda m: m["kernels"].append({"name": 3, "ops": [None]}))
+    with pytest.raises(ArtifactError, match=r"kernels\[\d+\] should be an object with a string name"):
+        read_artifact(path)
+
+
+def test_a_dtype_kiln_never_emits_is_refused_before_tvm_sees_it(artifacts, tmp_path):
+    """complex64 in a (re-signed) manifest made TVM's dtype check abort the process (found by
+    ``kiln fuzz --level inputs``); the manifest's dtypes must be kiln's."""
+    path = tmp_path / "complex.kiln"
+    edit_manifest(artifacts["static"].path, path, lambda m: m["inputs"][0].update(dtype="complex64"))
+    with pytest.raises(ArtifactError, match=r"dtype 'complex64', which kiln never emits"):
+        load(path)
+
+
+def test_manifest_dtypes_are_exactly_the_irs():
+    from kiln.ir.types import DTYPES, to_numpy_dtype
+    from kiln.runtime.artifact import KILN_DTYPES
+
+    assert KILN_DTYPES == {str(to_numpy_dtype(d)) for d in DTYPES}
 
 
 def test_weights_disagreeing_with_manifest(artifacts, tmp_path):

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JOBS ?= auto
 
-.PHONY: demo test test-fast test-heavy lint venv clean conformance fuzz-inputs
+.PHONY: demo test test-fast test-heavy lint venv clean conformance fuzz-inputs runtime-wheel cpp
 
 venv: $(STAMP)
 
@@ -39,6 +39,17 @@ conformance: $(STAMP)
 # not part of `make test`, which runs 100 per kind). Exit 1 when anything but a result or a kiln.Error came out.
 fuzz-inputs: $(STAMP)
 	OPENBLAS_NUM_THREADS=1 $(VENV)/bin/kiln fuzz --level inputs --iterations 10000 --seed 0 --out out/fuzz-inputs
+
+# The slim runtime distribution (kiln-runtime, import name kiln_runtime): runtime/ + libtvm_runtime.so
+# from the pinned apache-tvm + the prebuilt thread pool -> dist/kiln_runtime-<ver>-py3-none-<plat>.whl
+runtime-wheel: $(STAMP)
+	$(PY) scripts/build_runtime_wheel.py --out dist
+
+# kiln's C++ runtime (cpp/): build/cpp/libkiln_runtime.so and the example build/cpp/kiln_example
+# (CMake + the system compiler; tvm-ffi headers and the TVM libraries from .venv, nothing downloaded).
+cpp: $(STAMP)
+	cmake -S cpp -B build/cpp -DCMAKE_BUILD_TYPE=Release
+	cmake --build build/cpp -j 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

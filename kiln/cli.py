@@ -589,6 +589,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         check_output(args.report, "--report", sources, [out])
     if args.params_as_inputs:
         check_output(params_out, "the weights file", sources, [out, args.report])
+    if args.bundle and Path(args.bundle).exists() and (not Path(args.bundle).is_dir() or any(Path(args.bundle).iterdir())):
+        raise CliError(f"--bundle {args.bundle}: exists and is not an empty folder; choose a new one")
     shapes = _parse_shapes(args.shape)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err_console, transient=True) as progress:
@@ -612,6 +614,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
             raise CliError(str(e)) from e
         progress.update(task, description="writing artifact")
         art.save(out)
+        if args.bundle:
+            from kiln.bundle import write_bundle
+
+            progress.update(task, description="writing the C++ bundle (building the runtime on first use)")
+            write_bundle(out, args.bundle)
         if art.params:
             _write_npz(params_out, art.params)
     st = art.stats
@@ -635,6 +642,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                                        f"library {st['library_bytes'] / 1e6:.2f} MB)")]:
         table.add_row(key, escape(val))
     console.print(table)
+    if args.bundle:
+        console.print(f"C++ bundle written to {args.bundle} (see {Path(args.bundle) / 'README.txt'})", markup=False)
     if art.params:
         console.print(f"weights are inputs ({len(art.params)}): initial values written to {params_out} "
                       f"(kiln run {out} --params {params_out})", markup=False)
@@ -776,6 +785,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--sign", metavar="KEY", default=None,
                       help="sign the artifact with this Ed25519 private key (PEM, from kiln keygen; default: your "
                            "local key $KILN_HOME/signing.key, created on first use)")
+    comp.add_argument("--bundle", metavar="DIR", default=None,
+                      help="also write DIR: the artifact, kiln's C++ runtime library and its TVM libraries, the "
+                           "header, the example main.cpp and a CMakeLists.txt that builds it (C++ compiler + CMake)")
     comp.set_defaults(func=cmd_compile)
     run = sub.add_parser("run", help="run a compiled artifact")
     run.add_argument("artifact", help="a .kiln file from kiln compile")

@@ -408,12 +408,14 @@ def compile(model: Any, example_inputs: Any = None, *, passes: str | None = None
 
 
 def _ir_text(graph: Graph) -> str:
-    """The graph as IR text; the ``specialized`` map (in the manifest) is left out of its attributes."""
+    """The graph as IR text for people and tools, big constants elided (their data is weights.npz: printed
+    again they made GPT's model.ir 18 MB, the largest member and most of the load time); the
+    ``specialized`` map (in the manifest) is left out of its attributes."""
     if "specialized" not in graph.meta:
-        return print_graph(graph)
+        return print_graph(graph, elide_constants=True)
     g = graph.clone()
     g.meta.pop("specialized")
-    return print_graph(g)
+    return print_graph(g, elide_constants=True)
 
 
 def _quantize_options(quantize: Any, calibration: Any, params_as_inputs: bool) -> Any:

@@ -4,8 +4,11 @@
 An artifact holds native code, so ``load`` runs only artifacts signed by a
 trusted key (:mod:`kiln.runtime.signing`) unless told ``allow_unsigned=True``,
 and bounds what a file may make it allocate (:class:`Limits`).
-Importing this package imports neither TVM nor torch; ``load`` imports TVM
-(with torch blocked) on first use.
+Importing this package imports neither TVM nor torch; ``load`` loads the TVM
+runtime library through ``tvm_ffi`` (with torch blocked) on first use and never
+imports the ``tvm`` Python package.  The same files are the ``kiln-runtime``
+distribution (import name ``kiln_runtime``, ``make runtime-wheel``), so they import
+each other relatively and nothing from the rest of kiln.
 """
 
 from __future__ import annotations

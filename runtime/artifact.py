@@ -6,7 +6,8 @@ Members:
 - ``weights.npz``: the weights, an uncompressed npz read with ``allow_pickle=False``; an ml_dtypes
   array (bfloat16, float8, ...) is stored as its unsigned-integer bits and viewed back as the dtype
   the manifest's ``weight_specs`` records (.npy has no descriptor for those types);
-- ``model.ir``: the final kiln IR as text (utf-8), for humans and tools;
+- ``model.ir``: the final kiln IR as text (utf-8), for humans and tools, constants over a few elements
+  elided (``dense<elided>``: their data is in ``weights.npz``, under the names codegen gave them);
 - ``manifest.json``: what the runtime needs to check and call the library,
   including the sha256 of every other member (``members``) and, when the compiler
   bound inputs to values (``specialized``: name, dtype, shape, value each), those
@@ -37,6 +38,7 @@ import os
 import re
 import secrets
 import socket
+import sys
 import zipfile
 import zlib
 from collections.abc import Iterable, Mapping
@@ -252,13 +254,12 @@ def _weight_specs(weights: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
 
 def _complete_manifest(manifest: Mapping[str, Any], weights: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """A copy of ``manifest`` with the keys the writer owns or can default filled in."""
-    from kiln import __version__
-
     from .cpu import required_cpu_features
 
     out = dict(manifest)
     out.setdefault("format_version", FORMAT_VERSION)
-    out.setdefault("kiln_version", __version__)
+    if "kiln_version" not in out:
+        out["kiln_version"] = _kiln_version()
     out.setdefault("weights", list(weights))
     out.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     out.setdefault("calibration", None)
@@ -268,6 +269,22 @@ def _complete_manifest(manifest: Mapping[str, Any], weights: Mapping[str, np.nda
         out["cpu_features"] = required_cpu_features(out["target"])
     out["weight_specs"] = _weight_specs(weights)
     return out
+
+
+def _kiln_version() -> str:
+    """The version of the kiln writing a manifest: ``kiln.__version__`` when the compiler is loaded, else the
+    installed distribution's (kiln or kiln-runtime); the runtime never imports the compiler to ask."""
+    compiler = sys.modules.get("kiln")
+    if isinstance(getattr(compiler, "__version__", None), str):
+        return compiler.__version__
+    import importlib.metadata
+
+    for dist in ("kiln", "kiln-runtime"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
 
 
 def _signing_key(sign: Any) -> Any:
@@ -470,8 +487,9 @@ def _parse_manifest(path: str, data: bytes | bytearray, versions: Iterable[int] 
         raise ArtifactError(f"{path}: {MANIFEST}: format_version should be an int >= 1, found {version!r:.40}")
     if version > FORMAT_VERSION:
         raise ArtifactError(f"{path}: artifact format version {version} is newer than this runtime "
-                            f"supports (version {FORMAT_VERSION}, kiln "
-                            f"{str(manifest.get('kiln_version', '?'))[:40]} wrote it): upgrade kiln to load it")
+                            f"supports (version {FORMAT_VERSION}, and version {LEGACY_VERSION} with allow_unsigned; "
+                            f"kiln {str(manifest.get('kiln_version', '?'))[:40]} wrote it): upgrade kiln (or "
+                            f"kiln-runtime) to load it")
     if version not in versions:
         raise ArtifactError(f"{path}: {MANIFEST} says format version {version}, but the file has the members of "
                             f"version {max(versions)}: the file was modified or damaged")

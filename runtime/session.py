@@ -2,37 +2,36 @@
 
 Loading validates the file (size limits, digest and signature, manifest,
 hashes, weights), the target's architecture and the CPU features the code
-needs, all before the native library is touched.  TVM is imported lazily and
-without torch (tvm_ffi imports torch eagerly when it can, which costs seconds
-and memory a runtime does not need).  A Session is safe to use from several
-threads: each thread gets its own VirtualMachine over the shared library and
-read-only weights.  ``Session.close()`` (or ``with``, or garbage collection)
-unloads the library: TVM keeps every module it loads alive for the process by
-default (``tvm_ffi.load_module(keep_module_alive=True)``), so kiln loads with
+needs, all before the native library is touched.  The runtime never imports the
+``tvm`` Python package: it reaches ``libtvm_runtime.so`` through ``tvm_ffi``
+(:mod:`.tvm_backend`, loaded on first use, without torch), so it maps no compiler
+code in any mode (``KILN_RUNTIME_ONLY``, which used to ask for that, is retired
+and ignored).  A Session is safe to use from several threads: each thread gets
+its own VirtualMachine over the shared library and read-only weights.
+``Session.close()`` (or ``with``, or garbage collection) unloads the library: TVM
+keeps every module it loads alive for the process by default
+(``tvm_ffi.load_module(keep_module_alive=True)``), so kiln loads with
 ``keep_module_alive=False`` and the last reference's release ``dlclose``s it.
 Nothing but a ``kiln.Error`` leaves :func:`load` or :meth:`Session.run`.
 """
 
 from __future__ import annotations
 
-import importlib.abc
 import math
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import threads
+from . import threads, tvm_backend
 from .artifact import ArtifactError, bits_dtype, numpy_dtype, read_artifact
 from .cpu import host_arch, missing_cpu_features, required_cpu_features, target_arch
 from .errors import Error, InputError
@@ -40,9 +39,6 @@ from .limits import DEFAULT_LIMITS, Limits, check_limit
 from .signing import TrustInfo
 
 __all__ = ["InputError", "Session", "TensorSpec", "configure_threads", "load"]
-
-_TVM_LOCK = threading.Lock()
-
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -61,63 +57,6 @@ class TensorSpec:
     @classmethod
     def from_manifest(cls, spec: Mapping[str, Any]) -> TensorSpec:
         return cls(str(spec["name"]), str(spec["dtype"]), tuple(spec["shape"]))
-
-
-class _BlockTorch(importlib.abc.MetaPathFinder):
-    """Makes ``import torch`` fail (as if not installed) in the thread importing TVM, and only there."""
-
-    def __init__(self) -> None:
-        self.thread = threading.get_ident()
-
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
-        if threading.get_ident() != self.thread:
-            return None
-        if fullname == "torch" or fullname.startswith("torch."):
-            raise ModuleNotFoundError(f"No module named {fullname!r} (blocked while kiln imports TVM)",
-                                      name=fullname)
-        return None
-
-
-@contextmanager
-def _torch_blocked() -> Iterator[None]:
-    """Block torch for the duration, unless it is already imported (then blocking gains nothing)."""
-    if "torch" in sys.modules:
-        yield
-        return
-    blocker = _BlockTorch()
-    sys.meta_path.insert(0, blocker)
-    try:
-        yield
-    finally:
-        sys.meta_path.remove(blocker)
-
-
-def import_tvm() -> Any:
-    """``import tvm`` without dragging torch in; ``KILN_RUNTIME_ONLY=1`` loads only libtvm_runtime.
-
-    tvm_ffi imports torch only to pick up optional fast paths (torch.Tensor and
-    torch.dtype arguments); without them torch tensors still pass through
-    ``__dlpack__``.  Runtime-only mode is faster to import but makes
-    ``tvm.relax`` (the compiler) unusable in the same process, hence opt-in.
-    """
-    if "tvm.runtime.vm" in sys.modules:
-        return sys.modules["tvm"]
-    with _TVM_LOCK:
-        runtime_only = os.environ.get("KILN_RUNTIME_ONLY", "") not in ("", "0")
-        saved = os.environ.get("TVM_USE_RUNTIME_LIB")
-        if runtime_only:
-            os.environ["TVM_USE_RUNTIME_LIB"] = "1"
-        try:
-            with _torch_blocked():
-                import tvm
-                import tvm.runtime.vm  # noqa: F401
-        finally:
-            if runtime_only:
-                if saved is None:
-                    os.environ.pop("TVM_USE_RUNTIME_LIB", None)
-                else:
-                    os.environ["TVM_USE_RUNTIME_LIB"] = saved
-    return tvm
 
 
 def _check_target(path: str, manifest: Mapping[str, Any]) -> None:
@@ -143,15 +82,12 @@ def _check_target(path: str, manifest: Mapping[str, Any]) -> None:
 
 def _load_library(path: str, library: bytes) -> Any:
     """Load lib.so from a private temp file (removed right after ``dlopen``), unloadable when released."""
-    import_tvm()
-    import tvm_ffi
-
     tmpdir = tempfile.mkdtemp(prefix="kiln-lib-")
     try:
         lib_path = os.path.join(tmpdir, f"{uuid.uuid4().hex}.so")
         with open(lib_path, "wb") as f:
             f.write(library)
-        module = tvm_ffi.load_module(lib_path, keep_module_alive=False)
+        module = tvm_backend.load_module(lib_path)
         threads.adopt(lib_path)  # parallel loops on kiln's pool (runtime/threads.py); TVM's if it cannot
         return module
     except Exception as e:
@@ -226,9 +162,7 @@ class Session:
         self._out_shapes = [tuple(self._compiled_dim(d) for d in s.shape) for s in self.outputs]
         self._out_static = [None if None in shape else shape for shape in self._out_shapes]
         self._out_bits = [bits_dtype(d) is not None for d in self._out_dtypes]
-        self._tvm = import_tvm()
-        self._device = self._tvm.cpu()
-        self._tensor_type = self._tvm.runtime.Tensor
+        self._tensor_type = type(tvm_backend.empty((0,), "float32"))  # tvm.runtime.Tensor once tvm is imported
         self._vm_lock = threading.Lock()
         self._check_entry()
 
@@ -262,7 +196,7 @@ class Session:
                 module = self._res.module
                 if module is None:
                     raise ArtifactError(f"{self.path}: this Session was closed; load the artifact again to run it")
-                vm = self._tvm.runtime.vm.VirtualMachine(module, self._device)
+                vm = tvm_backend.VirtualMachine(module)
             local.vm = vm
             fn = local.fn = vm[self._entry]
         return fn
@@ -271,7 +205,7 @@ class Session:
         """The library must define the entry with one parameter per input and weight."""
         try:
             self._function()
-            arity = int(self._res.local.vm._get_function_arity(self._entry))
+            arity = self._res.local.vm.arity(self._entry)
         except Exception as e:
             raise ArtifactError(f"{self.path}: lib.so has no usable function {self._entry!r} ({e})") from e
         want = len(self.inputs) + len(self._res.weights)
@@ -442,16 +376,16 @@ class Session:
         numpy cannot DLPack-export ml_dtypes' arrays (bfloat16, float8): those go over as
         their unsigned-integer bits and are re-typed on the TVM side (same bytes, no copy).
         """
-        from_dlpack = self._tvm.runtime.from_dlpack
+        from_dlpack = tvm_backend.from_dlpack
         out = []
         for a in arrays:
             if a.size == 0:  # no data; numpy's strides and pointer for it need not be what TVM checks
-                out.append(self._tvm.runtime.empty(a.shape, str(a.dtype), self._device))
+                out.append(tvm_backend.empty(a.shape, str(a.dtype)))
                 continue
             bits = bits_dtype(a.dtype)
             src = a if bits is None else a.view(bits)
             t = from_dlpack(_aligned(src))  # checked first: a refused import costs a TVM exception
-            out.append(t if bits is None else t._create_view(a.shape, str(a.dtype)))
+            out.append(t if bits is None else tvm_backend.view(t, a.shape, str(a.dtype)))
         return out
 
     def _bad_output(self, i: int, dtype: str, shape: Sequence[int]) -> None:
@@ -520,7 +454,7 @@ def _numpy_view(tensor: Any, dtype: np.dtype) -> np.ndarray:
     bits = bits_dtype(dtype)
     if bits is None:
         return np.from_dlpack(tensor)
-    return np.from_dlpack(tensor._create_view(tuple(tensor.shape), bits.name)).view(dtype)
+    return np.from_dlpack(tvm_backend.view(tensor, tuple(tensor.shape), bits.name)).view(dtype)
 
 
 def configure_threads(threads: int | None = None) -> int:
@@ -573,9 +507,7 @@ def _open_session(path: str, contents: Any, limits: Limits, check_cpu: bool) -> 
         _check_target(path, contents.manifest)
     _check_sizes(path, contents.manifest, limits)
     module = _load_library(path, contents.library)
-    tvm = import_tvm()
-    dev = tvm.cpu()
-    weights = [tvm.runtime.empty(a.shape, str(a.dtype), dev) if a.size == 0 else tvm.runtime.tensor(_aligned(a), dev)
+    weights = [tvm_backend.empty(a.shape, str(a.dtype)) if a.size == 0 else tvm_backend.tensor(a)
                for a in contents.weights.values()]
     return Session(path, contents.manifest, module, weights, contents.ir_text, trust=contents.trust)
 

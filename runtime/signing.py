@@ -15,7 +15,10 @@ caught.  Trusted keys: those passed to ``load(trusted_keys=...)``, the files lis
 in ``KILN_TRUSTED_KEYS`` (``os.pathsep``-separated) and this user's local key
 (``$KILN_HOME/signing.key``, ``KILN_HOME`` defaulting to ``~/.config/kiln``), which
 ``kiln compile`` creates on first use and signs with by default.  All
-cryptography is the ``cryptography`` package's; nothing here is hand-rolled.
+cryptography is the ``cryptography`` package's when it is installed (the full
+kiln install always has it), else, for verifying only, OpenSSL's libcrypto
+through :mod:`.ed25519_openssl` (the slim ``kiln-runtime`` does not depend on
+``cryptography``); nothing here is hand-rolled.
 """
 
 from __future__ import annotations
@@ -84,11 +87,21 @@ class TrustInfo:
 
 
 def _crypto() -> Any:
-    """The ``cryptography`` pieces used here, imported on first use (the runtime's import stays light)."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519
+    """(ed25519, serialization, InvalidSignature): ``cryptography``'s, else OpenSSL's through ctypes.
 
+    Imported on first use (the runtime's import stays light); TrustError when neither is there.
+    """
+    try:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError:
+        from . import ed25519_openssl
+
+        if not ed25519_openssl.available():
+            raise TrustError("checking artifact signatures needs the cryptography package or OpenSSL's "
+                             "libcrypto, and neither was found: pip install cryptography") from None
+        return ed25519_openssl, ed25519_openssl, ed25519_openssl.InvalidSignature
     return ed25519, serialization, InvalidSignature
 
 
@@ -345,7 +358,6 @@ def verify_record(path: str, manifest_bytes: bytes, record_bytes: bytes, *, trus
     signature that does not verify is refused even with ``allow_unsigned``: it is
     evidence of tampering, not merely a missing signature.
     """
-    ed25519, _, invalid_signature = _crypto()
     record = _parse_record(path, record_bytes)
     digest = hashlib.sha256(manifest_bytes).hexdigest()
     if record["digest"].lower() != digest:
@@ -364,6 +376,7 @@ def verify_record(path: str, manifest_bytes: bytes, record_bytes: bytes, *, trus
     public = _unhex(path, record, "public_key", 32)
     signature = _unhex(path, record, "signature", 64)
     kid = _fingerprint(public)
+    ed25519, _, invalid_signature = _crypto()
     try:
         ed25519.Ed25519PublicKey.from_public_bytes(public).verify(signature, _message(digest))
     except (invalid_signature, ValueError) as e:

@@ -51,7 +51,7 @@ def _wait_for_tests(out: Path, n: int, proc: subprocess.Popen, limit_s: float = 
 def test_interrupted_campaign_keeps_its_work_and_resumes(tmp_path: Path, sig: int, code: int) -> None:
     """The issue's case: Ctrl-C after some seconds of `kiln fuzz` used to keep nothing."""
     out = tmp_path / "camp"
-    cmd = [sys.executable, "-m", "kiln", "fuzz", "--level", "tir", "--time", "10m", "--seed", "3", "--in-process",
+    cmd = [sys.executable, "-m", "kiln", "fuzz", "--level", "tir", "--time", "10m", "--seed", "3", "--jobs", "1",
            "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -74,7 +74,7 @@ def test_interrupted_campaign_keeps_its_work_and_resumes(tmp_path: Path, sig: in
     if sig == signal.SIGTERM:
         return
     res = subprocess.run([sys.executable, "-m", "kiln", "fuzz", "--resume", str(out), "--iterations", "4",
-                          "--in-process"], capture_output=True, text=True, timeout=180)
+                          "--jobs", "1"], capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     again = _report(out)
     assert again["state"] == "done" and again["resumed"] == 1 and again["refused_on_resume"] == {}

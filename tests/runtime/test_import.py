@@ -77,3 +77,64 @@ def test_compiler_still_works_after_the_runtime_imported_tvm(artifacts):
     assert res["prod"] == [[6.0] * 4]
     assert res["dlpack"] == [1, 8]
     assert res["first"] == [[0.0] * 8] * 2
+
+
+def _runtime_imports() -> dict[str, set[str]]:
+    """The top-level modules each runtime/*.py imports absolutely (relative imports stay in the package)."""
+    import ast
+
+    out = {}
+    for src in sorted((REPO / "runtime").glob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(src.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.add(node.module.split(".")[0])
+        out[src.name] = names
+    return out
+
+
+def test_runtime_code_imports_nothing_from_the_compiler_side():
+    """runtime/ is also the kiln-runtime wheel (import name kiln_runtime): only the stdlib, numpy, ml_dtypes,
+    tvm_ffi and cryptography; never kiln's other packages, tvm, torch or onnx."""
+    allowed = set(sys.stdlib_module_names) | {"numpy", "ml_dtypes", "tvm_ffi", "cryptography", "__future__"}
+    bad = {f: sorted(names - allowed) for f, names in _runtime_imports().items() if names - allowed}
+    assert bad == {}
+
+
+def test_load_and_run_never_import_tvm_nor_map_the_compiler(artifacts):
+    code = """
+    import json, sys
+    import numpy as np
+    import kiln.runtime
+    out = kiln.runtime.load(sys.argv[1]).run({"x": np.ones((2, 8), np.float32)})
+    maps = sorted({l.split()[-1] for l in open("/proc/self/maps") if "libtvm" in l})
+    print(json.dumps({"tvm": [m for m in sys.modules if m == "tvm" or m.startswith("tvm.")], "maps": maps,
+                      "relu": out["relu"].tolist()}))
+    """
+    res = _python(code, str(artifacts["static"].path))
+    assert res["tvm"] == []
+    assert [m for m in res["maps"] if "libtvm_runtime" in m] and not [m for m in res["maps"] if "compiler" in m]
+    assert res["relu"] == [[1.0] * 8] * 2
+
+
+def test_runtime_and_compiler_in_one_process_share_one_tvm_runtime_library(artifacts):
+    """Whichever comes first, the runtime (tvm_ffi + libtvm_runtime.so) and ``import tvm`` map the same file."""
+    code = """
+    import json, sys
+    import numpy as np
+    if sys.argv[2] == "tvm-first":
+        import tvm
+    import kiln.runtime
+    before = kiln.runtime.load(sys.argv[1]).run({"x": np.ones((2, 8), np.float32)})["relu"].tolist()
+    import tvm
+    after = kiln.runtime.load(sys.argv[1]).run({"x": np.ones((2, 8), np.float32)})["relu"].tolist()
+    maps = sorted({l.split()[-1] for l in open("/proc/self/maps") if "libtvm_runtime.so" in l})
+    print(json.dumps({"maps": maps, "same": before == after == [[1.0] * 8] * 2,
+                      "tvm_lib": str(tvm.base._LOADED_LIBS["tvm_runtime"]._name)}))
+    """
+    for order in ("runtime-first", "tvm-first"):
+        res = _python(code, str(artifacts["static"].path), order)
+        assert res["same"]
+        assert len(res["maps"]) == 1 and os.path.samefile(res["maps"][0], res["tvm_lib"]), res

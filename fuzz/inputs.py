@@ -1315,7 +1315,7 @@ def _retype(a: np.ndarray, kind: str) -> np.ndarray:
 
             return a.astype(getattr(ml_dtypes, kind))
         return a.astype(kind)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         return a
 
 

@@ -201,6 +201,9 @@ def validate_manifest(manifest: Any, *, need_members: bool = True) -> list[str]:
         problems.append(f"entry should be a function name, found {manifest['entry']!r}")
     if need_members and not isinstance(manifest["members"], dict):
         problems.append(f"members should map member names to sha256, found {manifest['members']!r}")
+    if "params" in manifest and (not isinstance(manifest["params"], list)
+                                 or not all(isinstance(n, str) for n in manifest["params"])):
+        problems.append(f"params should be a list of input names, found {manifest['params']!r}")
     if "specialized" in manifest:  # optional: artifacts without specialized inputs may omit it
         problems += _check_specialized(manifest["specialized"])
     return problems

@@ -165,6 +165,9 @@ def _check_signature(key: str, specs: Any) -> list[str]:
         if not isinstance(spec, dict) or not {"name", "dtype", "shape"} <= spec.keys():
             problems.append(f"{where} should be an object with name, dtype, shape; found {spec!r}")
             continue
+        if not isinstance(spec["name"], str) or not spec["name"]:
+            problems.append(f"{where} name should be a non-empty string, found {str(spec['name'])[:80]}")
+            continue
         if spec["dtype"] not in KILN_DTYPES:
             problems.append(f"{where} ({spec['name']!r}) has dtype {spec['dtype']!r}, which kiln never "
                             f"emits (kiln's: {', '.join(sorted(KILN_DTYPES))})")

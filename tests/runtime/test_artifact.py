@@ -126,6 +126,9 @@ def test_manifest_not_json_or_missing_keys(artifacts, tmp_path):
     edit_manifest(artifacts["static"].path, path, lambda m: m["inputs"][0].update(dtype="float33"))
     with pytest.raises(ArtifactError, match=r"inputs\[0\] \('x'\) has dtype 'float33', which kiln never emits"):
         read_artifact(path)
+    edit_manifest(artifacts["static"].path, path, lambda m: m["inputs"][0].update(name=[["x"]]))
+    with pytest.raises(ArtifactError, match=r"inputs\[0\] name should be a non-empty string, found \[\['x'\]\]"):
+        read_artifact(path)
     edit_manifest(artifacts["static"].path, path, lambda m: m.update(params=7))
     with pytest.raises(ArtifactError, match=r"params should be a list of input names, found 7"):
         read_artifact(path)

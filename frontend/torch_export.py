@@ -280,10 +280,10 @@ def _watch_sigint(seen: _Sigint) -> Iterator[None]:
     The dynamo exporter catches the KeyboardInterrupt deep inside and re-raises an unrelated error
     (an AttributeError), which must not be mistaken for an export failure and trigger the fallback.
     """
-    if threading.current_thread() is not threading.main_thread():
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if previous is None or previous == signal.SIG_IGN:  # another thread, or SIGINT ignored (nohup, `cmd &`)
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
 
     def handler(signum: int, frame: Any) -> None:
         seen.hit = True

@@ -908,6 +908,8 @@ def _install_sigint():
     if threading.current_thread() is not threading.main_thread():
         return None
     previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:  # started with SIGINT ignored (nohup, `cmd &`): keep it so
+        return None
     signal.signal(signal.SIGINT, _on_sigint)
     return previous
 

@@ -48,6 +48,7 @@ class Artifact(ArtifactContents):
     stats: dict[str, Any] = field(default_factory=dict)
     params: dict[str, np.ndarray] = field(default_factory=dict)
     sign: Any = field(default=True, kw_only=True)  # True: the local key; a key (path, PEM, object); False: unsigned
+    graph: Graph | None = field(default=None, kw_only=True, repr=False)  # the final IR with its constants
 
     def save(self, path: str | os.PathLike) -> str:
         """Write the artifact (atomically), signed as ``self.sign`` says, and return its path."""
@@ -404,7 +405,8 @@ def compile(model: Any, example_inputs: Any = None, *, passes: str | None = None
              "library_bytes": len(library), "target": target_summary(tgt),
              "notes": [f"{k.name}: {n}" for k in compiled.kernels for n in k.notes],
              "passes": passed.records, "quantize": qresult.report if qresult is not None else None}
-    return Artifact(manifest, library, compiled.weights, _ir_text(declared), stats, resolved.params, sign=sign)
+    return Artifact(manifest, library, compiled.weights, _ir_text(declared), stats, resolved.params, sign=sign,
+                    graph=declared)
 
 
 def _ir_text(graph: Graph) -> str:

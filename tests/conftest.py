@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import pytest
@@ -15,3 +16,12 @@ def kiln_home(tmp_path_factory: pytest.TempPathFactory) -> Any:
         mp.setenv("KILN_HOME", str(home))
         mp.delenv("KILN_TRUSTED_KEYS", raising=False)
         yield home
+
+
+@pytest.fixture
+def default_sigint() -> Any:
+    """SIGINT as Python installs it (KeyboardInterrupt), whatever the runner inherited: a shell starts
+    background jobs (``make test &``) with SIGINT ignored, and Python then leaves it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -140,7 +140,7 @@ def test_interrupt_swallowed_by_the_dynamo_exporter_is_not_a_fallback(monkeypatc
     assert not fallback
 
 
-def test_real_sigint_during_the_dynamo_export_propagates(monkeypatch):
+def test_real_sigint_during_the_dynamo_export_propagates(monkeypatch, default_sigint):
     torch, te, module, args = _torch_case()
     fallback = []
 

@@ -297,7 +297,7 @@ def test_interrupt_wrapped_by_tvm_exits_130_not_runtime_error(tmp_path, capsys, 
     assert not out.exists()
 
 
-def test_sigint_swallowed_by_a_library_still_exits_130(tmp_path, capsys, monkeypatch):
+def test_sigint_swallowed_by_a_library_still_exits_130(tmp_path, capsys, monkeypatch, default_sigint):
     def swallowing(*a, **k):
         try:
             os.kill(os.getpid(), signal.SIGINT)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import onnx
 import torch
 
-from ..runtime.errors import Error
+from ..runtime.errors import Error, caused_by_interrupt
 
 if TYPE_CHECKING:
     import onnx_ir
@@ -76,14 +76,14 @@ def export(
             with _quiet(), _watch_sigint(sigint):
                 model = _export_dynamo(module, args, names_in, names_out, opset, dynamic_shapes)
         except Exception as dynamo_error:
-            if sigint.hit or _caused_by_interrupt(dynamo_error):
+            if sigint.hit or caused_by_interrupt(dynamo_error):
                 raise KeyboardInterrupt("interrupted during the dynamo export") from dynamo_error
             reason = _summary(dynamo_error)
             try:
                 with _quiet(), _watch_sigint(sigint):
                     model = _export_torchscript(module, args, names_in, names_out, opset, dynamic_shapes)
             except Exception as ts_error:
-                if sigint.hit or _caused_by_interrupt(ts_error):
+                if sigint.hit or caused_by_interrupt(ts_error):
                     raise KeyboardInterrupt("interrupted during the TorchScript export") from ts_error
                 raise ExportError(
                     f"cannot export {_class_name(module)} to ONNX: the dynamo exporter failed with {reason}; "
@@ -297,18 +297,6 @@ def _watch_sigint(seen: _Sigint) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def _caused_by_interrupt(error: BaseException) -> bool:
-    """Whether a KeyboardInterrupt is in ``error``'s cause/context chain or named in its message."""
-    seen: set[int] = set()
-    e: BaseException | None = error
-    while e is not None and id(e) not in seen:
-        if isinstance(e, KeyboardInterrupt) or "KeyboardInterrupt" in str(e):
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def _debug() -> bool:

@@ -290,12 +290,7 @@ def _write_once(path: Path, data: bytes) -> None:
     """Write ``data`` atomically unless the file already holds exactly it."""
     if path.exists() and path.read_bytes() == data:
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _atomic_write(path, data)
 
 
 def _load_kwargs(unsigned: bool = True) -> dict[str, Any]:
@@ -2025,6 +2020,7 @@ class InputsCampaign:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file and a rename: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_bytes(data)

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kiln.runtime.errors import Error, InputError
+from kiln.runtime.errors import Error, InputError, caused_by_interrupt
 
 console = Console(highlight=False)
 if not console.is_terminal:  # piped or logged: tables keep their columns
@@ -889,7 +889,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         err_console.print("interrupted", markup=False)
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI boundary: one line, or the traceback with --debug
-        if _SigintFlag.seen or _is_interrupt(e):
+        if _SigintFlag.seen or caused_by_interrupt(e):
             err_console.print("interrupted", markup=False)
             return 130
         if debug:
@@ -912,18 +912,6 @@ def _install_sigint():
         return None
     signal.signal(signal.SIGINT, _on_sigint)
     return previous
-
-
-def _is_interrupt(e: BaseException) -> bool:
-    """Whether ``e`` wraps a KeyboardInterrupt (in its cause/context chain or, from TVM, its message)."""
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, KeyboardInterrupt) or "KeyboardInterrupt" in str(cur):
-            return True
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return False
 
 
 def _one_line(e: BaseException) -> str:

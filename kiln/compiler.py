@@ -26,7 +26,7 @@ from kiln.ir.graph import Graph
 from kiln.ir.text import print_graph
 from kiln.ir.types import bind_shape, is_static_dim
 from kiln.runtime.artifact import ArtifactContents, write_artifact
-from kiln.runtime.errors import Error
+from kiln.runtime.errors import Error, caused_by_interrupt
 from kiln.runtime.limits import DEFAULT_LIMITS, Limits
 
 QUANTIZED_PIPELINE = "dce,fuse-qlinear,dce,fuse-blocks"
@@ -267,7 +267,7 @@ def _compile_errors(fn: Callable[..., Artifact]) -> Callable[..., Artifact]:
         except Error:
             raise
         except Exception as e:  # noqa: BLE001 - the API boundary
-            if "KeyboardInterrupt" in str(e) or isinstance(e.__context__, KeyboardInterrupt):
+            if caused_by_interrupt(e):
                 raise KeyboardInterrupt("interrupted while compiling") from e
             label = _model_label(model)
             if isinstance(e, RecursionError):

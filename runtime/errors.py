@@ -9,7 +9,7 @@ anything else that escapes is a kiln bug.
 
 from __future__ import annotations
 
-__all__ = ["ArtifactError", "Error", "InputError", "LimitError", "TrustError"]
+__all__ = ["ArtifactError", "Error", "InputError", "LimitError", "TrustError", "caused_by_interrupt"]
 
 
 class Error(Exception):
@@ -30,3 +30,16 @@ class TrustError(ArtifactError):
 
 class LimitError(Error):
     """Input past one of kiln's size limits; the message names the limit, its value and the flag."""
+
+
+def caused_by_interrupt(error: BaseException) -> bool:
+    """Whether a KeyboardInterrupt is in ``error``'s cause/context chain or named in its message (TVM and
+    torch's exporter catch Ctrl-C and raise their own error, which must not read as a failure)."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt) or "KeyboardInterrupt" in str(e):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False

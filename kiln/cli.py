@@ -223,8 +223,15 @@ def inspect_artifact(path: str, show_ir: bool, options: dict | None = None) -> i
     n_weights = sum(int(a.size) for a in art.weights.values())
     console.print(f"weights: {len(art.weights)} arrays ({n_weights:,} elements), library {len(art.library):,} bytes")
     if show_ir:
-        sys.stdout.write(art.ir_text)
+        sys.stdout.write(_printable(art.ir_text))
     return 0
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters other than newline and tab shown as ``\\xNN``: a file's text must
+    not drive the terminal (escape sequences can retitle it, hide output or fake a prompt)."""
+    return "".join(c if c in "\n\t" or not (ord(c) < 32 or 127 <= ord(c) < 160) else f"\\x{ord(c):02x}"
+                   for c in text)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

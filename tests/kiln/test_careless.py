@@ -266,6 +266,17 @@ def test_inspect_shows_bracketed_dims_and_file_names(tmp_path, capsys):
     assert "[bold]y" in out
 
 
+def test_inspect_ir_does_not_pass_terminal_escapes_through(tmp_path, capsys):
+    """model.ir of a (signed, trusted) artifact is printed with its control characters shown, not sent."""
+    art = kiln.compile("mlp")
+    art.ir_text += "# \x1b]0;retitled\x07\x1b[2J\x9b31m end\n"
+    path = art.save(tmp_path / "esc.kiln")
+    assert main(["inspect", str(path), "--ir"]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\x9b" not in out
+    assert "# \\x1b]0;retitled\\x07\\x1b[2J\\x9b31m end" in out and "graph @" in out
+
+
 # ---------------------------------------------------------------- exit codes: 130 for Ctrl-C, bugs say so
 
 

@@ -1625,16 +1625,9 @@ def _max_pool(ctx: _Ctx) -> list[Value | None]:
 @_special("AveragePool", needs=("avg_pool",))
 def _avg_pool(ctx: _Ctx) -> list[Value | None]:
     x = ctx.x()
-    kernel = [int(k) for k in ctx.attrs.get("kernel_shape", [])]
-    if not kernel:
-        raise _Refuse("kernel_shape is missing")
-    n = len(kernel)
-    strides = _ints(ctx.attrs.get("strides"), n, 1)
-    dilations = _ints(ctx.attrs.get("dilations"), n, 1)
-    pads = _spatial_pads(ctx, x, kernel, strides, dilations, "AveragePool")
-    attrs = {"kernel_shape": kernel, "strides": strides, "pads": pads,
-             "ceil_mode": int(ctx.attr("ceil_mode", 0)),
-             "count_include_pad": int(ctx.attr("count_include_pad", 0))}
+    attrs = pool_window(ctx, x)
+    dilations = attrs.pop("dilations")
+    attrs["count_include_pad"] = int(ctx.attr("count_include_pad", 0))
     if any(d != 1 for d in dilations):
         attrs["dilations"] = dilations
     return [ctx.op("avg_pool", [x], attrs, out=0)]

@@ -227,12 +227,14 @@ class Graph:
         self._names.discard(value.name)
 
     def replace_keeping_names(self, olds: list[Value], dead: list[Node],
-                              build: Callable[[list[str], Node | None], list[Value]]) -> list[Value]:
+                              build: Callable[[list[str], Node | None], list[Value]],
+                              *, at_first: bool = False) -> list[Value]:
         """Replace ``olds`` by values that ``build(names, before)`` creates under the same names.
 
         ``dead`` are the nodes that become unused once ``olds`` lose their users (they
         are removed first, which frees the names); ``before`` is the node that followed
-        the last of them, so the new nodes take their place in the order.
+        the last of them (``at_first``: the first of them), so the new nodes take their
+        place in the order.
         """
         uses = [list(o.uses) for o in olds]
         outputs = list(self.outputs)
@@ -242,8 +244,12 @@ class Graph:
         self.set_outputs([v for v in outputs if not any(v is o for o in olds)])
         order = {id(n): k for k, n in enumerate(self.nodes)}
         dead = sorted(dead, key=lambda n: order[id(n)])
-        last = order[id(dead[-1])]
-        before = self.nodes[last + 1] if last + 1 < len(self.nodes) else None
+        if at_first:
+            gone = {id(n) for n in dead}
+            before = next((n for n in self.nodes[order[id(dead[0])]:] if id(n) not in gone), None)
+        else:
+            last = order[id(dead[-1])]
+            before = self.nodes[last + 1] if last + 1 < len(self.nodes) else None
         for n in reversed(dead):
             self.remove(n)
         news = build([o.name for o in olds], before)

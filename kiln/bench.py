@@ -659,8 +659,19 @@ def busy_loops(n: int) -> Iterator[list[subprocess.Popen]]:
             p.wait()
 
 
+class _OverOrt:
+    """A row's kiln/ORT ratio (None unless both ran) and its JSON form with the ratio in it."""
+
+    @property
+    def kiln_over_ort(self) -> float | None:
+        return self.kiln_ms / self.ort_ms if self.kiln_ms and self.ort_ms else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "kiln_over_ort": self.kiln_over_ort}
+
+
 @dataclass
-class ContentionRow:
+class ContentionRow(_OverOrt):
     """One model beside ``busy`` busy loops: medians in ms (None: engine not run or failed)."""
 
     model: str
@@ -672,16 +683,9 @@ class ContentionRow:
     drift: float | None = None  # kiln/ORT here over kiln/ORT with no busy loop
     errors: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def kiln_over_ort(self) -> float | None:
-        return self.kiln_ms / self.ort_ms if self.kiln_ms and self.ort_ms else None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "kiln_over_ort": self.kiln_over_ort}
-
 
 @dataclass
-class PairRow:
+class PairRow(_OverOrt):
     """Two processes of one engine running at once: each process's median ms (the slower one reported)."""
 
     model: str
@@ -689,13 +693,6 @@ class PairRow:
     ort_ms: float | None = None
     single_kiln_ms: float | None = None  # one kiln process, no busy loop (from the contention rows)
     errors: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def kiln_over_ort(self) -> float | None:
-        return self.kiln_ms / self.ort_ms if self.kiln_ms and self.ort_ms else None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "kiln_over_ort": self.kiln_over_ort}
 
 
 def contention_cases(names: Sequence[str], threads: int) -> Iterator[tuple[str, Any, dict[str, np.ndarray]]]:

@@ -46,7 +46,7 @@ time in graph order.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -324,31 +324,6 @@ def hoist_split_views(src: Sequence[int], axis: int, sizes: Sequence[int], views
             f"{axis} of {list(src)} the same way")
 
 
-def _replace_at(graph: Graph, olds: list[Value], dead: list[Node], first: bool,
-                build: Callable[[list[str], Node | None], list[Value]]) -> None:
-    """``Graph.replace_keeping_names``, the new nodes placed where the first (``first``) or last dead node was."""
-    if not first:
-        graph.replace_keeping_names(olds, dead, build)
-        return
-    order = {id(n): k for k, n in enumerate(graph.nodes)}
-    gone = {id(n) for n in dead}
-    start = min(order[id(n)] for n in dead)
-    after = next((n for n in graph.nodes[start:] if id(n) not in gone), None)
-    uses = [list(o.uses) for o in olds]
-    outputs = list(graph.outputs)
-    for us in uses:
-        for n, i in us:
-            graph.set_input(n, i, None)
-    graph.set_outputs([v for v in outputs if not any(v is o for o in olds)])
-    for n in sorted(dead, key=lambda n: -order[id(n)]):
-        graph.remove(n)
-    news = build([o.name for o in olds], after)
-    for new, us in zip(news, uses):
-        for n, i in us:
-            graph.set_input(n, i, new)
-    graph.set_outputs([next((nv for o, nv in zip(olds, news) if v is o), v) for v in outputs])
-
-
 def _reshape(graph: Graph, x: Value, shape: Sequence[int], before: Node | None, name: str) -> Value:
     return graph.add_node("reshape", [x], {"shape": list(shape), "allowzero": 0}, before=before,
                           out_names=[name]).output
@@ -476,7 +451,7 @@ class _HoistSplitViews(RewritePass):
             return graph.add_node("split", [viewed], {"axis": axis, "split": list(sizes)}, before=before,
                                   name=m.node.name, out_names=names).outputs
 
-        _replace_at(graph, olds, [m.node, *m.views], True, build)
+        graph.replace_keeping_names(olds, [m.node, *m.views], build, at_first=True)
         return f"{len(olds)} views of split outputs hoisted: split of {list(shape)} along axis {axis}"
 
 
@@ -517,7 +492,7 @@ class _SplitToSlices(RewritePass):
                                    before=before, name=m.name, out_names=[nm]).output
                     for nm, s, z in zip(names, starts, sizes)]
 
-        _replace_at(graph, list(m.outputs), [m], True, build)
+        graph.replace_keeping_names(list(m.outputs), [m], build, at_first=True)
         return f"split along axis {axis} into {len(sizes)} slices"
 
 

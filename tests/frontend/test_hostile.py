@@ -106,7 +106,7 @@ def test_unreadable_model_file_is_a_frontend_error(tmp_path):
     path.write_bytes(b"x")
     path.chmod(0)
     if os.access(path, os.R_OK):  # root reads anything
-        pytest.skip("running as root: the file stays readable")
+        pytest.skip("needs a non-root user: root reads a file whose read permission is removed")
     with pytest.raises(FrontendError, match="cannot read"):
         lift(path)
 
@@ -115,7 +115,7 @@ def test_unreadable_model_file_is_a_frontend_error(tmp_path):
 
 
 def _torch_case():
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="needs torch (the dynamo exporter) installed")
     from kiln.frontend import torch_export
 
     return torch, torch_export, torch.nn.Linear(3, 2), (torch.randn(1, 3),)

@@ -52,7 +52,7 @@ def test_missing_features():
     assert missing_cpu_features(["avx512f"], host=set()) == []
 
 
-@pytest.mark.skipif(not host_cpu_flags(), reason="this CPU's flags are unknown")
+@pytest.mark.skipif(not host_cpu_flags(), reason="needs the CPU feature flags of /proc/cpuinfo, which this machine does not show")
 def test_host_target_needs_only_what_this_cpu_has():
     from tvm.target.codegen import llvm_get_cpu_features
 

@@ -110,7 +110,7 @@ def test_product_dim_message(artifacts, tmp_path):
         sess.run({"x": _x(4)})
 
 
-@pytest.mark.skipif(not host_cpu_flags(), reason="this CPU's flags are unknown")
+@pytest.mark.skipif(not host_cpu_flags(), reason="needs the CPU feature flags of /proc/cpuinfo, which this machine does not show")
 def test_missing_cpu_feature_in_manifest(artifacts, tmp_path):
     path = artifacts["static"].variant(tmp_path / "fake.kiln", cpu_features=["avx2", "avx512_fake"])
     with pytest.raises(ArtifactError, match=r"fake\.kiln: artifact was compiled for mcpu=\S+ which needs CPU "

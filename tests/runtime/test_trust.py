@@ -191,7 +191,7 @@ int __tvm_ffi_main(void) { return 0; }
 def evil_library(tmp_path_factory) -> bytes:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        pytest.skip("no C compiler to build the payload library")
+        pytest.skip("needs a C compiler (cc) to build the payload library")
     d = tmp_path_factory.mktemp("evil")
     (d / "evil.c").write_text(EVIL_C)
     subprocess.run([cc, "-shared", "-fPIC", "-o", str(d / "evil.so"), str(d / "evil.c")], check=True)
@@ -290,14 +290,14 @@ def _lacking(*candidates: str) -> str:
     for flag in candidates:
         if flag not in have:
             return flag
-    pytest.skip(f"this CPU has all of {candidates}")
+    pytest.skip(f"needs a CPU that lacks one of {candidates}; this one has them all")
 
 
 MATTR = {"sse4a": "sse4a", "fma4": "fma4", "xop": "xop", "avx512er": "avx512er", "amx_tile": "amx-tile",
          "avx512f": "avx512f"}
 
 
-@pytest.mark.skipif(not host_cpu_flags(), reason="this CPU's flags are unknown")
+@pytest.mark.skipif(not host_cpu_flags(), reason="needs the CPU feature flags of /proc/cpuinfo, which this machine does not show")
 def test_mattr_feature_this_cpu_lacks_is_refused_before_dlopen(artifacts, tmp_path, monkeypatch):
     flag = _lacking(*MATTR)
     path = tmp_path / "mattr.kiln"

@@ -23,7 +23,9 @@ typedef int (*FDecRef)(void* obj);
 enum { ST_LAUNCHES, ST_POOLED, ST_INLINE, ST_SMALL, ST_CHUNKS_CALLER, ST_CHUNKS_WORKERS,
        ST_CALLER_SLEEPS, ST_WAKEUPS, ST_HANDOFFS, ST_WAKES_SKIPPED, ST_WORKERS, ST_N };
 
-/* one job at a time: ticket = generation << 32 | next chunk; fields stable while a chunk is owed */
+/* one job at a time: ticket = generation << 32 | next chunk (UINT32_MAX: closed while the job is written);
+   the job's fields change only while the ticket is closed, so a claim (a CAS on the ticket) that succeeds
+   read the fields of its own generation */
 static _Atomic uint64_t ticket;
 static _Atomic uint32_t gen_word;          /* futex: idle workers wait for a new generation */
 static _Atomic uint32_t done_word;         /* futex: chunks finished in this generation */
@@ -38,7 +40,10 @@ static _Atomic int caller_waiting;
 static _Atomic int caller_cpu = -1;        /* where the caller last launched from */
 static _Atomic int sleepers;
 static _Atomic int busy;
-static _Atomic int test_mode;              /* tests: 1 workers claim nothing (as if descheduled), 2 only workers claim */
+static _Atomic int test_mode;              /* tests: 1 workers claim nothing (as if descheduled), 2 only workers
+                                              claim, 3 as 2, loops alternate few and many chunks, a worker that finds
+                                              the loop's chunks all claimed pauses before it reads the job, the caller
+                                              between writing the job and the ticket */
 
 static _Atomic int n_threads = 1;
 static _Atomic int chunks_per_thread = 4;
@@ -72,6 +77,11 @@ static inline void cpu_relax(void) {
 #endif
 }
 
+static void test_pause(long ns) {
+  struct timespec pause = {0, ns};
+  nanosleep(&pause, NULL);
+}
+
 /* Run chunk i of the current job; a worker's error moves into job_error (first one kept). */
 static void run_chunk(FLambda f, void* cdata, int32_t n, uint32_t i, int is_caller, int* failed) {
   TVMParallelGroupEnv env = {NULL, n};
@@ -100,6 +110,8 @@ static int drain(uint32_t g, int is_caller, int* failed) {
   for (;;) {
     uint64_t t = atomic_load(&ticket);
     if ((uint32_t)(t >> 32) != g) return ran;
+    if (!is_caller && atomic_load(&test_mode) == 3 && (uint32_t)t >= (uint32_t)atomic_load(&job_n))
+      test_pause(200000);
     FLambda f = atomic_load(&job_f);
     void* cdata = atomic_load(&job_cdata);
     int32_t n = atomic_load(&job_n);
@@ -242,6 +254,11 @@ int kiln_parallel_launch(FLambda f, void* cdata, int num_task) {
   int32_t n = num_task > 0 ? num_task : chunks_for(work, threads);
   long t0 = now_ns();
   uint32_t g = (uint32_t)(atomic_load(&ticket) >> 32) + 1;
+  if (atomic_load(&test_mode) == 3 && (g & 1)) n = threads;  /* consecutive loops: few chunks, then many */
+  /* Close the ticket before the job changes: a worker that read the last loop's ticket and then this
+     job's fields (it was preempted in between) must fail its claim, or it runs a chunk of this job the
+     count does not expect (the done count overshoots n and the caller sleeps forever). */
+  atomic_store(&ticket, ((uint64_t)g << 32) | UINT32_MAX);
   atomic_store(&job_f, f);
   atomic_store(&job_cdata, cdata);
   atomic_store(&job_n, n);
@@ -250,6 +267,7 @@ int kiln_parallel_launch(FLambda f, void* cdata, int num_task) {
   atomic_store(&job_handoff, 0);
   atomic_store(&done_word, 0);
   atomic_store(&caller_cpu, sched_getcpu());
+  if (atomic_load(&test_mode) == 3) test_pause(1000000);
   atomic_store(&ticket, (uint64_t)g << 32);
   atomic_store(&gen_word, g);
   /* Waking a worker helps only if a CPU is free for it; when the scheduler runs it on the caller's
@@ -257,7 +275,7 @@ int kiln_parallel_launch(FLambda f, void* cdata, int num_task) {
      next 1, 2, 4 ... launches, until a wake lands on another CPU again. */
   int woke = 0;
   if (atomic_load(&sleepers) > 0) {
-    if (wake_skip > 0 && atomic_load(&test_mode) != 2) {  /* mode 2: only workers run chunks */
+    if (wake_skip > 0 && atomic_load(&test_mode) < 2) {  /* modes 2 and 3: only workers run chunks */
       --wake_skip;
       atomic_fetch_add(&st[ST_WAKES_SKIPPED], 1);
     } else {
@@ -267,7 +285,7 @@ int kiln_parallel_launch(FLambda f, void* cdata, int num_task) {
     }
   }
   int failed = 0, ran = 0;
-  if (atomic_load(&test_mode) != 2 || started == 0) ran = drain(g, 1, &failed);
+  if (atomic_load(&test_mode) < 2 || started == 0) ran = drain(g, 1, &failed);
   if (atomic_load(&done_word) != (uint32_t)n) {
     long deadline = now_ns() + atomic_load(&wait_spin_ns);
     int k = 0;

@@ -287,7 +287,8 @@ def _libc() -> ctypes.CDLL:
 
 
 def set_test_mode(mode: int) -> None:
-    """Tests only: 1 makes workers claim nothing (as if descheduled), 2 leaves every chunk to them, 0 resets."""
+    """Tests only: 1 makes workers claim nothing (as if descheduled), 2 leaves every chunk to them, 3 as 2
+    with a worker preempted between reading the ticket and the job, 0 resets."""
     lib = pool_library()
     if lib is not None:
         lib.kiln_pool_set_test_mode(mode)

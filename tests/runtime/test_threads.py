@@ -45,6 +45,15 @@ def rows(a: T.handle, b: T.handle, n: T.int32):
         for j in range(67):
             B[i] = B[i] + T.exp(A[i, j] * T.float32(0.37)) / T.float32(3.0)
 """,
+    "two": """@T.prim_func
+def two(a: T.handle, b: T.handle, n: T.int32, m: T.int32):
+    A = T.match_buffer(a, (n,), "int32")
+    B = T.match_buffer(b, (m,), "int32")
+    for i in T.parallel(n):
+        A[i] = A[i] + 1
+    for j in T.parallel(m):
+        B[j] = B[j] + 1
+""",
 }
 SIZES = (0, 1, 5, 8, 9, 31, 1000, 100003)
 
@@ -213,6 +222,39 @@ def test_concurrent_callers(pooled, pool_mode):
     for t in ts:
         t.join(timeout=120)
     assert not any(t.is_alive() for t in ts) and not bad
+
+
+_PREEMPTED_CLAIM = '''
+import sys
+import numpy as np
+import tvm
+from kiln.runtime import threads
+mod = tvm.runtime.load_module(sys.argv[1])
+assert threads.adopt(sys.argv[1])
+threads.configure(2, chunks=8, small_us=0)
+threads.set_test_mode(3)  # loops alternate 2 and 16 chunks; the worker and the caller pause in the window
+n, m = 20_000, 64
+a, b = tvm.runtime.tensor(np.zeros(n, np.int32)), tvm.runtime.tensor(np.zeros(m, np.int32))
+for _ in range(100):
+    mod["two"](a, b, n, m)
+s = threads.stats()
+print((a.numpy() == 100).all() and (b.numpy() == 100).all(), s.chunks_workers, s.pooled)
+'''
+
+
+def test_worker_preempted_while_claiming_never_runs_a_chunk_of_the_next_loop(libs):
+    """A worker that read the ticket of a finished loop and resumes after the caller wrote the next
+    loop's job must not claim a chunk of it under the old ticket (it did: an extra chunk ran, the done
+    count overshot and the caller slept forever; found as a hang compiling matmuls).  Test mode 3
+    makes that interleaving happen on every launch."""
+    try:
+        out = subprocess.run([sys.executable, "-c", _PREEMPTED_CLAIM, str(libs[0])], capture_output=True,
+                             text=True, timeout=120, env={**os.environ, "TVM_NUM_THREADS": "2"})
+    except subprocess.TimeoutExpired:
+        pytest.fail("a launch never returned (the caller waits for a done count it passed)")
+    assert out.returncode == 0, out.stderr[-2000:]
+    ok, worker_chunks, pooled = out.stdout.split()
+    assert ok == "True" and int(pooled) == 200 and int(worker_chunks) == 100 * (2 + 16)
 
 
 def test_fork_child_runs_kernels(pooled):

@@ -21,6 +21,8 @@ from ..schedules import (
     MATMUL_NR_VECTORS,
     batch_matmul_te,
     conv2d_nchw_te,
+    depthwise_channels,
+    depthwise_conv2d_te,
     pack_weight,
     packed_matmul_te,
 )
@@ -134,18 +136,83 @@ def _conv(ctx: LowerCtx, x: te.Tensor, w: te.Tensor, w_np: np.ndarray | None, b:
         else:
             w = view(w, (*shape_of(w)[:2], 1, shape_of(w)[2]), name="T_w_as_2d")
         strides, pads, dil = [1, *strides], [0, pads[0], 0, pads[1]], [1, *dil]
-    if w_np is not None:
-        w = ctx.replace_const(1, w_np, name="w")
-    if nsp > 2:
-        y = _conv_nd(ctx, x, w, b, strides, pads, dil, group)
+    if nsp == 2 and w_np is None and _channels_last_depthwise(ctx, x, w, group):
+        y = _depthwise(ctx, x, w, b, strides, pads, dil)
+    elif nsp == 2 and w_np is None and _pointwise_as_matmul(ctx, x, group, strides, pads):
+        y = _pointwise(ctx, x, ctx.const(1), b)
     else:
-        res = conv2d_nchw_te(x, w, stride=strides, padding=pads, dilation=dil, groups=group, bias=b,
-                             target=ctx.target, out_dtype=_acc(dtype))
-        ctx.kind, ctx.block = "conv2d", res.block
-        y = res.output
+        if w_np is not None:
+            w = ctx.replace_const(1, w_np, name="w")
+        if nsp > 2:
+            y = _conv_nd(ctx, x, w, b, strides, pads, dil, group)
+        else:
+            res = conv2d_nchw_te(x, w, stride=strides, padding=pads, dilation=dil, groups=group, bias=b,
+                                 target=ctx.target, out_dtype=_acc(dtype))
+            ctx.kind, ctx.block = "conv2d", res.block
+            y = res.output
     y = _cast(y, dtype)
     shape = out_shape(ctx)
     return y if shape_of(y) == shape else view(y, shape, name="T_conv_view")
+
+
+# Output pixels up to which a depthwise conv runs channels-last (:func:`depthwise_conv2d_te`); 2 threads,
+# 3x3 pad 1, kiln pool, NCHW -> channels-last: 336x1x1 13.8 -> 0.2 us, 96x4x4 8.5 -> 1.1, 48x8x8 9.2 -> 2.2,
+# 144x16x16 stride 2 108 -> 32, but 96x14x14 23 -> 28, 96x32x32 stride 2 31 -> 67, 32x56x56 83 -> 99.
+DEPTHWISE_CHANNELS_LAST_PIXELS = 64
+
+
+def _channels_last_depthwise(ctx: LowerCtx, x: te.Tensor, w: te.Tensor, group: int) -> bool:
+    """A float depthwise conv (one input and one output channel per group) with channels enough to fill vectors."""
+    n, c, *_ = shape_of(x)
+    oc, icg = shape_of(w)[:2]
+    if not (group == c == oc and icg == 1) or not is_float(str(x.dtype)):
+        return False
+    _, _, oh, ow = out_shape(ctx)
+    return oh * ow <= DEPTHWISE_CHANNELS_LAST_PIXELS and depthwise_channels(c, vector_lanes(ctx.target, x.dtype)) > 0
+
+
+# Output pixels up to which a 1x1 conv runs as ``x^T @ W^T`` (rows = pixels, vectorized over output
+# channels with the packed matmul kernel); 2 threads, kiln pool: 112->1280 at 1x1 17 -> 6 us.
+POINTWISE_MATMUL_PIXELS = 16
+
+
+def _pointwise_as_matmul(ctx: LowerCtx, x: te.Tensor, group: int, strides, pads) -> bool:
+    """A float 1x1 conv (stride 1, no padding, one group, constant weight) on a small map."""
+    w = ctx.const(1)
+    if w is None or group != 1 or w.shape[2:] != (1, 1) or any(s != 1 for s in strides) or any(pads):
+        return False
+    _, _, h, wd = shape_of(x)
+    return is_float(str(x.dtype)) and h * wd <= POINTWISE_MATMUL_PIXELS
+
+
+def _pointwise(ctx: LowerCtx, x: te.Tensor, w_np: np.ndarray, b: te.Tensor | None) -> te.Tensor:
+    """1x1 conv as the packed matmul ``[N, H*W, C] @ [C, OC]`` (a transposing read of ``x``), written back NCHW."""
+    n, c, h, wd = shape_of(x)
+    oc = w_np.shape[0]
+    dtype, acc = x.dtype, _acc(x.dtype)
+    bn = MATMUL_NR_VECTORS * vector_lanes(ctx.target, acc)
+    weight = np.ascontiguousarray(w_np[:, :, 0, 0].T)
+    a = te.compute((n, h * wd, c), lambda i, p, k: x[i, k, p // wd, p % wd], name="T_pixels")
+    mm = packed_matmul_te(a, weight.shape, bn=bn, prepacked=ctx.replace_const(1, pack_weight(weight, bn)),
+                          out_dtype=acc)
+    ctx.kind, ctx.block = "matmul", mm.block
+    y = mm.output
+    if b is None:
+        return te.compute((n, oc, h, wd), lambda i, o, r, q: y[i, r * wd + q, o], name="T_conv_nchw")
+    return te.compute((n, oc, h, wd), lambda i, o, r, q: y[i, r * wd + q, o] + b[o].astype(acc), name="T_conv_nchw")
+
+
+def _depthwise(ctx: LowerCtx, x: te.Tensor, w: te.Tensor, b: te.Tensor | None, strides, pads, dil) -> te.Tensor:
+    """Depthwise conv, channels-last inside the kernel; the weight ``[C, 1, KH, KW]`` read as ``[KH, KW, C]``."""
+    w_np = ctx.const(1)
+    if w_np is not None:
+        w_hwc = ctx.replace_const(1, np.ascontiguousarray(w_np[:, 0].transpose(1, 2, 0)), name="w_hwc")
+    else:
+        c, _, kh, kw = shape_of(w)
+        w_hwc = te.compute((kh, kw, c), lambda i, j, k: w[k, 0, i, j], name="w_hwc")
+    res = depthwise_conv2d_te(x, w_hwc, stride=strides, padding=pads, dilation=dil, bias=b, out_dtype=_acc(x.dtype))
+    ctx.kind, ctx.block = "depthwise_conv2d_cl", res.block
+    return res.output
 
 
 def _conv_nd(ctx: LowerCtx, x: te.Tensor, w: te.Tensor, b: te.Tensor | None, strides, pads, dil,

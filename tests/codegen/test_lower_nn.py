@@ -59,6 +59,52 @@ def test_conv2d(xshape, wshape, attrs, bias):
     check_op("conv", args, attrs, kind="conv2d")
 
 
+@pytest.mark.parametrize("xshape,ksize,attrs", [
+    ((2, 16, 5, 7), 3, {"pads": [1, 1, 1, 1]}),
+    ((1, 32, 8, 8), 3, {"pads": [0, 1, 2, 0], "strides": [2, 2]}),
+    ((1, 16, 6, 5), 3, {"pads": [2, 1, 2, 1], "dilations": [2, 1]}),
+    ((1, 24, 4, 4), 5, {"pads": [2, 2, 2, 2]}),
+    ((1, 48, 1, 1), 3, {"pads": [1, 1, 1, 1]}),
+    ((1, 16, 9, 9), 3, {"strides": [3, 2]}),
+])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_depthwise_conv2d_on_small_maps_runs_channels_last(xshape, ksize, attrs, bias, dtype):
+    """One input and one output channel per group, channels filling vectors, <= 64 output pixels."""
+    c = xshape[1]
+    args = [rnd(*xshape, dtype=dtype), Const(rnd(c, 1, ksize, ksize, dtype=dtype))]
+    args += [Const(rnd(c, dtype=dtype))] if bias else []
+    k = check_op("conv", args, {"group": c, **attrs}, kind="depthwise_conv2d_cl")
+    assert any(a.const is not None and a.const.shape == (ksize, ksize, c) for a in k.args)  # [KH, KW, C]
+
+
+def test_depthwise_conv2d_weight_input_and_the_nchw_cases():
+    """A weight given at run time is transposed in the kernel; big maps, depth multipliers and channel counts
+    that fill no vector keep the NCHW kernel."""
+    check_op("conv", [rnd(1, 16, 4, 4), rnd(16, 1, 3, 3), rnd(16)], {"group": 16, "pads": [1, 1, 1, 1]},
+             kind="depthwise_conv2d_cl")
+    check_op("conv", [rnd(1, 16, 12, 12), Const(rnd(16, 1, 3, 3))], {"group": 16, "pads": [1, 1, 1, 1]},
+             kind="conv2d")
+    check_op("conv", [rnd(1, 16, 4, 4), Const(rnd(32, 1, 3, 3))], {"group": 16}, kind="conv2d")
+    check_op("conv", [rnd(1, 6, 4, 4), Const(rnd(6, 1, 3, 3))], {"group": 6}, kind="conv2d")
+
+
+@pytest.mark.parametrize("xshape,oc", [((2, 24, 3, 5), 40), ((1, 112, 1, 1), 1280), ((1, 7, 4, 4), 3)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_pointwise_conv2d_on_small_maps_is_a_packed_matmul(xshape, oc, bias):
+    """A 1x1 conv with <= 16 output pixels: rows are pixels, vectorized over output channels."""
+    args = [rnd(*xshape), Const(rnd(oc, xshape[1], 1, 1))] + ([Const(rnd(oc))] if bias else [])
+    k = check_op("conv", args, kind="matmul")
+    assert any(a.const is not None and a.const.ndim == 3 for a in k.args)  # the packed weight
+
+
+def test_pointwise_conv2d_nchw_cases():
+    check_op("conv", [rnd(1, 8, 9, 9), Const(rnd(16, 8, 1, 1))], kind="conv2d")  # 81 pixels
+    check_op("conv", [rnd(1, 8, 4, 4), Const(rnd(16, 8, 1, 1))], {"strides": [2, 2]}, kind="conv2d")
+    check_op("conv", [rnd(1, 8, 4, 4), rnd(16, 8, 1, 1)], kind="conv2d")  # weight at run time
+    check_op("conv", [rnd(1, 8, 4, 4), Const(rnd(16, 8, 1, 1))], {"pads": [1, 0, 0, 1]}, kind="conv2d")
+
+
 def test_conv2d_with_weight_and_bias_as_inputs():
     check_op("conv", [rnd(1, 3, 8, 8), rnd(4, 3, 3, 3), rnd(4)], {"pads": [1, 1, 1, 1]}, kind="conv2d")
 

@@ -448,4 +448,4 @@ def test_schedule_for_dispatch():
     assert (out == 3.0).all()
     with pytest.raises(ValueError):
         S.schedule_for("winograd", f)
-    assert set(S.ANCHOR_KINDS) == {"matmul", "batch_matmul", "conv2d", "injective", "reduction"}
+    assert set(S.ANCHOR_KINDS) == {"matmul", "batch_matmul", "conv2d", "depthwise_conv2d_cl", "injective", "reduction"}

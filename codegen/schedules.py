@@ -1014,6 +1014,10 @@ def schedule_matmul(
 # 12 int32 accumulators + 2 weight vectors + 1 broadcast pair on AVX2's 16 ymm.
 QMATMUL_MR = 6
 QMATMUL_NV = 2
+# Output columns of the int16-pair conv's tile where there are 32 vector registers (AVX-512: the ymm
+# kernel may use ymm16-31): 8 x 2 accumulators.  cnn-qdq's two convs, 2 threads: 27 -> 20 and 27 -> 18 us
+# (6 columns had made 32- and 16-wide rows take 4-column tiles); 10, 12 and 16 columns were slower.
+QCONV_MR_WIDE = 8
 
 
 def schedule_matmul_int16_pairs(

@@ -189,7 +189,7 @@ def _pointwise(ctx: LowerCtx, x: te.Tensor, w_np: np.ndarray, b: te.Tensor | Non
     """1x1 conv as the packed matmul ``[N, H*W, C] @ [C, OC]`` (a transposing read of ``x``), written back NCHW."""
     n, c, h, wd = shape_of(x)
     oc = w_np.shape[0]
-    dtype, acc = x.dtype, _acc(x.dtype)
+    acc = _acc(x.dtype)
     bn = MATMUL_NR_VECTORS * vector_lanes(ctx.target, acc)
     weight = np.ascontiguousarray(w_np[:, :, 0, 0].T)
     a = te.compute((n, h * wd, c), lambda i, p, k: x[i, k, p // wd, p % wd], name="T_pixels")

@@ -12,11 +12,13 @@ from collections.abc import Callable
 
 import numpy as np
 from tvm import te, tirx
+from tvm.target import Target
 
 from kiln.ir.ops.quant import RANGES, _centered
 
 from ..intrin import has_avx2
-from ..schedules import QMATMUL_MR, QMATMUL_NV
+from ..schedules import QCONV_MR_WIDE, QMATMUL_MR, QMATMUL_NV
+from ..target import vector_width_bits
 from . import LowerCtx, lowers, shape_of, tvm_dtype
 from .dtypes import refuse_subbyte
 from .elementwise import F8_FORMATS, Expr, bits_of, convert, decode_f8
@@ -317,11 +319,13 @@ def pack_conv_int16_pairs(w16: np.ndarray, lanes: int = 8, tile: int = QMATMUL_N
     return np.ascontiguousarray(padded.reshape(jo, lanes, cp, 2, kh, kw).transpose(0, 2, 4, 5, 1, 3))
 
 
-def qconv_ow_tile(ow: int) -> int:
-    """Output columns per register tile of the int16-pair conv: the tile in 6..3 padding ``ow`` least."""
-    if ow <= QMATMUL_MR:
+def qconv_ow_tile(ow: int, target: Target | None = None) -> int:
+    """Output columns per register tile of the int16-pair conv: the tile in ``most``..3 padding ``ow`` least
+    (``most``: 6, or 8 with 32 vector registers)."""
+    most = QCONV_MR_WIDE if target is not None and vector_width_bits(target) >= 512 else QMATMUL_MR
+    if ow <= most:
         return ow
-    return min(range(QMATMUL_MR, 2, -1), key=lambda t: (-(-ow // t) * t, -t))
+    return min(range(most, 2, -1), key=lambda t: (-(-ow // t) * t, -t))
 
 
 def _qconv_pairs(ctx: LowerCtx, x: te.Tensor, x_zp: te.Tensor, w_zp: te.Tensor | None, bias: te.Tensor | None,
@@ -354,7 +358,7 @@ def _qconv_pairs(ctx: LowerCtx, x: te.Tensor, x_zp: te.Tensor, w_zp: te.Tensor |
     pt, pl, pb, pr = pads
     oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
     ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    mr = qconv_ow_tile(ow)
+    mr = qconv_ow_tile(ow, ctx.target)
     owp = -(-ow // mr) * mr
     hp = (oh - 1) * sh + dh * (kh - 1) + 1
     wpad = (owp - 1) * sw + dw * (kw - 1) + 1

@@ -449,3 +449,28 @@ def test_schedule_for_dispatch():
     with pytest.raises(ValueError):
         S.schedule_for("winograd", f)
     assert set(S.ANCHOR_KINDS) == {"matmul", "batch_matmul", "conv2d", "depthwise_conv2d_cl", "injective", "reduction"}
+
+
+def test_register_tiles_follow_the_vector_registers():
+    """32 registers (AVX-512) take 8-row matmul tiles and 8-column int16-pair conv tiles; AVX2's 16 keep 6 (or
+    a divisor of a small M / a row that pads least)."""
+    from kiln.codegen.lowering.quant import qconv_ow_tile
+    from kiln.codegen.target import parse_target
+
+    wide, avx2 = parse_target("llvm -mcpu=skylake-avx512"), parse_target("llvm -mcpu=haswell")
+    assert [S.matmul_rows(m, wide) for m in (16, 512, 12, 49, 1)] == [8, 8, 6, 7, 8]
+    assert [S.matmul_rows(m, avx2) for m in (16, 12, 128, 7, 1)] == [4, 6, 6, 6, 6]
+    assert [qconv_ow_tile(ow, wide) for ow in (32, 16, 7, 12)] == [8, 8, 7, 6]
+    assert [qconv_ow_tile(ow, avx2) for ow in (32, 16, 7, 12)] == [4, 4, 4, 6]
+
+
+def test_matmul_row_tiles_divide_small_m_and_stay_correct():
+    """M = 16 and 12 with the divisor tile, M = 13 with a guarded ragged tile: all equal numpy."""
+    for m in (16, 12, 13):
+        a, b = rnd(m, 40), rnd(40, 48)
+        A, B = te.placeholder((m, 40), name="a"), te.placeholder((40, 48), name="b")
+        k = te.reduce_axis((0, 40), name="k")
+        C = te.compute((m, 48), lambda i, j: te.sum(A[i, k] * B[k, j], axis=k), name="matmul")
+        sch = S.schedule_matmul(te.create_prim_func([A, B, C]), "matmul", target=TARGET)
+        out, _ = run(sch, [a, b], (m, 48))
+        close(out, a @ b)

@@ -20,7 +20,8 @@ def _run(compiled, feeds):
     vm = relax.VirtualMachine(compiled.executable, tvm.cpu())
     args = [tvm.runtime.tensor(feeds[v.name]) for v in compiled.graph.inputs]
     args += [tvm.runtime.tensor(a) for a in compiled.weights.values()]
-    return [r.numpy() for r in vm["main"](*args)]
+    result = vm["main"](*args)
+    return [result.numpy()] if len(compiled.graph.outputs) == 1 else [r.numpy() for r in result]
 
 
 def _check(graph, feeds):

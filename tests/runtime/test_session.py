@@ -199,6 +199,34 @@ def test_unaligned_input_is_copied_into_an_aligned_buffer(static):
         np.testing.assert_array_equal(static.run({"x": x})["sum"], x + W)
 
 
+def test_small_inputs_are_staged_and_outputs_never_alias_the_stage(pair, tmp_path):
+    """Small inputs are copied into this thread's staging buffers: an output kept from one run is not
+    changed by the next, the caller's array is never written, and an output that is an input (an
+    artifact that does not say it aliases) is handed back as a copy, not the reused buffer."""
+    from .conftest import _build, _sig
+
+    y = np.full((3, 4), 2, np.float32)
+    x1, x2 = np.arange(12, dtype=np.float32).reshape(3, 4), np.full((3, 4), -1, np.float32)
+    first = pair.run({"x": x1, "y": y})["prod"]
+    second = pair.run({"x": x2, "y": y})["prod"]
+    np.testing.assert_array_equal(first, x1 * 2)
+    np.testing.assert_array_equal(second, x2 * 2)
+    assert x1[0, 1] == 1 and not np.may_share_memory(first, second)
+
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 3), "float32"))
+    with bb.function("main", [x]):
+        bb.emit_func_output(x)
+    built = _build(tmp_path, "identity", bb.get(), [_sig("x", [2, 3])], [_sig("x_out", [2, 3])], {}, {})
+    ident = load(built.path, allow_unsigned=True)
+    a, b = np.ones((2, 3), np.float32), np.zeros((2, 3), np.float32)
+    out_a = ident.run({"x": a})["x_out"]
+    out_b = ident.run({"x": b})["x_out"]
+    assert (out_a == 1).all() and (out_b == 0).all()
+
+
 # ---------------------------------------------------------------- inputs specialized at compile time
 
 @pytest.fixture(scope="module")

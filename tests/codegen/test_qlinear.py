@@ -17,7 +17,7 @@ import kiln
 from kiln import ir
 from kiln.codegen.intrin import has_avx2
 from kiln.codegen.kernel import build_kernel, lower_block, lower_node, run_kernel
-from kiln.codegen.lowering.quant import pack_int4
+from kiln.codegen.lowering.quant import QCONV_FLOAT_MAX_CHANNELS, pack_int4
 from kiln.codegen.target import host_target
 from kiln.codegen.tolerance import MODEL_F32, assert_close
 from kiln.ir.interpret import interpret
@@ -323,17 +323,40 @@ def _qconv_case(xs, ws, attrs, xdt, per_ch, unit: bool = False, seed: int = 0):
 @pytest.mark.skipif(not has_avx2(TARGET), reason="the vpmaddwd kernel needs x86 AVX2")
 @pytest.mark.parametrize("name", sorted(PAIR_CONVS))
 def test_qconv_int16_pairs_exact(name):
-    """Unit scales: the f32 output is the int32 sum + bias itself, so the pair kernel must match exactly."""
+    """Unit scales: the f32 output is the int32 sum + bias itself, so the kernel must match exactly: the pair
+    kernel, or for <= 4 input channels the float32 one on centered codes."""
     xs, ws, attrs, xdt, per_ch = PAIR_CONVS[name]
     text, consts, feeds = _qconv_case(xs, ws, attrs, xdt, per_ch, unit=True, seed=len(name))
     g = ir.parse(text, constants=consts)
     k = lower_node(g.nodes[-1], TARGET, name="k")
     assert not k.notes and k.scheduled
-    assert k.kind == "conv2d" and "qconv_pairs" in k.func.script()
+    small = xs[1] <= QCONV_FLOAT_MAX_CHANNELS
+    assert k.kind == "conv2d" and ("w_f: T.Buffer" if small else "qconv_pairs") in k.func.script()
     got = run_kernel(k, feeds, TARGET)[0]
     want = interpret(g, feeds)["y"]
     assert np.abs(want).max() < 2 ** 24
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(not has_avx2(TARGET), reason="the fallback past the bound is the vpmaddwd kernel (x86 AVX2)")
+@pytest.mark.parametrize("xdt,x_code,zx", [("u8", 255, 0), ("i8", -128, 127), ("u8", 0, 255)])
+def test_qconv_float_exact_at_the_extremes_and_its_bound(xdt, x_code, zx):
+    """<= 4 input channels: float32 on centered codes equals the int32 sums exactly at the widest codes
+    (|x - zx| = 255, |w - zw| = 255, 36 taps); a weight whose sums could pass 2^24 (324 taps) keeps the
+    pair kernel."""
+    for ws, pairs in (((3, 4, 3, 3), False), ((2, 4, 9, 9), True)):
+        xs = (1, 4, 12, 12)
+        text, consts, _ = _qconv_case(xs, ws, {"pads": [1, 1, 1, 1]}, xdt, False, unit=True)
+        text = text.replace(f"%zx = const {xdt}[] [{117 if xdt == 'u8' else -5}]", f"%zx = const {xdt}[] [{zx}]")
+        consts["W"] = np.full(ws, -128, np.int8)
+        consts["zw"] = np.array(127, np.int8)
+        feeds = {"xq": np.full(xs, x_code, np.uint8 if xdt == "u8" else np.int8)}
+        g = ir.parse(text, constants=consts)
+        k = lower_node(g.nodes[-1], TARGET, name="k")
+        assert ("qconv_pairs" if pairs else "w_f: T.Buffer") in k.func.script()
+        want = interpret(g, feeds)["y"]
+        np.testing.assert_array_equal(run_kernel(k, feeds, TARGET)[0], want)
+        assert np.abs(want).max() > (2 ** 22 if pairs else 2 ** 21)  # the sums are as large as claimed
 
 
 @pytest.mark.parametrize("name", ["3x3-pad1", "odd-c-odd-r", "1d"])

@@ -466,11 +466,14 @@ def test_register_tiles_follow_the_vector_registers():
 
 def test_matmul_row_tiles_divide_small_m_and_stay_correct():
     """M = 16 and 12 with the divisor tile, M = 13 with a guarded ragged tile: all equal numpy."""
-    for m in (16, 12, 13):
-        a, b = rnd(m, 40), rnd(40, 48)
+    def matmul(m: int):
         A, B = te.placeholder((m, 40), name="a"), te.placeholder((40, 48), name="b")
         k = te.reduce_axis((0, 40), name="k")
         C = te.compute((m, 48), lambda i, j: te.sum(A[i, k] * B[k, j], axis=k), name="matmul")
-        sch = S.schedule_matmul(te.create_prim_func([A, B, C]), "matmul", target=TARGET)
+        return te.create_prim_func([A, B, C])
+
+    for m in (16, 12, 13):
+        a, b = rnd(m, 40), rnd(40, 48)
+        sch = S.schedule_matmul(matmul(m), "matmul", target=TARGET)
         out, _ = run(sch, [a, b], (m, 48))
         close(out, a @ b)

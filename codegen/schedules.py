@@ -36,7 +36,6 @@ configure_threads` (or set ``TVM_NUM_THREADS``) before the first kernel runs.
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
@@ -65,6 +64,10 @@ __all__ = [
     "conv2d_nchw_te",
     "conv2d_nchw_im2col_te",
     "depthwise_conv2d_te",
+    "conv2d_ocvec_te",
+    "pack_conv_ocvec",
+    "ocvec_block",
+    "schedule_conv2d_ocvec",
     "depthwise_channels",
     "schedule_depthwise_conv2d",
     "conv_ow_tile",
@@ -82,7 +85,8 @@ __all__ = [
     "loop_kinds",
 ]
 
-ANCHOR_KINDS = ("matmul", "batch_matmul", "conv2d", "depthwise_conv2d_cl", "injective", "reduction")
+ANCHOR_KINDS = ("matmul", "batch_matmul", "conv2d", "conv2d_ocvec", "depthwise_conv2d_cl", "injective",
+                "reduction")
 
 # Register tile of the matmul micro-kernel: MR rows x NR columns of C kept in
 # registers.  6x16 on AVX2 = 12 ymm accumulators + 2 for B + 1 broadcast of A;
@@ -855,6 +859,82 @@ def depthwise_conv2d_te(
     return ConvTE(inputs, out, conv, name, C)
 
 
+def conv2d_ocvec_te(
+    data: te.Tensor,
+    weight_packed: te.Tensor,
+    out_channels: int,
+    *,
+    stride=1,
+    padding=0,
+    dilation=1,
+    bias: te.Tensor | None = None,
+    out_dtype: str | None = None,
+    name: str = "conv2d",
+) -> ConvTE:
+    """conv2d (one group) vectorized over output channels: ``weight_packed[OC/vb, C, KH, KW, vb]`` (the ONNX
+    weight packed at compile time, :func:`pack_conv_ocvec`) is read as vectors of ``vb`` output channels and
+    each input pixel is broadcast once for all of them (oneDNN's direct conv on a blocked weight); the input
+    and output stay NCHW (block ``name + "_pad"`` zero-pads the input)."""
+    Nb, C, H, W = (int(d) for d in data.shape)
+    OCB, Cw, KH, KW, vb = (int(d) for d in weight_packed.shape)
+    if Cw != C or OCB * vb != out_channels:
+        raise ValueError(f"conv2d: data {list(data.shape)}, packed weight {list(weight_packed.shape)}")
+    sh, sw = _pair(stride)
+    dh, dw = _pair(dilation)
+    pt, pl, pb, pr = _conv_padding(padding)
+    OH = (H + pt + pb - dh * (KH - 1) - 1) // sh + 1
+    OW = (W + pl + pr - dw * (KW - 1) - 1) // sw + 1
+    if OH <= 0 or OW <= 0:
+        raise ValueError("conv2d output would be empty")
+    dtype = out_dtype or data.dtype
+    if (pt, pl, pb, pr) != (0, 0, 0, 0):
+        def padded(n, c, h, w):
+            cond = tirx.all(h >= pt, h < H + pt, w >= pl, w < W + pl)
+            return tirx.if_then_else(cond, data[n, c, h - pt, w - pl], _zero(data.dtype))
+
+        dpad = te.compute((Nb, C, H + pt + pb, W + pl + pr), padded, name=f"{name}_pad")
+    else:
+        dpad = data
+    ic = te.reduce_axis((0, C), name="ic")
+    kh = te.reduce_axis((0, KH), name="kh")
+    kw = te.reduce_axis((0, KW), name="kw")
+
+    def body(n, oc, oh, ow):
+        x = dpad[n, ic, oh * sh + kh * dh, ow * sw + kw * dw]
+        w = weight_packed[oc // vb, ic, kh, kw, oc % vb]
+        if x.dtype != dtype:
+            x, w = x.astype(dtype), w.astype(dtype)
+        return te.sum(x * w, axis=[ic, kh, kw])
+
+    conv = te.compute((Nb, out_channels, OH, OW), body, name=name)
+    out = conv
+    if bias is not None:
+        out = te.compute((Nb, out_channels, OH, OW), lambda n, c, h, w: conv[n, c, h, w] + bias[c].astype(dtype),
+                         name=f"{name}_unpad")
+    inputs = [data, weight_packed] + ([bias] if bias is not None else [])
+    return ConvTE(inputs, out, conv, name, 1)
+
+
+def pack_conv_ocvec(w: np.ndarray, vb: int) -> np.ndarray:
+    """``[OC, C, KH, KW]`` -> ``[OC/vb, C, KH, KW, vb]`` (``OC`` a multiple of ``vb``)."""
+    oc, c, kh, kw = w.shape
+    return np.ascontiguousarray(w.reshape(oc // vb, vb, c, kh, kw).transpose(0, 2, 3, 4, 1))
+
+
+# Accumulator vectors of the output-channel-vectorized conv's register tile (columns x channel vectors),
+# leaving registers for the weight vectors and the broadcast pixel.
+OCVEC_ACCUMULATORS = {512: 24, 256: 12}
+
+
+def ocvec_block(oc: int, target: Target | None) -> int:
+    """Output channels per packed weight block: two vectors when ``oc`` fills them, one, or 0 (not a multiple)."""
+    lanes = _lanes(target, "float32")
+    for vectors in (2, 1):
+        if oc % (vectors * lanes) == 0:
+            return vectors * lanes
+    return 0
+
+
 def conv2d_nchw_im2col_te(
     data: te.Tensor,
     weight: te.Tensor,
@@ -1190,6 +1270,59 @@ def schedule_conv2d_nchw(
     return sch
 
 
+def _tile_loops(sch: Schedule, epi, loop) -> list:
+    """The write-back block ``epi``'s loops under ``loop`` except its innermost (vectorized) one."""
+    loops = list(sch.get_loops(epi))
+    at = next(i for i, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(loop)))
+    return loops[at + 1:-1]
+
+
+def schedule_conv2d_ocvec(
+    sch: ScheduleLike,
+    block_name: str = "conv2d",
+    *,
+    target: Target | None = None,
+) -> Schedule:
+    """CPU schedule for :func:`conv2d_ocvec_te`: a register tile of output columns x the weight block's channel
+    vectors, ``ic, kh`` loops around it (``kw`` unrolled), ``n, channel block, oh`` fused and parallel (a task
+    writes whole output rows), the epilogue written back per tile."""
+    sch = as_schedule(sch)
+    fold_block(sch, block_name)
+    blk = sch.get_sblock(block_name)
+    spatial, reduce = _split_loops(sch, blk)
+    if len(spatial) != 4 or len(reduce) != 3:
+        raise ValueError(f"block {block_name!r} is not a conv2d")
+    n, c, oh, ow = spatial
+    ic, kh, kw = reduce
+    packed = [r for r in sch.get(blk).reads if len(r.region) == 5]
+    vb = int(packed[0].source.shape[4])
+    lanes = _lanes(target, _out_dtype(sch, blk))
+    budget = OCVEC_ACCUMULATORS.get(vector_width_bits(_target(target)), 12) // max(1, vb // lanes)
+    ext_ow = _extent(sch, ow)
+    tile = next(t for t in range(min(budget, ext_ow), 0, -1) if ext_ow % t == 0)
+    if tile < min(4, ext_ow):
+        tile = min(budget, ext_ow)  # a ragged tile (guarded) rather than one column at a time
+    co, cv = sch.split(c, [None, vb])
+    owo, owi = sch.split(ow, [None, tile])
+    sch.reorder(n, co, oh, owo, ic, kh, kw, owi, cv)
+    epi = _epilogue_at(sch, blk, owo)
+    sch.transform_layout(blk, ("write", 0), lambda n_, c_, h_, w_: (n_, h_, w_, c_))
+    # constant indices into the tile everywhere (the write-back unrolled too), so LLVM keeps it in registers
+    for lp in _tile_loops(sch, epi, owo):
+        sch.unroll(lp)
+    sch.vectorize(cv)
+    sch.unroll(owi)
+    if _extent(sch, kw) <= 7:
+        sch.unroll(kw)
+    work = _work(sch, blk)
+    outer = sch.fuse(n, co, oh)
+    if _cores(target) > 1 and _extent(sch, outer) > 1 and work >= PARALLEL_MIN_WORK:
+        sch.parallel(outer)
+    sch.decompose_reduction(blk, ic)
+    _schedule_side_blocks(sch, block_name, target)
+    return sch
+
+
 # Output columns per register tile of the depthwise kernel (one channel vector each).
 DEPTHWISE_OW_TILE = 8
 
@@ -1243,8 +1376,6 @@ def schedule_depthwise_conv2d(
 def _schedule_channels_last_copy(sch: Schedule, blk, target: Target | None) -> None:
     """The NCHW -> padded NHWC copy: rows of the input read as contiguous vectors along ``w`` (stored with stride
     ``C``), rows in parallel; vectorizing along ``C`` instead made every load a guarded gather."""
-    if os.environ.get("XPADC"):
-        return
     n, h, w, c = sch.get_loops(blk)
     sch.reorder(n, h, c, w)
     rows = sch.fuse(n, h)
@@ -1504,6 +1635,8 @@ def schedule_for(kind: str, sch: ScheduleLike, block_name: str | None = None, **
         return schedule_matmul(sch, block_name or "batch_matmul", **kwargs)
     if kind == "depthwise_conv2d_cl":
         return schedule_depthwise_conv2d(sch, block_name or "conv2d", **kwargs)
+    if kind == "conv2d_ocvec":
+        return schedule_conv2d_ocvec(sch, block_name or "conv2d", **kwargs)
     if kind in ("conv2d", "conv2d_nchw", "depthwise_conv2d"):
         if kwargs.pop("int16_pairs", False):
             return schedule_conv2d_int16_pairs(sch, block_name or "qconv", **kwargs)

@@ -21,8 +21,11 @@ from ..schedules import (
     MATMUL_NR_VECTORS,
     batch_matmul_te,
     conv2d_nchw_te,
+    conv2d_ocvec_te,
     depthwise_channels,
     depthwise_conv2d_te,
+    ocvec_block,
+    pack_conv_ocvec,
     pack_weight,
     packed_matmul_te,
 )
@@ -140,6 +143,8 @@ def _conv(ctx: LowerCtx, x: te.Tensor, w: te.Tensor, w_np: np.ndarray | None, b:
         y = _depthwise(ctx, x, w, b, strides, pads, dil)
     elif nsp == 2 and w_np is None and _pointwise_as_matmul(ctx, x, group, strides, pads):
         y = _pointwise(ctx, x, ctx.const(1), b)
+    elif nsp == 2 and w_np is None and _ocvec(ctx, x, group):
+        y = _conv_ocvec(ctx, x, b, strides, pads, dil)
     else:
         if w_np is not None:
             w = ctx.replace_const(1, w_np, name="w")
@@ -200,6 +205,25 @@ def _pointwise(ctx: LowerCtx, x: te.Tensor, w_np: np.ndarray, b: te.Tensor | Non
     if b is None:
         return te.compute((n, oc, h, wd), lambda i, o, r, q: y[i, r * wd + q, o], name="T_conv_nchw")
     return te.compute((n, oc, h, wd), lambda i, o, r, q: y[i, r * wd + q, o] + b[o].astype(acc), name="T_conv_nchw")
+
+
+def _ocvec(ctx: LowerCtx, x: te.Tensor, group: int) -> bool:
+    """A float conv with one group, a constant weight and output channels filling whole vectors."""
+    w = ctx.const(1)
+    if w is None or group != 1 or not is_float(str(x.dtype)):
+        return False
+    return ocvec_block(w.shape[0], ctx.target) > 0
+
+
+def _conv_ocvec(ctx: LowerCtx, x: te.Tensor, b: te.Tensor | None, strides, pads, dil) -> te.Tensor:
+    """conv2d vectorized over output channels, the weight packed ``[OC/vb, C, KH, KW, vb]`` at compile time."""
+    w_np = ctx.const(1)
+    vb = ocvec_block(w_np.shape[0], ctx.target)
+    wp = ctx.replace_const(1, pack_conv_ocvec(w_np, vb), name="w_ocvec")
+    res = conv2d_ocvec_te(x, wp, w_np.shape[0], stride=strides, padding=pads, dilation=dil, bias=b,
+                          out_dtype=_acc(x.dtype))
+    ctx.kind, ctx.block = "conv2d_ocvec", res.block
+    return res.output
 
 
 def _depthwise(ctx: LowerCtx, x: te.Tensor, w: te.Tensor, b: te.Tensor | None, strides, pads, dil) -> te.Tensor:

@@ -98,11 +98,30 @@ def test_pointwise_conv2d_on_small_maps_is_a_packed_matmul(xshape, oc, bias):
     assert any(a.const is not None and a.const.ndim == 3 for a in k.args)  # the packed weight
 
 
-def test_pointwise_conv2d_nchw_cases():
-    check_op("conv", [rnd(1, 8, 9, 9), Const(rnd(16, 8, 1, 1))], kind="conv2d")  # 81 pixels
-    check_op("conv", [rnd(1, 8, 4, 4), Const(rnd(16, 8, 1, 1))], {"strides": [2, 2]}, kind="conv2d")
+def test_pointwise_conv2d_other_cases():
+    """More than 16 pixels, a stride or padding: the channel-vectorized conv; a weight at run time: NCHW."""
+    check_op("conv", [rnd(1, 8, 9, 9), Const(rnd(16, 8, 1, 1))], kind="conv2d_ocvec")  # 81 pixels
+    check_op("conv", [rnd(1, 8, 4, 4), Const(rnd(16, 8, 1, 1))], {"strides": [2, 2]}, kind="conv2d_ocvec")
+    check_op("conv", [rnd(1, 8, 4, 4), Const(rnd(16, 8, 1, 1))], {"pads": [1, 0, 0, 1]}, kind="conv2d_ocvec")
     check_op("conv", [rnd(1, 8, 4, 4), rnd(16, 8, 1, 1)], kind="conv2d")  # weight at run time
-    check_op("conv", [rnd(1, 8, 4, 4), Const(rnd(16, 8, 1, 1))], {"pads": [1, 0, 0, 1]}, kind="conv2d")
+    check_op("conv", [rnd(1, 8, 9, 9), Const(rnd(12, 8, 1, 1))], kind="conv2d")  # 12 channels fill no vector
+
+
+@pytest.mark.parametrize("xshape,wshape,attrs", [
+    ((1, 3, 9, 13), (16, 3, 3, 3), {"pads": [1, 1, 1, 1]}),
+    ((2, 5, 10, 11), (32, 5, 3, 3), {"pads": [0, 2, 1, 0], "strides": [2, 2]}),
+    ((1, 4, 12, 12), (16, 4, 5, 3), {"dilations": [2, 1], "pads": [2, 1, 2, 1]}),
+    ((1, 8, 7, 7), (48, 8, 1, 1), {}),
+    ((1, 6, 11, 17), (32, 6, 3, 3), {"strides": [1, 3]}),
+])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_conv2d_vectorized_over_output_channels(xshape, wshape, attrs, bias, dtype):
+    """One group, constant weight, output channels filling vectors: the weight packed [OC/vb, C, KH, KW, vb]."""
+    args = [rnd(*xshape, dtype=dtype), Const(rnd(*wshape, dtype=dtype))]
+    args += [Const(rnd(wshape[0], dtype=dtype))] if bias else []
+    k = check_op("conv", args, attrs, kind="conv2d_ocvec")
+    assert any(a.const is not None and a.const.ndim == 5 for a in k.args)
 
 
 def test_conv2d_with_weight_and_bias_as_inputs():

@@ -448,7 +448,8 @@ def test_schedule_for_dispatch():
     assert (out == 3.0).all()
     with pytest.raises(ValueError):
         S.schedule_for("winograd", f)
-    assert set(S.ANCHOR_KINDS) == {"matmul", "batch_matmul", "conv2d", "depthwise_conv2d_cl", "injective", "reduction"}
+    assert set(S.ANCHOR_KINDS) == {"matmul", "batch_matmul", "conv2d", "conv2d_ocvec", "depthwise_conv2d_cl", "injective",
+                                   "reduction"}
 
 
 def test_register_tiles_follow_the_vector_registers():

@@ -926,9 +926,9 @@ def pack_conv_ocvec(w: np.ndarray, vb: int) -> np.ndarray:
 OCVEC_ACCUMULATORS = {512: 24, 256: 12}
 
 
-def ocvec_block(oc: int, target: Target | None) -> int:
-    """Output channels per packed weight block: two vectors when ``oc`` fills them, one, or 0 (not a multiple)."""
-    lanes = _lanes(target, "float32")
+def ocvec_block(oc: int, target: Target | None, dtype: str = "float32") -> int:
+    """Output channels per packed weight block: two vectors of ``dtype`` when ``oc`` fills them, one, or 0."""
+    lanes = _lanes(target, dtype)
     for vectors in (2, 1):
         if oc % (vectors * lanes) == 0:
             return vectors * lanes
@@ -1292,35 +1292,51 @@ def schedule_conv2d_ocvec(
     spatial, reduce = _split_loops(sch, blk)
     if len(spatial) != 4 or len(reduce) != 3:
         raise ValueError(f"block {block_name!r} is not a conv2d")
-    n, c, oh, ow = spatial
-    ic, kh, kw = reduce
+    ow = spatial[3]
     packed = [r for r in sch.get(blk).reads if len(r.region) == 5]
     vb = int(packed[0].source.shape[4])
     lanes = _lanes(target, _out_dtype(sch, blk))
     budget = OCVEC_ACCUMULATORS.get(vector_width_bits(_target(target)), 12) // max(1, vb // lanes)
     ext_ow = _extent(sch, ow)
-    tile = next(t for t in range(min(budget, ext_ow), 0, -1) if ext_ow % t == 0)
+    tile = _divisor_tile(ext_ow, budget)
     if tile < min(4, ext_ow):
         tile = min(budget, ext_ow)  # a ragged tile (guarded) rather than one column at a time
+    _channel_vector_tile(sch, blk, spatial, reduce, vb, tile, target)
+    _schedule_side_blocks(sch, block_name, target)
+    return sch
+
+
+def _divisor_tile(extent: int, most: int) -> int:
+    """The largest tile up to ``most`` that divides ``extent``."""
+    return next(t for t in range(min(most, extent), 0, -1) if extent % t == 0)
+
+
+def _channel_vector_tile(sch: Schedule, blk, spatial: Sequence, reduce: Sequence, vb: int, tile: int,
+                         target: Target | None) -> None:
+    """The register tile of the channel-vectorized convs: ``vb`` channels (vectorized) x ``tile`` output columns
+    (unrolled), the reduction around it (``kw`` unrolled), kept channels-innermost so each accumulator is one
+    vector; ``n, channel block, oh`` fused and parallel.  Channel blocks are outermost so a task writes whole
+    output rows of its channels (tasks splitting a row shared its cache lines: 2 threads ran 4x slower than 1
+    on a 96x14x14 depthwise conv); the epilogue is written back per tile with constant indices (unrolled), so
+    LLVM keeps the tile in registers."""
+    n, c, oh, ow = spatial
     co, cv = sch.split(c, [None, vb])
     owo, owi = sch.split(ow, [None, tile])
-    sch.reorder(n, co, oh, owo, ic, kh, kw, owi, cv)
+    sch.reorder(n, co, oh, owo, *reduce, owi, cv)
     epi = _epilogue_at(sch, blk, owo)
     sch.transform_layout(blk, ("write", 0), lambda n_, c_, h_, w_: (n_, h_, w_, c_))
-    # constant indices into the tile everywhere (the write-back unrolled too), so LLVM keeps it in registers
     for lp in _tile_loops(sch, epi, owo):
         sch.unroll(lp)
     sch.vectorize(cv)
-    sch.unroll(owi)
-    if _extent(sch, kw) <= 7:
-        sch.unroll(kw)
+    if tile > 1:
+        sch.unroll(owi)
+    if _extent(sch, reduce[-1]) <= 7:
+        sch.unroll(reduce[-1])
     work = _work(sch, blk)
     outer = sch.fuse(n, co, oh)
     if _cores(target) > 1 and _extent(sch, outer) > 1 and work >= PARALLEL_MIN_WORK:
         sch.parallel(outer)
-    sch.decompose_reduction(blk, ic)
-    _schedule_side_blocks(sch, block_name, target)
-    return sch
+    sch.decompose_reduction(blk, reduce[0])
 
 
 # Output columns per register tile of the depthwise kernel (one channel vector each).
@@ -1343,31 +1359,11 @@ def schedule_depthwise_conv2d(
     spatial, reduce = _split_loops(sch, blk)
     if len(spatial) != 4 or len(reduce) != 2:
         raise ValueError(f"block {block_name!r} is not a depthwise conv2d")
-    n, c, oh, ow = spatial
-    kh, kw = reduce
+    c, ow = spatial[1], spatial[3]
     ci = depthwise_channels(_extent(sch, c), _lanes(target, _out_dtype(sch, blk)))
     if not ci:
         raise ValueError(f"block {block_name!r}: {_extent(sch, c)} channels do not fill a vector")
-    co, cv = sch.split(c, [None, ci])
-    ext_ow = _extent(sch, ow)
-    tile = next(t for t in range(min(DEPTHWISE_OW_TILE, ext_ow), 0, -1) if ext_ow % t == 0)
-    owo, owi = sch.split(ow, [None, tile])
-    # channel vectors outermost: a task writes whole output rows of its channels (tasks splitting a row
-    # shared its cache lines: 2 threads ran 4x slower than 1 on 96x14x14)
-    sch.reorder(n, co, oh, owo, kh, kw, owi, cv)
-    _epilogue_at(sch, blk, owo)
-    # the register tile channels-innermost, so each accumulator is one vector
-    sch.transform_layout(blk, ("write", 0), lambda n_, c_, h_, w_: (n_, h_, w_, c_))
-    sch.vectorize(cv)
-    if tile > 1:
-        sch.unroll(owi)
-    if _extent(sch, kw) <= 7:
-        sch.unroll(kw)
-    work = _work(sch, blk)
-    outer = sch.fuse(n, co, oh)
-    if _cores(target) > 1 and _extent(sch, outer) > 1 and work >= PARALLEL_MIN_WORK:
-        sch.parallel(outer)
-    sch.decompose_reduction(blk, kh)
+    _channel_vector_tile(sch, blk, spatial, reduce, ci, _divisor_tile(_extent(sch, ow), DEPTHWISE_OW_TILE), target)
     _schedule_channels_last_copy(sch, sch.get_sblock(block_name + "_pad"), target)
     _schedule_side_blocks(sch, block_name, target)
     return sch

@@ -185,11 +185,16 @@ class Session:
         sig = ", ".join(f"{s.name}: {s.dtype}{list(s.shape)}" for s in self.inputs)
         return f"Session({self.path!r}, {self._entry}({sig}) -> {len(self.outputs)} outputs)"
 
-    def _function(self) -> Any:
-        """This thread's VirtualMachine entry function (created on first use)."""
+    def _local(self) -> threading.local:
+        """This thread's VM and staging buffers; ArtifactError once the Session is closed."""
         local = self._res.local
         if local is None:
             raise ArtifactError(f"{self.path}: this Session was closed; load the artifact again to run it")
+        return local
+
+    def _function(self) -> Any:
+        """This thread's VirtualMachine entry function (created on first use)."""
+        local = self._local()
         fn = getattr(local, "fn", None)
         if fn is None:
             with self._vm_lock:
@@ -406,9 +411,7 @@ class Session:
 
     def _stage(self) -> dict[int, tuple[np.ndarray, Any]]:
         """This thread's staging buffers for small inputs, by input index."""
-        local = self._res.local
-        if local is None:
-            raise ArtifactError(f"{self.path}: this Session was closed; load the artifact again to run it")
+        local = self._local()
         stage = getattr(local, "stage", None)
         if stage is None:
             stage = local.stage = {}

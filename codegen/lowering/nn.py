@@ -72,13 +72,18 @@ def matmul(ctx: LowerCtx, a: te.Tensor, b: te.Tensor) -> te.Tensor:
 
 def _packed_matmul(ctx: LowerCtx, a: te.Tensor, weight: np.ndarray) -> te.Tensor:
     """``a @ W`` with ``W`` packed as ``[N/bn, K, bn]`` at compile time (the schedule's register tile)."""
-    dtype, acc = a.dtype, _acc(a.dtype)
-    bn = MATMUL_NR_VECTORS * vector_lanes(ctx.target, acc)
-    packed = pack_weight(weight, bn)
     A = view(a, (1, int(a.shape[0])), name="T_as_row") if len(a.shape) == 1 else a
-    mm = packed_matmul_te(A, weight.shape, bn=bn, prepacked=ctx.replace_const(1, packed), out_dtype=acc)
+    return _finish(ctx, _packed_matmul_te(ctx, A, weight), a.dtype)
+
+
+def _packed_matmul_te(ctx: LowerCtx, a: te.Tensor, weight: np.ndarray) -> te.Tensor:
+    """The packed-weight matmul kernel on ``a[..., K]`` and the constant ``weight[K, N]`` (replacing operand 1)."""
+    acc = _acc(a.dtype)
+    bn = MATMUL_NR_VECTORS * vector_lanes(ctx.target, acc)
+    mm = packed_matmul_te(a, weight.shape, bn=bn, prepacked=ctx.replace_const(1, pack_weight(weight, bn)),
+                          out_dtype=acc)
     ctx.kind, ctx.block = "matmul", mm.block
-    return _finish(ctx, mm.output, dtype)
+    return mm.output
 
 
 def _finish(ctx: LowerCtx, c: te.Tensor, dtype: str) -> te.Tensor:
@@ -195,13 +200,8 @@ def _pointwise(ctx: LowerCtx, x: te.Tensor, w_np: np.ndarray, b: te.Tensor | Non
     n, c, h, wd = shape_of(x)
     oc = w_np.shape[0]
     acc = _acc(x.dtype)
-    bn = MATMUL_NR_VECTORS * vector_lanes(ctx.target, acc)
-    weight = np.ascontiguousarray(w_np[:, :, 0, 0].T)
     a = te.compute((n, h * wd, c), lambda i, p, k: x[i, k, p // wd, p % wd], name="T_pixels")
-    mm = packed_matmul_te(a, weight.shape, bn=bn, prepacked=ctx.replace_const(1, pack_weight(weight, bn)),
-                          out_dtype=acc)
-    ctx.kind, ctx.block = "matmul", mm.block
-    y = mm.output
+    y = _packed_matmul_te(ctx, a, np.ascontiguousarray(w_np[:, :, 0, 0].T))
     if b is None:
         return te.compute((n, oc, h, wd), lambda i, o, r, q: y[i, r * wd + q, o], name="T_conv_nchw")
     return te.compute((n, oc, h, wd), lambda i, o, r, q: y[i, r * wd + q, o] + b[o].astype(acc), name="T_conv_nchw")
@@ -212,13 +212,13 @@ def _ocvec(ctx: LowerCtx, x: te.Tensor, group: int) -> bool:
     w = ctx.const(1)
     if w is None or group != 1 or not is_float(str(x.dtype)):
         return False
-    return ocvec_block(w.shape[0], ctx.target) > 0
+    return ocvec_block(w.shape[0], ctx.target, str(x.dtype)) > 0
 
 
 def _conv_ocvec(ctx: LowerCtx, x: te.Tensor, b: te.Tensor | None, strides, pads, dil) -> te.Tensor:
     """conv2d vectorized over output channels, the weight packed ``[OC/vb, C, KH, KW, vb]`` at compile time."""
     w_np = ctx.const(1)
-    vb = ocvec_block(w_np.shape[0], ctx.target)
+    vb = ocvec_block(w_np.shape[0], ctx.target, str(x.dtype))
     wp = ctx.replace_const(1, pack_conv_ocvec(w_np, vb), name="w_ocvec")
     res = conv2d_ocvec_te(x, wp, w_np.shape[0], stride=strides, padding=pads, dilation=dil, bias=b,
                           out_dtype=_acc(x.dtype))

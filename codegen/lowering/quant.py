@@ -15,6 +15,7 @@ from tvm import te, tirx
 from tvm.target import Target
 
 from kiln.ir.ops.quant import RANGES, _centered
+from kiln.ir.types import from_numpy_dtype
 
 from ..intrin import has_avx2
 from ..schedules import QCONV_MR_WIDE, QMATMUL_MR, QMATMUL_NV
@@ -325,7 +326,7 @@ QCONV_FLOAT_MAX_CHANNELS = 4
 
 def _exact_in_float(w16: np.ndarray, x_dtype: str) -> bool:
     """Does every output's sum of centered products, at the input codes' widest, stay below 2^24?"""
-    lo, hi = RANGES[{"int8": "i8", "uint8": "u8", "int16": "i16", "uint16": "u16"}.get(x_dtype, "i16")]
+    lo, hi = RANGES[from_numpy_dtype(np.dtype(x_dtype))]
     per_output = np.abs(w16.astype(np.int64)).reshape(w16.shape[0], -1).sum(axis=1)
     return int(per_output.max(initial=0)) * (hi - lo) < F32_EXACT
 

@@ -297,13 +297,13 @@ PAIR_CONVS = {
 }
 
 
-def _qconv_case(xs, ws, attrs, xdt, per_ch, unit: bool = False, seed: int = 0):
+def _qconv_case(xs, ws, attrs, xdt, per_ch, unit: bool = False, seed: int = 0, zx: int | None = None):
     rng = np.random.default_rng(seed)
     m = ws[0]
     y = ir.infer_types("conv", [ir.TensorType("f32", xs), ir.TensorType("f32", ws)], attrs)[0]
     attr_text = ", ".join(f"{k}={v}" for k, v in attrs.items())
     p = f"[{m}]" if per_ch else "[]"
-    zx = 117 if xdt == "u8" else -5
+    zx = (117 if xdt == "u8" else -5) if zx is None else zx
     text = f"""graph @g(%xq: {xdt}[{','.join(map(str, xs))}]) -> (%y) {{
   %sx = const f32[] [{1.0 if unit else 0.04}]
   %zx = const {xdt}[] [{zx}]
@@ -346,8 +346,7 @@ def test_qconv_float_exact_at_the_extremes_and_its_bound(xdt, x_code, zx):
     pair kernel."""
     for ws, pairs in (((3, 4, 3, 3), False), ((2, 4, 9, 9), True)):
         xs = (1, 4, 12, 12)
-        text, consts, _ = _qconv_case(xs, ws, {"pads": [1, 1, 1, 1]}, xdt, False, unit=True)
-        text = text.replace(f"%zx = const {xdt}[] [{117 if xdt == 'u8' else -5}]", f"%zx = const {xdt}[] [{zx}]")
+        text, consts, _ = _qconv_case(xs, ws, {"pads": [1, 1, 1, 1]}, xdt, False, unit=True, zx=zx)
         consts["W"] = np.full(ws, -128, np.int8)
         consts["zw"] = np.array(127, np.int8)
         feeds = {"xq": np.full(xs, x_code, np.uint8 if xdt == "u8" else np.int8)}
